@@ -1,0 +1,83 @@
+"""Typed configuration. Defaults run the embedded demo on a 2-core CPU; scale up by config, not code.
+
+Every field here is documented in the README's "Configuration" table. A config can be loaded from a
+JSON file (`SDPO_CONFIG=path.json`) whose keys mirror these sections.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+DEFAULT_HINDSIGHT_TEMPLATE = (
+    "{last_user}\n\n<hindsight context> The following is a future user message. "
+    "Use this to guide your answer to the user prompt: {followup}"
+)
+
+
+class Section(BaseModel):
+    model_config = {"extra": "forbid"}
+
+
+class CleaningConfig(Section):
+    min_messages: int = Field(3, description="Conversations with fewer messages are quarantined.")
+    max_message_chars: int = Field(4096, description="Any message longer than this quarantines the conversation.")
+    max_conversation_chars: int = Field(100_000, description="Total characters allowed per conversation.")
+    languages: list[str] = Field(["en"], description="Kept languages (ISO 639-1); [] keeps all.")
+
+
+class InteractionConfig(Section):
+    max_context_messages: int = Field(5, description="x keeps at most this many trailing messages, starting with a user turn.")
+    validation_fraction: float = Field(0.2, description="Share of conversations (by hash) in the validation split.")
+    min_followup_chars: int = Field(2, description="Follow-ups shorter than this are flagged uninformative.")
+    max_interactions: int | None = Field(None, description="Cap on kept interactions scored downstream (None = all).")
+
+
+class TargetsConfig(Section):
+    template: str = Field(DEFAULT_HINDSIGHT_TEMPLATE, description="Hindsight block appended to the last user turn; {last_user} and {followup}.")
+    max_prompt_tokens: int = Field(384, description="Prompts are left-truncated to this many tokens.")
+    max_response_tokens: int = Field(128, description="Responses are truncated to this many tokens (EOS always last).")
+    max_train: int = Field(64, description="Most training interactions scored (None-like large value for all).")
+    max_validation: int = Field(16, description="Most validation interactions scored.")
+
+
+class TrainingConfig(Section):
+    learning_rate: float = 2e-4
+    steps: int = 16
+    batch_size: int = 4
+    skip_tokens: int = Field(2, description="First response tokens ignored by the loss (paper: 2).")
+    grad_clip: float = 1.0
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    baseline: Literal["none", "sequence_mean"] = Field("none", description="Advantage baseline.")
+    teacher: Literal["frozen", "live"] = Field("frozen", description="frozen: read targets; live: recompute with current weights.")
+    seed: int = 0
+    warmup_fraction: float = 0.05
+
+
+class RegistryConfig(Section):
+    model_name: str = Field("sdpo-default", description="MLflow registered model name.")
+    experiment: str = Field("sdpo", description="MLflow experiment name.")
+
+
+class PlatformConfig(Section):
+    model: str = Field("default", description="'default' (embedded SmolLM2-135M), a Hugging Face id, or a local path.")
+    cleaning: CleaningConfig = CleaningConfig()
+    interactions: InteractionConfig = InteractionConfig()
+    targets: TargetsConfig = TargetsConfig()
+    training: TrainingConfig = TrainingConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> "PlatformConfig":
+        """From `path`, else `$SDPO_CONFIG`, else defaults."""
+        path = path or os.environ.get("SDPO_CONFIG")
+        if not path:
+            return cls()
+        return cls.model_validate(json.loads(Path(path).read_text()))

@@ -1,0 +1,63 @@
+"""The DuckDB warehouse: one file under the data root, tables created idempotently.
+
+Lineage columns (`source_file`, `line_no`, `record_id`, `conversation_id`, `turn_index`) travel with
+every row so that any interaction can be traced back to the line of the file it came from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+
+from sdpo_platform.paths import warehouse_path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS raw_records (
+    record_id    VARCHAR PRIMARY KEY,   -- sha256 of (source_file, line_no, raw_text)
+    source_file  VARCHAR NOT NULL,
+    line_no      BIGINT  NOT NULL,      -- 1-based line (JSONL) or record index (JSON array)
+    raw_text     VARCHAR,               -- the record exactly as read; may be invalid JSON
+    ingested_at  TIMESTAMP DEFAULT current_timestamp
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    record_id    VARCHAR,
+    stage        VARCHAR NOT NULL,      -- raw_interaction_logs | conversations | interactions | ...
+    reason       VARCHAR NOT NULL,      -- short machine-readable reason, e.g. invalid_json
+    detail       VARCHAR,
+    source_file  VARCHAR,
+    line_no      BIGINT,
+    quarantined_at TIMESTAMP DEFAULT current_timestamp
+);
+CREATE TABLE IF NOT EXISTS conversations (
+    conversation_id VARCHAR PRIMARY KEY,  -- source id when present, else record_id
+    record_id    VARCHAR NOT NULL,
+    source_file  VARCHAR NOT NULL,
+    line_no      BIGINT  NOT NULL,
+    messages     STRUCT(role VARCHAR, content VARCHAR)[] NOT NULL,  -- roles: system|user|assistant
+    n_messages   INTEGER NOT NULL,
+    n_chars      BIGINT  NOT NULL,
+    content_hash VARCHAR NOT NULL
+);
+CREATE TABLE IF NOT EXISTS interactions (
+    interaction_id  VARCHAR PRIMARY KEY,  -- conversation_id || ':' || turn_index
+    conversation_id VARCHAR NOT NULL,
+    turn_index   INTEGER NOT NULL,        -- index of the response y in conversations.messages
+    context      STRUCT(role VARCHAR, content VARCHAR)[] NOT NULL,  -- x: starts with user, ends with user
+    response     VARCHAR NOT NULL,        -- y
+    followup     VARCHAR NOT NULL,        -- o
+    informative  BOOLEAN NOT NULL,
+    informative_reason VARCHAR NOT NULL,
+    split        VARCHAR NOT NULL         -- train | validation
+);
+"""
+
+
+def connect(path: str | Path | None = None, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """Open the warehouse (creating tables on first use)."""
+    path = Path(path) if path else warehouse_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(str(path), read_only=read_only)
+    if not read_only:
+        con.execute(SCHEMA)
+    return con
