@@ -1,0 +1,77 @@
+"""One blocking Great Expectations check per asset: a failure stops everything downstream in the run."""
+
+
+import dagster as dg
+
+from assets import lineage
+from assets.metadata import check_result
+from assets.resources import SdpoSettings, Warehouse
+from sdpo_platform import checks
+
+
+@dg.asset_check(asset=lineage.raw_interaction_logs, blocking=True)
+def raw_records_valid(warehouse: Warehouse) -> dg.AssetCheckResult:
+    """Every record has an id, a source file and a line; ids are unique; the table is not empty."""
+    with warehouse.connect() as con:
+        return check_result(checks.check_raw_records(con))
+
+
+@dg.asset_check(asset=lineage.conversations, blocking=True)
+def conversations_reconcile(settings: SdpoSettings, warehouse: Warehouse) -> dg.AssetCheckResult:
+    """raw = kept + quarantined, and every kept conversation satisfies the cleaning filters."""
+    with warehouse.connect() as con:
+        return check_result(checks.check_conversations(con, settings.platform().cleaning))
+
+
+@dg.asset_check(asset=lineage.interactions, blocking=True)
+def interactions_well_formed(warehouse: Warehouse) -> dg.AssetCheckResult:
+    """Triples count equals assistant turns followed by a user turn; x starts and ends with a user turn."""
+    with warehouse.connect() as con:
+        return check_result(checks.check_interactions(con))
+
+
+@dg.asset_check(asset=lineage.hindsight_targets, blocking=True)
+def targets_finite_and_aligned(hindsight_targets: dict) -> dg.AssetCheckResult:
+    """Finite log-probs, one per response token under both prompts, EOS last, both splits present."""
+    from sdpo_platform.targets import read_targets
+
+    frame = read_targets(hindsight_targets["path"])
+    return check_result(checks.check_targets(frame, hindsight_targets["eos_token_id"]))
+
+
+@dg.asset_check(asset=lineage.distilled_checkpoint, blocking=True)
+def checkpoint_trained(distilled_checkpoint: dict, settings: SdpoSettings) -> dg.AssetCheckResult:
+    """All configured steps ran with finite losses and the adapter was saved."""
+    state = distilled_checkpoint
+    return check_result(checks.check_checkpoint(state["losses"], settings.platform().training.steps, state["adapter_dir"]))
+
+
+@dg.asset_check(asset=lineage.evaluation, blocking=True)
+def evaluation_finite(evaluation: dict) -> dg.AssetCheckResult:
+    """Gaps are finite and measured on at least one held-out interaction."""
+    values = {k: evaluation[k] for k in ("gap_before", "gap_after", "signed_before", "signed_after")}
+    return check_result(checks.check_evaluation(values, evaluation["n_validation"]))
+
+
+@dg.asset_check(asset=lineage.registered_model, blocking=True)
+def registered_model_tagged(registered_model: dict) -> dg.AssetCheckResult:
+    """The version carries alias `challenger` and the lineage tags a reviewer needs."""
+    return check_result(
+        checks.check_registration(
+            registered_model["version"],
+            registered_model["aliases"],
+            registered_model["tags"],
+            ["data_partition", "target_set", "model_revision", "validation_status"],
+        )
+    )
+
+
+lineage_checks = [
+    raw_records_valid,
+    conversations_reconcile,
+    interactions_well_formed,
+    targets_finite_and_aligned,
+    checkpoint_trained,
+    evaluation_finite,
+    registered_model_tagged,
+]
