@@ -30,14 +30,17 @@ CREATE TABLE IF NOT EXISTS quarantine (
     quarantined_at TIMESTAMP DEFAULT current_timestamp
 );
 CREATE TABLE IF NOT EXISTS conversations (
-    conversation_id VARCHAR PRIMARY KEY,  -- source id when present, else record_id
+    conversation_id VARCHAR PRIMARY KEY,  -- = record_id: unique and stable whatever the sources' ids do
     record_id    VARCHAR NOT NULL,
     source_file  VARCHAR NOT NULL,
     line_no      BIGINT  NOT NULL,
-    messages     STRUCT(role VARCHAR, content VARCHAR)[] NOT NULL,  -- roles: system|user|assistant
+    source_id    VARCHAR,               -- the source's own id (ShareGPT id, WildChat conversation_hash), if any
+    source_format VARCHAR NOT NULL,     -- sharegpt | openai | wildchat
+    language     VARCHAR NOT NULL,      -- heuristic ISO 639-1 code, 'und' when undetermined
+    messages     STRUCT(role VARCHAR, content VARCHAR)[] NOT NULL,  -- roles: system|user|assistant, merged
     n_messages   INTEGER NOT NULL,
     n_chars      BIGINT  NOT NULL,
-    content_hash VARCHAR NOT NULL
+    content_hash VARCHAR NOT NULL       -- sha256 of roles + whitespace/case-normalized contents (dedup key)
 );
 CREATE TABLE IF NOT EXISTS interactions (
     interaction_id  VARCHAR PRIMARY KEY,  -- conversation_id || ':' || turn_index
@@ -53,11 +56,19 @@ CREATE TABLE IF NOT EXISTS interactions (
 """
 
 
+def fetch_scalar(con: duckdb.DuckDBPyConnection, sql: str, params: dict | None = None):
+    """First column of the first row. Fetches everything: duckdb 2 keeps a half-read result open and
+    refuses further work on the connection until it is drained."""
+    rows = con.execute(sql, params or {}).fetchall()
+    return rows[0][0] if rows else None
+
+
 def connect(path: str | Path | None = None, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     """Open the warehouse (creating tables on first use)."""
     path = Path(path) if path else warehouse_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect(str(path), read_only=read_only)
+    con.execute("SET enable_progress_bar = false").fetchall()  # keep logs (Dagster, pytest) free of bars
     if not read_only:
-        con.execute(SCHEMA)
+        con.execute(SCHEMA).fetchall()
     return con

@@ -1,0 +1,183 @@
+"""`conversations` → `interactions`: the (x, y, o) triples SDPO learns from, in DuckDB SQL.
+
+Every assistant message followed by a user message yields one triple:
+- y: that assistant message; `turn_index` is its 0-based position in `conversations.messages`;
+- o: the next non-system message, which must be from the user (the last assistant turn yields none);
+- x: the messages before y with system messages dropped, the last `max_context_messages` of them,
+  then trimmed so that x starts with a user turn. Cleaning merged same-role runs, so x alternates and
+  ends with the user turn that y answers.
+
+`interaction_id = conversation_id || ':' || turn_index`. The split is a hash bucket of conversation_id
+(md5, so stable across DuckDB versions): a conversation never straddles train and validation.
+
+Informativeness is a first rule-based flag (a later stage refines it): a follow-up is uninformative if it
+is a bare acknowledgement ("thanks!", "OK, great.") once lower-cased and stripped of punctuation, or
+shorter than `min_followup_chars`; otherwise it is 'feedback' when it opens like a correction or request
+for change ("no, ...", "that's wrong", "make it shorter", ...) and 'other' else.
+
+A conversation that yields no triple (e.g. two messages) gets an 'interactions'-stage quarantine row
+'no_interactions', so `conversations = with interactions + quarantined` can be checked.
+Rebuilt from the whole `conversations` table in one transaction on each call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import duckdb
+
+from sdpo_platform.config import InteractionConfig
+from sdpo_platform.warehouse import fetch_scalar
+
+STAGE = "interactions"
+
+# Whole follow-ups made only of these (after lower-casing and dropping punctuation) carry no feedback.
+ACKNOWLEDGEMENT_PATTERN = (
+    r"^((ok|okay|k|kk|thanks|thank you|thank u|thx|ty|tysm|great|cool|nice|good|perfect|awesome|amazing|"
+    r"excellent|wonderful|fantastic|got it|i see|sounds good|yes|yep|yeah|yup|sure|alright|all right|fine|"
+    r"so much|a lot|very much|much|wow|lol|haha|hmm|ah|oh|that s|this is|it|good job|well done|"
+    r"appreciate it|cheers|noted|understood)\s*)+$"
+)
+# Openings of corrections and change requests.
+FEEDBACK_PATTERN = (
+    r"^(no|nope|not|wrong|incorrect|that s (not|wrong|incorrect)|this is (not|wrong)|it s (not|wrong)|"
+    r"you (are|re) wrong|actually|instead|but|why|try again|again|make it|rewrite|rephrase|shorter|longer|"
+    r"too|please (make|change|fix|rewrite|shorten|add|remove|use|don t|do not)|change|fix|don t|do not|"
+    r"doesn t|does not|didn t|did not|can you (make|change|fix|rewrite|shorten)|that doesn t|it doesn t|"
+    r"i (said|asked|meant|wanted))\b"
+)
+
+
+@dataclass
+class InteractionResult:
+    conversations: int = 0  # conversations read
+    total: int = 0  # triples extracted
+    informative: int = 0
+    train: int = 0
+    validation: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)  # informative_reason → count
+    examples: list[dict] = field(default_factory=list)  # one triple per informative_reason
+
+
+_STEPS = [
+    # Non-system messages of each conversation, numbered k = 0, 1, ... in order.
+    """
+    CREATE OR REPLACE TEMP TABLE turns AS
+    SELECT conversation_id, turn_index, role, content,
+           row_number() OVER (PARTITION BY conversation_id ORDER BY turn_index) - 1 AS k
+    FROM (
+        SELECT c.conversation_id, (m.i - 1)::INTEGER AS turn_index, m.message.role AS role, m.message.content AS content
+        FROM conversations c, unnest(c.messages) WITH ORDINALITY AS m(message, i)
+    )
+    WHERE role <> 'system'
+    """,
+    # y = an assistant turn whose next non-system turn is the user's: o.
+    """
+    CREATE OR REPLACE TEMP TABLE responses AS
+    SELECT * FROM (
+        SELECT conversation_id, turn_index, k, role, content AS response,
+               lead(role) OVER w AS next_role, lead(content) OVER w AS followup
+        FROM turns WINDOW w AS (PARTITION BY conversation_id ORDER BY k)
+    )
+    WHERE role = 'assistant' AND next_role = 'user'
+    """,
+    # x = the last max_context_messages turns before y, trimmed to start at the first user turn.
+    """
+    CREATE OR REPLACE TEMP TABLE contexts AS
+    WITH window_turns AS (
+        SELECT r.conversation_id, r.turn_index, t.k, t.role, t.content,
+               min(t.k) FILTER (WHERE t.role = 'user') OVER (PARTITION BY r.conversation_id, r.turn_index) AS first_user_k
+        FROM responses r JOIN turns t
+          ON t.conversation_id = r.conversation_id AND t.k < r.k AND t.k >= r.k - $max_context_messages
+    )
+    SELECT conversation_id, turn_index, list({'role': role, 'content': content} ORDER BY k) AS context
+    FROM window_turns WHERE k >= first_user_k
+    GROUP BY conversation_id, turn_index
+    """,
+    "DELETE FROM interactions",
+    """
+    INSERT INTO interactions (interaction_id, conversation_id, turn_index, context, response, followup,
+                              informative, informative_reason, split)
+    SELECT conversation_id || ':' || turn_index, conversation_id, turn_index, context, response, followup,
+           reason IN ('feedback', 'other'), reason,
+           CASE WHEN (md5_number(conversation_id) % 1000000) / 1000000.0 < $validation_fraction
+                THEN 'validation' ELSE 'train' END
+    FROM (
+        SELECT r.*, c.context,
+            CASE WHEN length(trim(r.followup)) < $min_followup_chars THEN 'too_short'
+                 WHEN regexp_matches(normalized, $ack_pattern) THEN 'acknowledgement'
+                 WHEN regexp_matches(normalized, $feedback_pattern) THEN 'feedback'
+                 ELSE 'other' END AS reason
+        FROM (SELECT *, trim(regexp_replace(regexp_replace(lower(followup), '[^\\pL\\pN\\s]+', ' ', 'g'), '\\s+', ' ', 'g')) AS normalized
+              FROM responses) r
+        JOIN contexts c USING (conversation_id, turn_index)
+    )
+    """,
+    "DELETE FROM quarantine WHERE stage = $stage",
+    """
+    INSERT INTO quarantine (record_id, stage, reason, detail, source_file, line_no)
+    SELECT c.record_id, $stage, 'no_interactions',
+           format('{} messages, no assistant turn followed by a user turn', c.n_messages), c.source_file, c.line_no
+    FROM conversations c ANTI JOIN interactions i USING (conversation_id)
+    """,
+]
+
+_TEMP_TABLES = ["turns", "responses", "contexts"]
+
+
+def extract_interactions(con: duckdb.DuckDBPyConnection, cfg: InteractionConfig | None = None) -> InteractionResult:
+    """Rebuild `interactions` (and the stage's quarantine rows) from all of `conversations`."""
+    cfg = cfg or InteractionConfig()
+    if cfg.max_context_messages < 1:
+        raise ValueError("max_context_messages must be at least 1 (x must hold the user turn y answers)")
+    params = {
+        "stage": STAGE,
+        "max_context_messages": cfg.max_context_messages,
+        "validation_fraction": cfg.validation_fraction,
+        "min_followup_chars": cfg.min_followup_chars,
+        "ack_pattern": ACKNOWLEDGEMENT_PATTERN,
+        "feedback_pattern": FEEDBACK_PATTERN,
+    }
+    con.begin()
+    try:
+        for sql in _STEPS:
+            used = {name: value for name, value in params.items() if f"${name}" in sql}
+            con.execute(sql, used).fetchall()
+        for table in _TEMP_TABLES:
+            con.execute(f"DROP TABLE IF EXISTS {table}").fetchall()  # fixed allow-list, not user input
+        con.commit()
+    except BaseException:
+        con.rollback()
+        raise
+    return _summarize(con)
+
+
+def _summarize(con: duckdb.DuckDBPyConnection) -> InteractionResult:
+    conversations = fetch_scalar(con, "SELECT count(*) FROM conversations")
+    total, informative, train, validation = con.execute(
+        """SELECT count(*), count(*) FILTER (WHERE informative),
+                  count(*) FILTER (WHERE split = 'train'), count(*) FILTER (WHERE split = 'validation')
+           FROM interactions"""
+    ).fetchall()[0]
+    by_reason = dict(con.execute(
+        "SELECT informative_reason, count(*) FROM interactions GROUP BY 1 ORDER BY count(*) DESC, 1"
+    ).fetchall())
+    columns = ["interaction_id", "informative_reason", "split", "n_context", "last_user", "response", "followup"]
+    examples = con.execute(
+        """
+        SELECT interaction_id, informative_reason, split, len(context), left(context[-1].content, 160),
+               left(response, 160), left(followup, 160)
+        FROM interactions
+        QUALIFY row_number() OVER (PARTITION BY informative_reason ORDER BY interaction_id) = 1
+        ORDER BY informative_reason
+        """
+    ).fetchall()
+    return InteractionResult(
+        conversations=conversations,
+        total=total,
+        informative=informative,
+        train=train,
+        validation=validation,
+        by_reason=by_reason,
+        examples=[dict(zip(columns, row)) for row in examples],
+    )

@@ -1,0 +1,114 @@
+"""Triple extraction (x, y, o), informativeness flag, and the conversation-level split."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sdpo_platform.cleaning import build_conversations
+from sdpo_platform.config import CleaningConfig, InteractionConfig
+from sdpo_platform.ingest import ingest_files
+from sdpo_platform.interactions import extract_interactions
+from sdpo_platform.warehouse import connect
+
+
+@pytest.fixture()
+def con(sdpo_home):
+    connection = connect()
+    yield connection
+    connection.close()
+
+
+def load(con, directory, conversations: list[list[tuple[str, str]]], cleaning=CleaningConfig(min_messages=2, languages=[])):
+    """Ingest chats given as [(role, text), ...] and clean them; returns line_no → conversation_id."""
+    path = directory / "chats.jsonl"
+    path.write_text("\n".join(json.dumps({"messages": [{"role": r, "content": t} for r, t in turns]}) for turns in conversations) + "\n")
+    ingest_files(con, [path])
+    build_conversations(con, cleaning)
+    return dict(con.execute("SELECT line_no, conversation_id FROM conversations").fetchall())
+
+
+def triples(con, conversation_id):
+    rows = con.execute(
+        "SELECT turn_index, context, response, followup FROM interactions WHERE conversation_id = ? ORDER BY turn_index",
+        [conversation_id],
+    ).fetchall()
+    return [(turn, [(m["role"], m["content"]) for m in context], response, followup) for turn, context, response, followup in rows]
+
+
+def test_first_middle_and_last_turns_with_system_message_and_truncation(con, tmp_path):
+    chat = [("system", "S"), ("user", "u1"), ("assistant", "a1"), ("user", "u2"), ("assistant", "a2"),
+            ("user", "u3"), ("assistant", "a3"), ("user", "u4"), ("assistant", "a4")]
+    ids = load(con, tmp_path, [chat])
+
+    result = extract_interactions(con, InteractionConfig(max_context_messages=4))
+
+    assert result.conversations == 1 and result.total == 3  # a4 is last: no follow-up, no triple
+    assert triples(con, ids[1]) == [
+        (2, [("user", "u1")], "a1", "u2"),  # first turn; system message dropped from x
+        (4, [("user", "u1"), ("assistant", "a1"), ("user", "u2")], "a2", "u3"),
+        # last 4 before a3 are a1 u2 a2 u3: trimmed to start with the user
+        (6, [("user", "u2"), ("assistant", "a2"), ("user", "u3")], "a3", "u4"),
+    ]
+    ids_in_table = [row[0] for row in con.execute("SELECT interaction_id FROM interactions ORDER BY turn_index").fetchall()]
+    assert ids_in_table == [f"{ids[1]}:2", f"{ids[1]}:4", f"{ids[1]}:6"]
+
+
+def test_context_of_exactly_max_messages_starts_with_user(con, tmp_path):
+    chat = [("user", "u1"), ("assistant", "a1"), ("user", "u2"), ("assistant", "a2"), ("user", "u3"), ("assistant", "a3"), ("user", "u4")]
+    ids = load(con, tmp_path, [chat])
+    extract_interactions(con, InteractionConfig(max_context_messages=5))
+    last = triples(con, ids[1])[-1]
+    assert last == (5, [("user", "u1"), ("assistant", "a1"), ("user", "u2"), ("assistant", "a2"), ("user", "u3")], "a3", "u4")
+
+
+def test_merged_same_role_messages_and_assistant_first_conversations(con, tmp_path):
+    chats = [
+        [("user", "u1"), ("user", "u1b"), ("assistant", "a1"), ("assistant", "a1b"), ("user", "u2")],
+        [("assistant", "greeting"), ("user", "u1"), ("assistant", "a1"), ("user", "u2")],  # quarantined by cleaning
+        [("user", "only"), ("assistant", "answer")],  # no follow-up: no triple
+    ]
+    ids = load(con, tmp_path, chats)
+
+    result = extract_interactions(con, InteractionConfig())
+
+    assert set(ids) == {1, 3} and result.total == 1
+    assert triples(con, ids[1]) == [(1, [("user", "u1\n\nu1b")], "a1\n\na1b", "u2")]
+    no_triples = con.execute("SELECT line_no, reason FROM quarantine WHERE stage = 'interactions'").fetchall()
+    assert no_triples == [(3, "no_interactions")]
+
+
+def test_informativeness_flags_bare_acknowledgements_and_short_followups(con, tmp_path):
+    followups = ["Thanks!", "ok, GREAT.", "Thank you so much :)", "k", "No, that's wrong: the capital is Canberra.",
+                 "Can you make it shorter?", "Thanks, but use Python instead."]
+    chats = [[("user", "question"), ("assistant", "answer"), ("user", followup)] for followup in followups]
+    ids = load(con, tmp_path, chats)
+
+    result = extract_interactions(con, InteractionConfig(min_followup_chars=2))
+
+    flags = dict(con.execute("SELECT followup, informative_reason FROM interactions").fetchall())
+    assert flags == {
+        "Thanks!": "acknowledgement", "ok, GREAT.": "acknowledgement", "Thank you so much :)": "acknowledgement",
+        "k": "too_short", "No, that's wrong: the capital is Canberra.": "feedback",
+        "Can you make it shorter?": "feedback", "Thanks, but use Python instead.": "other",
+    }
+    assert result.total == len(ids) == 7 and result.informative == 3
+    assert result.by_reason["acknowledgement"] == 3
+
+
+def test_split_keeps_each_conversation_on_one_side_and_is_stable(con, tmp_path):
+    chat = [("user", "u1"), ("assistant", "a1"), ("user", "u2"), ("assistant", "a2"), ("user", "u3")]
+    load(con, tmp_path, [[(role, f"{text} #{i}") for role, text in chat] for i in range(40)])
+
+    first = extract_interactions(con, InteractionConfig(validation_fraction=0.5))
+    splits = con.execute("SELECT interaction_id, split FROM interactions ORDER BY 1").fetchall()
+    second = extract_interactions(con, InteractionConfig(validation_fraction=0.5))
+
+    straddling = con.execute(
+        "SELECT count(*) FROM (SELECT conversation_id FROM interactions GROUP BY 1 HAVING count(DISTINCT split) > 1)"
+    ).fetchall()[0][0]
+    assert straddling == 0
+    assert first.total == second.total == 80 and first.train + first.validation == 80
+    assert 0 < first.validation < 80  # both sides populated at 50%
+    assert con.execute("SELECT interaction_id, split FROM interactions ORDER BY 1").fetchall() == splits

@@ -1,0 +1,141 @@
+"""The MLflow registry round trip on the tiny model: aliases follow the gate, and the champion reloads exactly.
+
+The exact-logits test is the guard the registry module's docstring promises: the transformers flavor is
+documented for transformers 4.x only, and without `base_model_path` it reloads LoRA models with wrong
+weights, so any upgrade that breaks the round trip must fail here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from sdpo_platform.registry import (
+    RegisteredVersion,
+    configure_mlflow,
+    current_champion,
+    load_registered,
+    log_checkpoint,
+    promote,
+)
+
+MODEL_NAME = "sdpo-test"
+PROMPT = "The capital of Australia is Sydney, isn't it?"
+
+
+@pytest.fixture(scope="module")
+def lora_adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A saved LoRA adapter whose B weights are random, so base+adapter differs from the base."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    out = tmp_path_factory.mktemp("lora_adapter")
+    model.save_pretrained(out)
+    return out
+
+
+def _log(adapter_dir, base_dir, run_id=None, target_set="targets-1") -> RegisteredVersion:
+    return log_checkpoint(
+        adapter_dir,
+        base_dir,
+        run_id=run_id,
+        model_name=MODEL_NAME,
+        tags={"data_partition": "2026-01-01", "target_set": target_set, "validation_status": "passed"},
+        metrics={"val_loss": 1.5},
+    )
+
+
+def _aliases(version: int) -> list[str]:
+    return sorted(MlflowClient().get_model_version(MODEL_NAME, str(version)).aliases)
+
+
+def test_aliases_follow_the_gate(sdpo_home, tiny_model_dir, lora_adapter_dir):
+    uri = configure_mlflow()
+    assert uri.startswith("sqlite:") and str(sdpo_home) in uri
+    assert current_champion(MODEL_NAME) is None
+
+    first = _log(lora_adapter_dir, tiny_model_dir)
+    assert (first.version, first.model_uri) == (1, f"models:/{MODEL_NAME}/1")
+    assert _aliases(1) == ["challenger"]
+    tags = MlflowClient().get_model_version(MODEL_NAME, "1").tags
+    assert tags["target_set"] == "targets-1" and tags["validation_status"] == "passed"
+    assert float(tags["metric.val_loss"]) == 1.5
+    experiment = mlflow.get_experiment(mlflow.get_run(first.run_id).info.experiment_id)
+    assert experiment.artifact_location.startswith((sdpo_home / "mlflow" / "artifacts").as_uri())
+
+    # No champion yet: the first version takes it even though its gate failed.
+    assert promote(MODEL_NAME, 1, gate_passed=False) == ["challenger", "champion"]
+
+    # A finished trainer run: the model is logged into it, not into a new run.
+    with mlflow.start_run() as trainer_run:
+        pass
+    second = _log(lora_adapter_dir, tiny_model_dir, run_id=trainer_run.info.run_id, target_set="targets-2")
+    assert second.run_id == trainer_run.info.run_id
+    assert promote(MODEL_NAME, 2, gate_passed=False) == ["challenger"]
+    assert _aliases(1) == ["champion"] and current_champion(MODEL_NAME) == 1
+    assert MlflowClient().get_model_version(MODEL_NAME, "2").tags["gate_passed"] == "false"
+
+    # The trainer's run still active in this process.
+    with mlflow.start_run() as active_run:
+        third = _log(lora_adapter_dir, tiny_model_dir, run_id=active_run.info.run_id)
+    assert third.run_id == active_run.info.run_id
+    assert promote(MODEL_NAME, 3, gate_passed=True) == ["challenger", "champion"]
+    assert current_champion(MODEL_NAME) == 3
+    assert _aliases(1) == [] and _aliases(2) == []
+
+
+def test_champion_reloads_offline_with_identical_logits(sdpo_home, tiny_model_dir, lora_adapter_dir, monkeypatch):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    configure_mlflow()
+    registered = _log(lora_adapter_dir, tiny_model_dir)
+    promote(MODEL_NAME, registered.version, gate_passed=True)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    input_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        base_logits = base(input_ids).logits
+        expected = PeftModel.from_pretrained(base, lora_adapter_dir).eval()(input_ids).logits
+    assert (expected - base_logits).abs().max() > 1e-2, "the adapter must not be a no-op"
+
+    model, loaded_tokenizer = load_registered(f"models:/{MODEL_NAME}@champion")
+    assert loaded_tokenizer(PROMPT).input_ids == input_ids[0].tolist()
+    with torch.no_grad():
+        got = model(input_ids.to(model.device)).logits.cpu()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+    # Only the adapter is stored; the base weights are read from the local base directory.
+    stored_weights = sorted(p.name for p in (sdpo_home / "mlflow" / "artifacts").rglob("*.safetensors"))
+    assert stored_weights == ["adapter_model.safetensors"]
+
+
+def test_pyfunc_serves_greedy_text(sdpo_home, tiny_model_dir, lora_adapter_dir):
+    configure_mlflow()
+    registered = _log(lora_adapter_dir, tiny_model_dir)
+    promote(MODEL_NAME, registered.version, gate_passed=True)
+
+    served = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
+    prompts = pd.DataFrame({"prompt": ["Hi!", PROMPT]})
+    answers = served.predict(prompts, params={"max_new_tokens": 4})
+    assert len(answers) == 2 and all(isinstance(answer, str) and answer for answer in answers)
+    assert not any(answer.startswith("<|im_start|>") for answer in answers), "prompt must not be echoed"
+    assert served.predict(prompts, params={"max_new_tokens": 4}) == answers, "greedy decoding is deterministic"
+
+    # Explicit pins: MLflow's inferred requirements would import torchvision (not installed) and fail.
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(registered.model_uri)).read_text()
+    assert "peft==" in requirements and "torchvision" not in requirements
