@@ -1,0 +1,92 @@
+"""The one place the student and hindsight-teacher prompts are built; every stage calls these.
+
+The teacher is the same model with the follow-up o folded into the *last user turn* of x through a
+template; it never sees the response y in its context. y is tokenized once and the same ids are scored
+after both prompts, so teacher and student log-probs line up token for token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class EncodedInteraction:
+    """Token ids for one (x, y, o): both prompts end with the assistant generation prompt; y ends in EOS."""
+
+    student_prompt_ids: list[int]
+    teacher_prompt_ids: list[int]
+    response_ids: list[int]
+
+
+def _check_context(context: list[Message]) -> list[Message]:
+    messages = [{"role": m["role"], "content": m["content"]} for m in context]
+    if not messages or messages[0]["role"] != "user" or messages[-1]["role"] != "user":
+        raise ValueError("context must start and end with a user message")
+    return messages
+
+
+def student_messages(context: list[Message]) -> list[Message]:
+    """x as chat messages (a validated copy; callers may mutate it)."""
+    return _check_context(context)
+
+
+def teacher_messages(context: list[Message], followup: str, template: str) -> list[Message]:
+    """x with its last user message replaced by `template.format(last_user=..., followup=o)`."""
+    messages = _check_context(context)
+    messages[-1]["content"] = template.format(last_user=messages[-1]["content"], followup=followup)
+    return messages
+
+
+def template_hash(template: str) -> str:
+    """12-hex id of the template text; target rows carry it so a changed wording never mixes sets."""
+    return hashlib.sha256(template.encode("utf-8")).hexdigest()[:12]
+
+
+def _prompt_ids(tokenizer, messages: list[Message]) -> list[int]:
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def encode_interaction(
+    tokenizer,
+    context: list[Message],
+    response: str,
+    followup: str,
+    template: str,
+    max_prompt_tokens: int,
+    max_response_tokens: int,
+) -> EncodedInteraction:
+    """Student prompt, teacher prompt and response ids for one interaction.
+
+    The response is tokenized once without special tokens, cut to `max_response_tokens - 1` and ends
+    with `tokenizer.eos_token_id` (the chat template's end of turn), so stopping is learned too.
+
+    Prompt truncation: while the teacher prompt (the longer of the two) exceeds `max_prompt_tokens`,
+    the oldest exchange of x (up to its next user turn) is dropped, for both prompts alike, so teacher and student
+    always see the same conversation. Once only the last user turn is left, any prompt still too long
+    is left-truncated to its last `max_prompt_tokens` ids (the hindsight block sits at the end of the
+    teacher's last user turn, so it survives).
+    """
+    if max_response_tokens < 1 or max_prompt_tokens < 1:
+        raise ValueError("max_prompt_tokens and max_response_tokens must be positive")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer has no eos_token_id")
+    response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])[: max_response_tokens - 1]
+    response_ids.append(tokenizer.eos_token_id)
+
+    context = _check_context(context)
+    while True:
+        student = _prompt_ids(tokenizer, student_messages(context))
+        teacher = _prompt_ids(tokenizer, teacher_messages(context, followup, template))
+        later_user_turns = [i for i, m in enumerate(context) if m["role"] == "user" and i > 0]
+        if max(len(student), len(teacher)) <= max_prompt_tokens or not later_user_turns:
+            break
+        context = context[later_user_turns[0] :]  # drop the oldest exchange; x still starts with a user turn
+    return EncodedInteraction(
+        student_prompt_ids=student[-max_prompt_tokens:],
+        teacher_prompt_ids=teacher[-max_prompt_tokens:],
+        response_ids=response_ids,
+    )

