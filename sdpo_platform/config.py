@@ -28,6 +28,10 @@ class CleaningConfig(Section):
     max_message_chars: int = Field(4096, description="Any message longer than this quarantines the conversation.")
     max_conversation_chars: int = Field(100_000, description="Total characters allowed per conversation.")
     languages: list[str] = Field(["en"], description="Kept languages (ISO 639-1); [] keeps all.")
+    language_sample_chars: int = Field(2000, description="Language is guessed from this many leading characters of the (non-system) messages.")
+    language_min_stopword_share: float = Field(
+        0.05, description="Share of words that must be frequent function words of a Latin-script language to label it (else 'und')."
+    )
 
 
 class InteractionConfig(Section):
@@ -39,31 +43,39 @@ class InteractionConfig(Section):
 
 class TargetsConfig(Section):
     template: str = Field(DEFAULT_HINDSIGHT_TEMPLATE, description="Hindsight block appended to the last user turn; {last_user} and {followup}.")
-    max_prompt_tokens: int = Field(384, description="Prompts are left-truncated to this many tokens.")
+    max_prompt_tokens: int = Field(384, description="Longest prompt: oldest context turns are dropped first (same for teacher and student), then ids are left-truncated.")
     max_response_tokens: int = Field(128, description="Responses are truncated to this many tokens (EOS always last).")
     max_train: int = Field(64, description="Most training interactions scored (None-like large value for all).")
     max_validation: int = Field(16, description="Most validation interactions scored.")
+    batch_token_budget: int = Field(2048, description="Padded tokens per scoring forward pass (length-sorted buckets); raise on a GPU.")
+    neutral_followup: str | None = Field(None, description="If set, also score y under the template with this follow-up (e.g. 'OK.') for the neutral_followup baseline.")
 
 
 class TrainingConfig(Section):
-    learning_rate: float = 2e-4
-    steps: int = 16
-    batch_size: int = 4
+    learning_rate: float = Field(2e-4, description="AdamW peak learning rate (LoRA; the paper's full fine-tuning uses 2e-6).")
+    steps: int = Field(16, description="Optimizer steps (one batch each).")
+    batch_size: int = Field(4, description="Interactions per step, sampled without replacement per epoch.")
     skip_tokens: int = Field(2, description="First response tokens ignored by the loss (paper: 2).")
-    grad_clip: float = 1.0
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    baseline: Literal["none", "sequence_mean"] = Field("none", description="Advantage baseline.")
+    grad_clip: float = Field(1.0, description="Max global gradient norm.")
+    lora_r: int = Field(8, description="LoRA rank.")
+    lora_alpha: int = Field(16, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.0, description="Dropout on the LoRA branch.")
+    lora_target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], description="Module names wrapped with LoRA.")
+    baseline: Literal["none", "sequence_mean", "neutral_followup"] = Field(
+        "none",
+        description="Advantage baseline: none (paper), sequence_mean (centre A per sequence), neutral_followup "
+        "(teacher measured against the neutral follow-up; frozen teacher only, needs targets.neutral_followup).",
+    )
     teacher: Literal["frozen", "live"] = Field("frozen", description="frozen: read targets; live: recompute with current weights.")
-    seed: int = 0
-    warmup_fraction: float = 0.05
+    seed: int = Field(0, description="Seeds LoRA init and batch sampling.")
+    warmup_fraction: float = Field(0.05, description="Share of steps with linear warm-up before the cosine decay.")
+    device: str = Field("cpu", description="Torch device for training ('cpu', 'cuda', 'cuda:1', ...); weights stay float32.")
 
 
 class RegistryConfig(Section):
     model_name: str = Field("sdpo-default", description="MLflow registered model name.")
     experiment: str = Field("sdpo", description="MLflow experiment name.")
+    serve_max_new_tokens: int = Field(64, description="Default greedy generation length of the registered pyfunc model (override per request with params).")
 
 
 class PlatformConfig(Section):

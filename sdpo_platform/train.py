@@ -1,0 +1,272 @@
+"""SDPO training of a LoRA adapter on hindsight targets: one explicit loop, runnable as its own process.
+
+    python -m sdpo_platform.train RUN.json
+
+RUN.json is a `TrainRun`. Launched by Dagster Pipes, the process streams per-step logs and reports the
+checkpoint as an asset materialization; launched by hand, it prints per-step lines and a final JSON line.
+Nothing here imports Dagster: only the small `dagster_pipes` protocol package.
+
+Advantage in teacher mode 'frozen' (the default): A_i = teacher_logprob_i (stored in the targets)
+− log π_θ(y_i | x, y_<i) of the *current* student, detached. The stored student log-probs are not used:
+a fixed stored A would push every token's log-prob up (or down) without bound, while recomputing it
+against the current student makes A shrink to 0 as the student reaches the teacher, which is the
+paper's advantage (teacher minus the model being trained). At step 1 the two coincide, because LoRA
+starts as the identity. In mode 'live' the teacher is also the current weights (adapter included),
+scored under no_grad on the hindsight prompt, as in the paper.
+
+Baseline 'neutral_followup' (frozen only) keeps only what the follow-up says beyond the template: the
+target becomes stored_student + (teacher − neutral), so at step 1 A = teacher − neutral (the design's
+definition) and, like the plain frozen target, A still shrinks to 0 as the student reaches it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from peft import LoraConfig, get_peft_model
+from pydantic import BaseModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sdpo_platform import paths
+from sdpo_platform.config import TrainingConfig
+from sdpo_platform.logprobs import batch_response_logprobs
+from sdpo_platform.loss import sdpo_loss
+from sdpo_platform.targets import read_targets
+
+
+class TrainRun(BaseModel):
+    """Everything one training process needs; serialised to RUN.json by whoever launches it."""
+
+    base_model_path: str
+    targets_path: str
+    output_dir: str
+    training: TrainingConfig = TrainingConfig()
+    mlflow_tracking_uri: str | None = None  # None: the data root's SQLite file
+    mlflow_experiment: str = "sdpo"
+    mlflow_run_name: str | None = None
+    target_set: str = ""  # lineage: which hindsight targets (model revision, partition) this run used
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    loss_first: float
+    loss_last: float
+    losses: list[float]
+    adapter_dir: str
+    mlflow_run_id: str
+    n_train_interactions: int
+
+
+def read_split(targets_path: str | Path, split: str) -> pd.DataFrame:
+    """One split ('train' | 'validation') of a target set, in a stable order (seeded batches depend on it)."""
+    frame = read_targets(targets_path)
+    return frame[frame.split == split].sort_values("interaction_id").reset_index(drop=True)
+
+
+def batch_indices(n_rows: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
+    """Seeded epochs: each epoch is a fresh permutation cut into batches (the last may be smaller)."""
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(n_rows)
+        for start in range(0, n_rows, batch_size):
+            yield order[start : start + batch_size]
+
+
+def learning_rate_at(step: int, cfg: TrainingConfig) -> float:
+    """Linear warm-up over warmup_fraction of the steps, then cosine decay towards 0 (step is 0-based)."""
+    warmup = math.ceil(cfg.warmup_fraction * cfg.steps)
+    if step < warmup:
+        return cfg.learning_rate * (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, cfg.steps - warmup)
+    return cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def frozen_teacher_logprobs(batch: pd.DataFrame, baseline: str, device) -> list[torch.Tensor]:
+    """The stored teacher; under neutral_followup, the scoring-time student shifted by teacher − neutral."""
+    def tensor(values) -> torch.Tensor:
+        return torch.tensor(list(values), dtype=torch.float32, device=device)
+
+    if baseline == "neutral_followup":
+        return [tensor(s) + tensor(t) - tensor(n) for s, t, n in zip(batch.student_logprobs, batch.teacher_logprobs, batch.neutral_logprobs)]
+    return [tensor(t) for t in batch.teacher_logprobs]
+
+
+def live_teacher_logprobs(model, batch: pd.DataFrame, pad_id: int) -> list[torch.Tensor]:
+    """The current weights on the hindsight prompt, in eval mode (no LoRA dropout) and without grad."""
+    model.eval()
+    with torch.no_grad():
+        teacher = batch_response_logprobs(model, list(batch.teacher_prompt_ids), list(batch.response_ids), pad_id)
+    model.train()
+    return teacher
+
+
+def start_mlflow_run(run: TrainRun):
+    """Tracking URI from the run (else the data root); a new experiment keeps its artifacts under the data root."""
+    mlflow.set_tracking_uri(run.mlflow_tracking_uri or paths.mlflow_tracking_uri())
+    if mlflow.get_experiment_by_name(run.mlflow_experiment) is None:
+        mlflow.create_experiment(run.mlflow_experiment, artifact_location=paths.mlflow_artifact_root())
+    mlflow.set_experiment(run.mlflow_experiment)
+    return mlflow.start_run(run_name=run.mlflow_run_name)
+
+
+def train(run: TrainRun, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Train a LoRA adapter with the SDPO loss; `on_step(step, metrics)` sees every step's logged metrics."""
+    cfg = run.training
+    torch.manual_seed(cfg.seed)
+
+    # data: the train split of the targets
+    rows = read_split(run.targets_path, "train")
+    if rows.empty:
+        raise ValueError(f"no train rows in {run.targets_path}")
+    if cfg.baseline == "neutral_followup":
+        if cfg.teacher == "live":
+            raise ValueError("baseline 'neutral_followup' needs the frozen teacher (neutral prompts are not stored)")
+        if "neutral_logprobs" not in rows or rows.neutral_logprobs.isna().any():
+            raise ValueError("targets lack neutral_logprobs: score them with targets.neutral_followup set")
+    batches = batch_indices(len(rows), cfg.batch_size, cfg.seed)
+
+    # model: float32 base + LoRA adapter (the only trainable weights)
+    tokenizer = AutoTokenizer.from_pretrained(run.base_model_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    base = AutoModelForCausalLM.from_pretrained(run.base_model_path, dtype=torch.float32).to(cfg.device)
+    lora = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_target_modules,
+    )
+    model = get_peft_model(base, lora)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate)
+
+    losses: list[float] = []
+    with start_mlflow_run(run) as mlflow_run:
+        mlflow.log_params({f"training.{key}": value for key, value in cfg.model_dump().items()})
+        mlflow.log_params({
+            "target_set": run.target_set,
+            "targets_path": run.targets_path,
+            "base_model_path": run.base_model_path,
+            "output_dir": run.output_dir,
+            "n_train_interactions": len(rows),
+            "trainable_parameters": sum(p.numel() for p in trainable),
+        })
+
+        for step in range(1, cfg.steps + 1):
+            started = time.perf_counter()
+            lr = learning_rate_at(step - 1, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = rows.iloc[next(batches)]
+            prompts, responses = list(batch.student_prompt_ids), list(batch.response_ids)
+
+            # forward: student log-probs carry the gradient; the advantage never does
+            student = batch_response_logprobs(model, prompts, responses, pad_id)
+            if cfg.teacher == "live":
+                teacher = live_teacher_logprobs(model, batch, pad_id)
+            else:
+                teacher = frozen_teacher_logprobs(batch, cfg.baseline, student[0].device)
+            advantages = [t - s.detach() for t, s in zip(teacher, student)]
+            centring = "sequence_mean" if cfg.baseline == "sequence_mean" else "none"
+            loss, diagnostics = sdpo_loss(student, advantages, skip=cfg.skip_tokens, baseline=centring)
+
+            # backward, clip, step
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            optimizer.step()
+
+            # log
+            seconds = time.perf_counter() - started
+            forward_tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses))
+            metrics = {
+                "loss": loss.item(),
+                **diagnostics,
+                "grad_norm": grad_norm.item(),
+                "lr": lr,
+                "step_seconds": seconds,
+                "tokens_per_s": forward_tokens / seconds,
+            }
+            losses.append(metrics["loss"])
+            mlflow.log_metrics(metrics, step=step)
+            print(
+                f"step {step}/{cfg.steps} loss {metrics['loss']:.4f} mean|A| {metrics['mean_abs_advantage']:.3f} "
+                f"grad_norm {metrics['grad_norm']:.3f} lr {lr:.2e} {metrics['tokens_per_s']:.0f} tok/s",
+                flush=True,
+            )
+            if on_step is not None:
+                on_step(step, metrics)
+
+        # checkpoint: adapter + tokenizer + the state that explains it
+        output_dir = Path(run.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        mlflow_run_id = mlflow_run.info.run_id
+        state = {
+            "config": cfg.model_dump(),
+            "steps": cfg.steps,
+            "losses": losses,
+            "target_set": run.target_set,
+            "base_model_path": run.base_model_path,
+            "targets_path": run.targets_path,
+            "n_train_interactions": len(rows),
+            "mlflow_run_id": mlflow_run_id,
+        }
+        (output_dir / "train_state.json").write_text(json.dumps(state, indent=2))
+        mlflow.set_tag("adapter_dir", str(output_dir))
+
+    return TrainResult(
+        steps=cfg.steps,
+        loss_first=losses[0],
+        loss_last=losses[-1],
+        losses=losses,
+        adapter_dir=str(output_dir),
+        mlflow_run_id=mlflow_run_id,
+        n_train_interactions=len(rows),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the training process: Dagster Pipes when launched by it, plain stdout otherwise."""
+    from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        raise SystemExit("usage: python -m sdpo_platform.train RUN.json")
+    run = TrainRun.model_validate_json(Path(args[0]).read_text())
+
+    if PipesEnvVarParamsLoader().is_dagster_pipes_process():
+        with open_dagster_pipes() as pipes:
+            def report(step: int, metrics: dict) -> None:
+                pipes.log.info(f"step {step}/{run.training.steps} loss {metrics['loss']:.4f} tokens/s {metrics['tokens_per_s']:.0f}")
+
+            result = train(run, on_step=report)
+            pipes.report_asset_materialization(metadata={
+                "steps": result.steps,
+                "loss_first": result.loss_first,
+                "loss_last": result.loss_last,
+                "mlflow_run_id": result.mlflow_run_id,
+                "adapter_dir": result.adapter_dir,
+                "n_train_interactions": result.n_train_interactions,
+                "target_set": run.target_set,
+            })
+    else:
+        result = train(run)
+        print(json.dumps(asdict(result)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""The LoRA training loop on the tiny model: adapter written and reloadable, MLflow populated, runnable as a process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+from dagster_pipes import encode_param
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sdpo_platform.config import TrainingConfig
+from sdpo_platform.logprobs import response_logprobs
+from sdpo_platform.train import TrainRun, batch_indices, learning_rate_at, train
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = [
+    "What is the capital of Australia?",
+    "Write a haiku about rain.",
+    "Explain recursion briefly.",
+    "Give me a synonym for happy.",
+    "How do I boil an egg?",
+    "Translate 'cat' into French.",
+    "Name a prime number above 10.",
+    "What colour is the sky?",
+    "Suggest a name for a dog.",
+    "Summarise the water cycle.",
+    "What is 2 + 2?",
+    "Recommend a book.",
+]
+
+
+def write_toy_targets(path: Path, model_dir: Path, n_train: int = 8, n_validation: int = 4, teacher_offset: float = 0.3) -> Path:
+    """Targets where the teacher prefers every token of a fixed formal reply by `teacher_offset` nats.
+
+    teacher_logprobs = the tiny base model's own log-probs + offset, so A = offset exactly before
+    training and a student that learns the reply can close the gap (the random tiny model's logits are
+    too small to reach an arbitrary target such as −1). Stored student_logprobs are a deliberately
+    wrong −10 to show training recomputes them. Validation rows use unseen prompts with the same reply.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    response = tokenizer("Certainly. Here is a formal answer.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    rows = []
+    for i, question in enumerate(PROMPTS[: n_train + n_validation]):
+        student = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        teacher = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question + "\n\n<hindsight context> Please be formal."}], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        with torch.no_grad():
+            teacher_lp = (response_logprobs(model, student, response) + teacher_offset).tolist()
+        student_lp = [-10.0] * len(response)
+        advantages = [t - s for t, s in zip(teacher_lp, student_lp)]
+        rows.append({
+            "interaction_id": f"i{i:03d}",
+            "split": "train" if i < n_train else "validation",
+            "model_revision": "tiny",
+            "template_hash": "t0",
+            "student_prompt_ids": list(student),
+            "teacher_prompt_ids": list(teacher),
+            "response_ids": response,
+            "teacher_logprobs": teacher_lp,
+            "student_logprobs": student_lp,
+            "advantages": advantages,
+            "n_tokens": len(response),
+            "mean_advantage": sum(advantages) / len(advantages),
+            "mean_abs_advantage": sum(abs(a) for a in advantages) / len(advantages),
+        })
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+def make_run(tmp_path: Path, model_dir: Path, **training) -> TrainRun:
+    return TrainRun(
+        base_model_path=str(model_dir),
+        targets_path=str(write_toy_targets(tmp_path / "targets.parquet", model_dir)),
+        output_dir=str(tmp_path / "adapter"),
+        training=TrainingConfig(**{"steps": 2, "batch_size": 2, **training}),
+        mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        mlflow_experiment="sdpo-test",
+        mlflow_run_name="tiny",
+        target_set="tiny/t0",
+    )
+
+
+def test_short_train_writes_reloadable_adapter_and_logs_to_mlflow(tmp_path, sdpo_home, tiny_model_dir):
+    run = make_run(tmp_path, tiny_model_dir, steps=3)
+    seen_steps = []
+    result = train(run, on_step=lambda step, metrics: seen_steps.append(step))
+
+    assert result.steps == 3 and len(result.losses) == 3 and seen_steps == [1, 2, 3]
+    assert result.n_train_interactions == 8
+    assert result.loss_first == result.losses[0] and result.loss_last == result.losses[-1]
+
+    # the adapter reloads with peft and changes the model (LoRA starts as the identity)
+    adapter = Path(result.adapter_dir)
+    assert (adapter / "adapter_config.json").exists() and (adapter / "tokenizer_config.json").exists()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+        tuned_logits = PeftModel.from_pretrained(base, adapter)(input_ids=ids).logits
+    assert not torch.allclose(base_logits, tuned_logits)
+
+    state = json.loads((adapter / "train_state.json").read_text())
+    assert state["losses"] == result.losses and state["target_set"] == "tiny/t0"
+    assert state["mlflow_run_id"] == result.mlflow_run_id
+
+    client = mlflow.MlflowClient(run.mlflow_tracking_uri)
+    logged = client.get_run(result.mlflow_run_id)
+    assert logged.data.params["target_set"] == "tiny/t0"
+    assert logged.data.params["training.teacher"] == "frozen"
+    assert logged.data.params["n_train_interactions"] == "8"
+    history = client.get_metric_history(result.mlflow_run_id, "loss")
+    assert [m.step for m in history] == [1, 2, 3]
+    assert [m.value for m in history] == pytest.approx(result.losses)
+    for name in ("grad_norm", "lr", "mean_abs_advantage", "eos_advantage", "positive_fraction", "tokens_per_s"):
+        assert len(client.get_metric_history(result.mlflow_run_id, name)) == 3
+    # artifacts of a new experiment live under the data root, not in the working directory
+    assert client.get_experiment(logged.info.experiment_id).artifact_location.startswith(sdpo_home.as_uri())
+
+
+def test_frozen_advantage_is_recomputed_against_the_current_student(tmp_path, sdpo_home, tiny_model_dir):
+    """Stored student_logprobs (−10) are ignored: at step 1 A = teacher − current (= base) log-prob = 0.3."""
+    run = make_run(tmp_path, tiny_model_dir, steps=1)
+    metrics = {}
+    train(run, on_step=lambda step, m: metrics.update(m))
+    assert metrics["mean_advantage"] == pytest.approx(0.3, abs=1e-4)
+    assert metrics["eos_advantage"] == pytest.approx(0.3, abs=1e-4)
+    assert metrics["positive_fraction"] == 1.0
+
+
+def test_neutral_followup_baseline_measures_the_teacher_against_the_neutral_followup(tmp_path, sdpo_home, tiny_model_dir):
+    """teacher = base + 0.3, neutral = base − 0.2: at step 1 A = teacher − neutral = 0.5 (plain frozen A would be 0.3)."""
+    run = make_run(tmp_path, tiny_model_dir, steps=1, baseline="neutral_followup")
+    frame = pd.read_parquet(run.targets_path)
+    base = frame.teacher_logprobs.map(lambda t: [v - 0.3 for v in t])
+    frame["student_logprobs"] = base
+    frame["neutral_logprobs"] = base.map(lambda b: [v - 0.2 for v in b])
+    frame.to_parquet(run.targets_path)
+    metrics = {}
+    train(run, on_step=lambda step, m: metrics.update(m))
+    assert metrics["mean_advantage"] == pytest.approx(0.5, abs=1e-4)
+
+
+def test_neutral_followup_baseline_requires_neutral_scores(tmp_path, sdpo_home, tiny_model_dir):
+    run = make_run(tmp_path, tiny_model_dir, baseline="neutral_followup")  # toy targets have no neutral_logprobs
+    with pytest.raises(ValueError, match="neutral_logprobs"):
+        train(run)
+
+
+def test_live_teacher_with_identical_prompts_has_zero_advantage(tmp_path, sdpo_home, tiny_model_dir):
+    """Live mode scores the teacher with the current weights; with o removed the teacher is the student."""
+    run = make_run(tmp_path, tiny_model_dir, steps=2, teacher="live")
+    frame = pd.read_parquet(run.targets_path)
+    frame["teacher_prompt_ids"] = frame["student_prompt_ids"]
+    frame.to_parquet(run.targets_path)
+    result = train(run)
+    assert result.losses == pytest.approx([0.0, 0.0], abs=1e-5)
+
+
+def test_batches_cover_every_row_once_per_epoch_and_are_seeded():
+    first = batch_indices(5, 2, seed=3)
+    epoch = [list(next(first)) for _ in range(3)]
+    assert sorted(i for batch in epoch for i in batch) == [0, 1, 2, 3, 4]
+    again = batch_indices(5, 2, seed=3)
+    assert [list(next(again)) for _ in range(3)] == epoch
+
+
+def test_learning_rate_warms_up_then_decays():
+    cfg = TrainingConfig(learning_rate=1.0, steps=20, warmup_fraction=0.1)  # 2 warm-up steps
+    rates = [learning_rate_at(step, cfg) for step in range(20)]
+    assert rates[0] == pytest.approx(1 / 3) and rates[1] == pytest.approx(2 / 3) and rates[2] == pytest.approx(1.0)
+    assert all(later < earlier for earlier, later in zip(rates[2:], rates[3:]))
+    assert rates[-1] > 0
+
+
+def _subprocess_env(sdpo_home: Path) -> dict:
+    env = {**os.environ, "SDPO_HOME": str(sdpo_home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env.pop("DAGSTER_PIPES_CONTEXT", None)
+    env.pop("DAGSTER_PIPES_MESSAGES", None)
+    return env
+
+
+def test_train_runs_as_its_own_process(tmp_path, sdpo_home, tiny_model_dir):
+    run = make_run(tmp_path, tiny_model_dir, steps=1)
+    run_file = tmp_path / "run.json"
+    run_file.write_text(run.model_dump_json())
+    done = subprocess.run([sys.executable, "-m", "sdpo_platform.train", str(run_file)], env=_subprocess_env(sdpo_home), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].startswith("step 1/1 loss")
+    result = json.loads(lines[-1])
+    assert result["steps"] == 1 and Path(result["adapter_dir"], "adapter_model.safetensors").exists()
+
+
+def test_train_process_speaks_dagster_pipes(tmp_path, sdpo_home, tiny_model_dir):
+    """Launched with Pipes parameters (as Dagster would), it streams logs and reports one materialization."""
+    run = make_run(tmp_path, tiny_model_dir, steps=2)
+    run_file = tmp_path / "run.json"
+    run_file.write_text(run.model_dump_json())
+    context_file, messages_file = tmp_path / "pipes_context.json", tmp_path / "pipes_messages.jsonl"
+    context_file.write_text(json.dumps({
+        "asset_keys": ["distilled_checkpoint"], "code_version_by_asset_key": None, "provenance_by_asset_key": None,
+        "partition_key": None, "partition_key_range": None, "partition_time_window": None,
+        "run_id": "test-run", "job_name": None, "retry_number": 0, "extras": {},
+    }))
+    env = _subprocess_env(sdpo_home)
+    env["DAGSTER_PIPES_CONTEXT"] = encode_param({"path": str(context_file)})
+    env["DAGSTER_PIPES_MESSAGES"] = encode_param({"path": str(messages_file)})
+    done = subprocess.run([sys.executable, "-m", "sdpo_platform.train", str(run_file)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    messages = [json.loads(line) for line in messages_file.read_text().splitlines()]
+    methods = [m["method"] for m in messages]
+    assert methods[0] == "opened" and methods[-1] == "closed"
+    assert sum(1 for m in messages if m["method"] == "log" and m["params"]["message"].startswith("step ")) == 2
+    (materialization,) = [m for m in messages if m["method"] == "report_asset_materialization"]
+    metadata = {key: value["raw_value"] for key, value in materialization["params"]["metadata"].items()}
+    assert metadata["steps"] == 2 and metadata["adapter_dir"] == run.output_dir
+    assert len(metadata["mlflow_run_id"]) > 0
