@@ -5,7 +5,7 @@ import dagster as dg
 
 from assets import lineage
 from assets.metadata import check_result
-from assets.resources import SdpoSettings, Warehouse
+from assets.resources import MlflowTracking, SdpoSettings, Warehouse
 from sdpo_platform import checks
 
 
@@ -66,6 +66,25 @@ def registered_model_tagged(registered_model: dict) -> dg.AssetCheckResult:
     )
 
 
+@dg.asset_check(
+    asset=lineage.registered_model,
+    blocking=True,
+    additional_ins={"hindsight_targets": dg.AssetIn("hindsight_targets"), "distilled_checkpoint": dg.AssetIn("distilled_checkpoint")},
+)
+def registered_model_reloads_exactly(registered_model: dict, hindsight_targets: dict, distilled_checkpoint: dict, mlflow_tracking: MlflowTracking) -> dg.AssetCheckResult:
+    """The registered version, loaded offline from the registry, gives the checkpoint's logits."""
+    from sdpo_platform.registry import roundtrip_logit_diff
+
+    mlflow_tracking.configure()
+    diff = roundtrip_logit_diff(registered_model["model_uri"], distilled_checkpoint["adapter_dir"], hindsight_targets["base_model_path"])
+    return dg.AssetCheckResult(
+        passed=diff <= 1e-4,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=f"max |logit difference| registry vs checkpoint = {diff:.2e} (tolerance 1e-4)",
+        metadata={"max_logit_diff": dg.MetadataValue.float(diff), "model_uri": registered_model["model_uri"]},
+    )
+
+
 lineage_checks = [
     raw_records_valid,
     conversations_reconcile,
@@ -74,4 +93,5 @@ lineage_checks = [
     checkpoint_trained,
     evaluation_finite,
     registered_model_tagged,
+    registered_model_reloads_exactly,
 ]

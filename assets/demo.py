@@ -21,8 +21,8 @@ SUMMARY_KEYS = [
 
 
 def dagster_home(root: Path) -> Path:
-    """$DAGSTER_HOME under the data root, holding the repo's instance config."""
-    home = root / "dagster"
+    """$DAGSTER_HOME (default: the data root's dagster/), holding the repo's instance config."""
+    home = Path(os.environ.get("DAGSTER_HOME") or root / "dagster")
     home.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
     return home
@@ -38,7 +38,11 @@ def run_demo(records: int = 300) -> dict:
     print(f"[demo] data root {root}; wrote {written} ShareGPT records to the inbox")
     started = time.monotonic()
     with dg.DagsterInstance.get() as instance:
-        result = defs.resolve_job_def(LINEAGE_JOB).execute_in_process(instance=instance, raise_on_error=False)
+        result = defs.resolve_job_def(LINEAGE_JOB).execute_in_process(
+            instance=instance,
+            raise_on_error=False,
+            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+        )
     if not result.success:
         failed = [e.step_key for e in result.get_step_failure_events()]
         raise SystemExit(f"[demo] run {result.run_id} failed at {failed}; open `make ui` to see why")

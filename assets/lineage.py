@@ -164,18 +164,27 @@ def distilled_checkpoint(
     )
     reported = invocation.get_materialize_result().metadata or {}
     state = json.loads((output_dir / "train_state.json").read_text())
-    state["adapter_dir"] = str(output_dir)
-    return dg.Output(state, metadata={**reported, "adapter_dir": dg.MetadataValue.path(str(output_dir))})
+    state.update(adapter_dir=str(output_dir), loss_first=state["losses"][0], loss_last=state["losses"][-1])
+    return dg.Output(
+        state,
+        metadata={
+            **reported,
+            "adapter_dir": dg.MetadataValue.path(str(output_dir)),
+            "losses": dg.MetadataValue.json([round(x, 5) for x in state["losses"]]),
+        },
+    )
 
 
 @dg.asset(group_name="training", kinds={"pytorch", "mlflow"})
-def evaluation(hindsight_targets: dict, distilled_checkpoint: dict, mlflow_tracking: MlflowTracking) -> dg.Output[dict]:
+def evaluation(hindsight_targets: dict, distilled_checkpoint: dict, warehouse: Warehouse, mlflow_tracking: MlflowTracking) -> dg.Output[dict]:
     """Held-out hindsight gap, base vs checkpoint: how far the student is from the teacher."""
     import mlflow
 
-    from sdpo_platform.evaluate import evaluate_checkpoint
+    from sdpo_platform.evaluate import evaluate_checkpoint, record_evaluation
 
     result = evaluate_checkpoint(hindsight_targets["base_model_path"], distilled_checkpoint["adapter_dir"], hindsight_targets["path"])
+    with warehouse.connect() as con:
+        record_evaluation(con, result, hindsight_targets["target_set"], distilled_checkpoint["adapter_dir"], distilled_checkpoint["mlflow_run_id"])
     values = asdict(result)
     mlflow_tracking.configure()
     client = mlflow.MlflowClient()

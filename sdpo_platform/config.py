@@ -38,7 +38,6 @@ class InteractionConfig(Section):
     max_context_messages: int = Field(5, description="x keeps at most this many trailing messages, starting with a user turn.")
     validation_fraction: float = Field(0.2, description="Share of conversations (by hash) in the validation split.")
     min_followup_chars: int = Field(2, description="Follow-ups shorter than this are flagged uninformative.")
-    max_interactions: int | None = Field(None, description="Cap on kept interactions scored downstream (None = all).")
 
 
 class TargetsConfig(Section):

@@ -13,7 +13,7 @@ same target and differ only by the student.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
@@ -80,3 +80,12 @@ def evaluate_checkpoint(base_model_path: str, adapter_dir: str, targets_path: st
         n_validation=before.n_interactions,
         improved=after.mean_abs_advantage < before.mean_abs_advantage,
     )
+
+
+def record_evaluation(con, result: EvaluationResult, target_set: str, adapter_dir: str, mlflow_run_id: str | None) -> None:
+    """Append one row to the warehouse's `evaluations` table, so gaps across retraining rounds are queryable."""
+    row = {**asdict(result), "target_set": target_set, "adapter_dir": adapter_dir, "mlflow_run_id": mlflow_run_id}
+    columns = ", ".join(row)
+    con.execute(
+        f"INSERT INTO evaluations ({columns}) VALUES ({', '.join('$' + k for k in row)})", row
+    ).fetchall()

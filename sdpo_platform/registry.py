@@ -153,6 +153,24 @@ def load_registered(model_uri: str, base_model_path: str | Path | None = None):
     return components["model"].eval(), components["tokenizer"]
 
 
+def roundtrip_logit_diff(model_uri: str, adapter_dir: str | Path, base_model_path: str | Path, prompt: str = "Hello! How are you?") -> float:
+    """Max |logit difference| between the registered model and base+adapter loaded directly.
+
+    The registry check runs this after every registration: a silently mis-loaded base (the
+    transformers flavor's trap above) shows up as a large difference, not as an error.
+    """
+    import torch
+
+    expected_model, tokenizer = _load_base_with_adapter(Path(adapter_dir), Path(base_model_path))
+    loaded_model, _ = load_registered(model_uri)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt")
+    ids = ids["input_ids"] if not torch.is_tensor(ids) else ids
+    with torch.inference_mode():
+        expected = expected_model(ids).logits.float()
+        got = loaded_model(ids.to(loaded_model.device)).logits.float().cpu()
+    return float((expected - got).abs().max())
+
+
 def _ensure_configured() -> None:
     """Never fall back to MLflow's ./mlflow.db in the working directory: state lives under the data root."""
     if not mlflow.is_tracking_uri_set() and not os.environ.get("MLFLOW_TRACKING_URI"):

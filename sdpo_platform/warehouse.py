@@ -53,6 +53,18 @@ CREATE TABLE IF NOT EXISTS interactions (
     informative_reason VARCHAR NOT NULL,
     split        VARCHAR NOT NULL         -- train | validation
 );
+CREATE TABLE IF NOT EXISTS evaluations (
+    evaluated_at  TIMESTAMP DEFAULT current_timestamp,
+    target_set    VARCHAR NOT NULL,       -- which hindsight targets the checkpoint was trained and judged on
+    adapter_dir   VARCHAR NOT NULL,
+    mlflow_run_id VARCHAR,
+    gap_before    DOUBLE NOT NULL,        -- mean |A| on validation, base model as student
+    gap_after     DOUBLE NOT NULL,        -- the same with the checkpoint as student
+    signed_before DOUBLE,
+    signed_after  DOUBLE,
+    n_validation  INTEGER NOT NULL,
+    improved      BOOLEAN NOT NULL
+);
 """
 
 

@@ -25,7 +25,7 @@ def test_whole_lineage_materializes_on_fixtures(sdpo_home, tiny_model_dir):
         result = defs.resolve_job_def(LINEAGE_JOB).execute_in_process(instance=instance)
         assert result.success
         checks = result.get_asset_check_evaluations()
-        assert len(checks) == 7 and all(c.passed for c in checks), [c.description for c in checks if not c.passed]
+        assert len(checks) == 8 and all(c.passed for c in checks), [c.description for c in checks if not c.passed]
 
     conversations = result.output_for_node("conversations")
     assert conversations["raw_records"] == expected["raw_records"]
@@ -45,6 +45,9 @@ def test_whole_lineage_materializes_on_fixtures(sdpo_home, tiny_model_dir):
     con = duckdb.connect(str(sdpo_home / "warehouse.duckdb"), read_only=True)
     reasons = dict(con.sql("SELECT reason, count(*) FROM quarantine WHERE stage = 'conversations' GROUP BY 1").fetchall())
     assert sum(reasons.values()) == conversations["quarantined"] == 3
+    evaluation = result.output_for_node("evaluation")
+    stored = con.sql("SELECT gap_before, gap_after, target_set FROM evaluations").fetchall()
+    assert stored == [(evaluation["gap_before"], evaluation["gap_after"], targets["target_set"])]
 
 
 def test_failing_blocking_check_stops_downstream(sdpo_home, tiny_model_dir):
