@@ -12,6 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--records", type=int, default=300, help="ShareGPT records written to the inbox")
     convert = sub.add_parser("model", help="resolve a model spec (converts the embedded default once)")
     convert.add_argument("spec", nargs="?", default="default")
+    sub.add_parser("config", help="print every configuration knob with its default (markdown)")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -22,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         from sdpo_platform.models import resolve_model
 
         print(resolve_model(args.spec))
+    elif args.command == "config":
+        from sdpo_platform.config import config_reference
+
+        print(config_reference())
     return 0
 
 

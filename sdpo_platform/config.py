@@ -44,15 +44,15 @@ class TargetsConfig(Section):
     template: str = Field(DEFAULT_HINDSIGHT_TEMPLATE, description="Hindsight block appended to the last user turn; {last_user} and {followup}.")
     max_prompt_tokens: int = Field(384, description="Longest prompt: oldest context turns are dropped first (same for teacher and student), then ids are left-truncated.")
     max_response_tokens: int = Field(128, description="Responses are truncated to this many tokens (EOS always last).")
-    max_train: int = Field(64, description="Most training interactions scored (None-like large value for all).")
-    max_validation: int = Field(16, description="Most validation interactions scored.")
+    max_train: int = Field(128, description="Most train-split interactions scored (deterministic choice by id hash); raise to score everything.")
+    max_validation: int = Field(32, description="Most validation-split interactions scored (the evaluation set).")
     batch_token_budget: int = Field(2048, description="Padded tokens per scoring forward pass (length-sorted buckets); raise on a GPU.")
     neutral_followup: str | None = Field(None, description="If set, also score y under the template with this follow-up (e.g. 'OK.') for the neutral_followup baseline.")
 
 
 class TrainingConfig(Section):
     learning_rate: float = Field(2e-4, description="AdamW peak learning rate (LoRA; the paper's full fine-tuning uses 2e-6).")
-    steps: int = Field(16, description="Optimizer steps (one batch each).")
+    steps: int = Field(32, description="Optimizer steps (one batch each).")
     batch_size: int = Field(4, description="Interactions per step, sampled without replacement per epoch.")
     skip_tokens: int = Field(2, description="First response tokens ignored by the loss (paper: 2).")
     grad_clip: float = Field(1.0, description="Max global gradient norm.")
@@ -92,3 +92,18 @@ class PlatformConfig(Section):
         if not path:
             return cls()
         return cls.model_validate(json.loads(Path(path).read_text()))
+
+
+def config_reference() -> str:
+    """Every knob as a markdown table (`sdpo config`); the README embeds this output."""
+    rows = ["| key | default | what it does |", "|---|---|---|"]
+    rows.append(f"| `model` | `{PlatformConfig().model}` | {PlatformConfig.model_fields['model'].description} |")
+    for section_name, section_field in PlatformConfig.model_fields.items():
+        if section_name == "model":
+            continue
+        section = section_field.annotation
+        for name, field in section.model_fields.items():
+            default = json.dumps(field.default) if not isinstance(field.default, str) else field.default
+            default = default.replace("\n", "\\n").replace("|", "\\|")
+            rows.append(f"| `{section_name}.{name}` | `{default}` | {field.description or ''} |")
+    return "\n".join(rows)
