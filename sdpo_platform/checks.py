@@ -26,6 +26,14 @@ def merge(*reports: QualityReport) -> QualityReport:
     )
 
 
+def _reconciled_and_valid(totals: pd.DataFrame, rows: pd.DataFrame, row_expectations: list, suite: str) -> QualityReport:
+    """`totals.unaccounted` must be 0 (nothing lost between stages), and every row must pass."""
+    reconciled = validate(
+        totals, [expect().ExpectColumnValuesToBeBetween(column="unaccounted", min_value=0, max_value=0)], f"{suite}_reconcile"
+    )
+    return merge(reconciled, validate(rows, row_expectations, suite))
+
+
 def check_raw_records(con: duckdb.DuckDBPyConnection) -> QualityReport:
     frame = con.sql("SELECT record_id, source_file, line_no FROM raw_records").df()
     E = expect()
@@ -62,12 +70,8 @@ def check_conversations(con: duckdb.DuckDBPyConnection, cfg: CleaningConfig) -> 
         """
     ).df()
     E = expect()
-    reconciled = validate(
+    return _reconciled_and_valid(
         totals,
-        [E.ExpectColumnValuesToBeBetween(column="unaccounted", min_value=0, max_value=0)],
-        "conversations_reconcile",
-    )
-    kept = validate(
         rows,
         [
             E.ExpectTableRowCountToBeBetween(min_value=1),
@@ -80,7 +84,6 @@ def check_conversations(con: duckdb.DuckDBPyConnection, cfg: CleaningConfig) -> 
         ],
         "conversations",
     )
-    return merge(reconciled, kept)
 
 
 def check_interactions(con: duckdb.DuckDBPyConnection) -> QualityReport:
@@ -103,12 +106,8 @@ def check_interactions(con: duckdb.DuckDBPyConnection) -> QualityReport:
         """
     ).df()
     E = expect()
-    reconciled = validate(
+    return _reconciled_and_valid(
         totals,
-        [E.ExpectColumnValuesToBeBetween(column="unaccounted", min_value=0, max_value=0)],
-        "interactions_reconcile",
-    )
-    triples = validate(
         rows,
         [
             E.ExpectTableRowCountToBeBetween(min_value=1),
@@ -121,7 +120,6 @@ def check_interactions(con: duckdb.DuckDBPyConnection) -> QualityReport:
         ],
         "interactions",
     )
-    return merge(reconciled, triples)
 
 
 def _all_finite(values) -> bool:

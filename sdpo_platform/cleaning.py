@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import duckdb
 
 from sdpo_platform.config import CleaningConfig
+from sdpo_platform.warehouse import run_steps
 
 STAGE = "conversations"
 
@@ -262,19 +263,7 @@ def build_conversations(con: duckdb.DuckDBPyConnection, cfg: CleaningConfig | No
         "max_conversation_chars": cfg.max_conversation_chars,
         "languages": list(cfg.languages),
     }
-    con.begin()
-    try:
-        for sql in _STEPS:
-            used = {name: value for name, value in params.items() if f"${name}" in sql}
-            con.execute(sql, used).fetchall()
-        result = _summarize(con)
-        for table in _TEMP_TABLES:
-            con.execute(f"DROP TABLE IF EXISTS {table}").fetchall()  # fixed allow-list, not user input
-        con.commit()
-    except BaseException:
-        con.rollback()
-        raise
-    return result
+    return run_steps(con, _STEPS, params, _TEMP_TABLES, _summarize)
 
 
 def _summarize(con: duckdb.DuckDBPyConnection) -> CleaningResult:

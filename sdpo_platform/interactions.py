@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import duckdb
 
 from sdpo_platform.config import InteractionConfig
-from sdpo_platform.warehouse import fetch_scalar
+from sdpo_platform.warehouse import fetch_scalar, run_steps
 
 STAGE = "interactions"
 
@@ -138,18 +138,7 @@ def extract_interactions(con: duckdb.DuckDBPyConnection, cfg: InteractionConfig 
         "ack_pattern": ACKNOWLEDGEMENT_PATTERN,
         "feedback_pattern": FEEDBACK_PATTERN,
     }
-    con.begin()
-    try:
-        for sql in _STEPS:
-            used = {name: value for name, value in params.items() if f"${name}" in sql}
-            con.execute(sql, used).fetchall()
-        for table in _TEMP_TABLES:
-            con.execute(f"DROP TABLE IF EXISTS {table}").fetchall()  # fixed allow-list, not user input
-        con.commit()
-    except BaseException:
-        con.rollback()
-        raise
-    return _summarize(con)
+    return run_steps(con, _STEPS, params, _TEMP_TABLES, _summarize)
 
 
 def _summarize(con: duckdb.DuckDBPyConnection) -> InteractionResult:

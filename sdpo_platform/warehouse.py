@@ -75,6 +75,25 @@ def fetch_scalar(con: duckdb.DuckDBPyConnection, sql: str, params: dict | None =
     return rows[0][0] if rows else None
 
 
+def run_steps(con: duckdb.DuckDBPyConnection, steps: list[str], params: dict, temp_tables: list[str], summarize):
+    """Run a stage's SQL steps in one transaction and return `summarize(con)`, read before the
+    stage's temp tables are dropped. Each step gets only the `$name` parameters it uses; on any
+    error the stage's tables stay as they were."""
+    con.begin()
+    try:
+        for sql in steps:
+            used = {name: value for name, value in params.items() if f"${name}" in sql}
+            con.execute(sql, used).fetchall()
+        result = summarize(con)
+        for table in temp_tables:
+            con.execute(f"DROP TABLE IF EXISTS {table}").fetchall()  # fixed allow-list, not user input
+        con.commit()
+    except BaseException:
+        con.rollback()
+        raise
+    return result
+
+
 def connect(path: str | Path | None = None, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     """Open the warehouse (creating tables on first use)."""
     path = Path(path) if path else warehouse_path()
