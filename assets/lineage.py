@@ -7,6 +7,7 @@ lives in the warehouse, in Parquet target sets and in MLflow, all under the data
 
 import json
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -99,8 +100,13 @@ def hindsight_targets(context: dg.AssetExecutionContext, interactions: dict, set
     model, tokenizer = load_model(cfg.model)
     revision = model_revision(cfg.model)
 
-    def progress(done: int, total: int) -> None:
-        context.log.info(f"hindsight targets: {done}/{total} interactions scored")
+    started, reported = time.monotonic(), [0]
+
+    def progress(done: int, total: int) -> None:  # every ~10%, with rate and ETA
+        if done * 10 // total > reported[0] or done == total:
+            reported[0] = done * 10 // total
+            rate = done / max(time.monotonic() - started, 1e-9)
+            context.log.info(f"hindsight targets: {done}/{total} sequences scored, {rate:.1f}/s, ETA {(total - done) / rate:.0f}s")
 
     targets = compute_targets(model, tokenizer, selected, cfg.targets, revision, progress=progress)
     path = write_targets(targets)
