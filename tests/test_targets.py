@@ -1,6 +1,9 @@
-"""Teacher/student scoring: identical response ids, A = teacher − student, batching changes nothing."""
+"""Teacher/student targets: identical response ids, A = teacher − student; target sets resume and never lose work."""
 
 from __future__ import annotations
+
+import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -13,10 +16,14 @@ from sdpo_platform.logprobs import response_logprobs
 from sdpo_platform.targets import (
     TARGET_COLUMNS,
     compute_targets,
+    main as targets_worker,
+    materialize_targets,
+    pending_shards,
+    plan_target_set,
     read_targets,
+    score_shard,
     select_for_scoring,
-    target_set_id,
-    write_targets,
+    target_set_dir,
 )
 
 
@@ -71,6 +78,9 @@ def test_targets_score_identical_response_ids_and_advantage_is_the_gap(tiny):
         assert row.sum_advantage == pytest.approx(adv.sum())
         assert (row.min_advantage, row.max_advantage) == (pytest.approx(adv.min()), pytest.approx(adv.max()))
         assert row.neutral_logprobs is None
+        assert np.asarray(row.teacher_topk_ids).shape == (row.n_tokens, cfg.top_k) == (row.n_tokens, 20)
+        assert max(row.teacher_logprobs[i] - row.teacher_topk_logprobs[i][0] for i in range(row.n_tokens)) <= 1e-6
+        assert all(0 <= m <= 1 for m in row.teacher_tail_mass)
 
 
 def test_batched_scoring_equals_one_at_a_time(tiny):
@@ -78,11 +88,11 @@ def test_batched_scoring_equals_one_at_a_time(tiny):
     interactions = make_interactions(8)
     calls = []
     cfg = TargetsConfig(batch_token_budget=300)  # several buckets of different sizes
-    out = compute_targets(model, tok, interactions, cfg, "rev", progress=lambda done, total: calls.append((done, total)))
+    out = compute_targets(model, tok, interactions, cfg, "rev", progress=calls.append)
 
-    assert len(calls) > 2 and calls[-1] == (16, 16)
-    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
-    assert max(d2 - d1 for (d1, _), (d2, _) in zip(calls, calls[1:])) > 1  # something was really batched
+    assert len(calls) > 2 and (calls[-1].interactions_done, calls[-1].interactions_total) == (8, 8)
+    done = [c.interactions_done for c in calls]
+    assert done == sorted(done) and max(b - a for a, b in zip([0] + done, done)) > 1  # something was really batched
     for _, row in out.iterrows():
         teacher = response_logprobs(model, row.teacher_prompt_ids, row.response_ids).detach().numpy()
         student = response_logprobs(model, row.student_prompt_ids, row.response_ids).detach().numpy()
@@ -131,21 +141,93 @@ def test_select_for_scoring_is_capped_informative_and_order_free():
     assert row.context == [{"role": "user", "content": row.interaction_id[1:-2]}]  # rows travel intact
 
 
-def test_write_read_round_trip_replaces_the_set(tiny, sdpo_home):
+def shard_mtimes(folder) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.glob("shard-*.parquet"))}
+
+
+def test_materialized_set_reads_back_as_computed_and_is_keyed_by_revision_and_template(tiny, tiny_model_dir, sdpo_home):
     model, tok = tiny
-    interactions = make_interactions(3)
-    cfg = TargetsConfig()
-    out = compute_targets(model, tok, interactions, cfg, "rev9")
-    path = write_targets(out)
+    interactions = make_interactions(5)
+    cfg = TargetsConfig(shard_size=2, max_response_tokens=16)
+    result = materialize_targets(interactions, cfg, str(tiny_model_dir), model=model, tokenizer=tok, show_bar=False)
 
-    assert path == sdpo_home / "targets" / target_set_id("rev9", template_hash(cfg.template)) / "targets.parquet"
-    back = read_targets(path)
-    pd.testing.assert_frame_equal(back, out)
-    assert read_targets(path.parent).equals(back)
+    folder = sdpo_home / "targets" / result.target_set
+    assert result.path == str(folder) and result.target_set == f"{result.model_revision}-{template_hash(cfg.template)}"
+    assert (result.shards, result.shards_scored, result.shards_reused, result.rows) == (3, 3, 0, 5)
+    back = read_targets(folder)
+    expected = compute_targets(model, tok, interactions, cfg, result.model_revision)
+    pd.testing.assert_frame_equal(back, expected, check_exact=False, atol=1e-4)
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []  # no temp files left
+    assert back["teacher_topk_ids"].iloc[0][0] == expected["teacher_topk_ids"].iloc[0][0]  # nested lists survive Parquet
 
-    assert write_targets(out.iloc[:1]) == path
-    assert list(read_targets(path)["interaction_id"]) == [out["interaction_id"].iloc[0]]
-    assert [p.name for p in path.parent.iterdir()] == ["targets.parquet"]  # no temp files left
 
-    with pytest.raises(ValueError):
-        write_targets(pd.concat([out, out.assign(model_revision="other")]))
+def test_killed_run_resumes_without_recomputing_finished_shards(tiny, tiny_model_dir, sdpo_home, tmp_path):
+    model, tok = tiny
+    interactions = make_interactions(6)
+    cfg = TargetsConfig(shard_size=2, top_k=0)
+
+    def crash_after_first_shard(progress):
+        if progress.extra.get("shards_done") == 1:
+            raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        materialize_targets(interactions, cfg, str(tiny_model_dir), progress=crash_after_first_shard, model=model, tokenizer=tok, show_bar=False)
+    folder = target_set_dir(json.loads(next((sdpo_home / "targets").glob("*/manifest.json")).read_text())["model_revision"], cfg.template)
+    first = shard_mtimes(folder)
+    assert len(first) == 1 and pending_shards(folder) == [1, 2]
+    with pytest.raises(FileNotFoundError):
+        read_targets(folder)  # an incomplete set is never read as a smaller one
+
+    resumed = materialize_targets(interactions, cfg, str(tiny_model_dir), model=model, tokenizer=tok, show_bar=False)
+    assert (resumed.shards_scored, resumed.shards_reused) == (2, 1)
+    after = shard_mtimes(folder)
+    assert {k: after[k] for k in first} == first  # shard 0 untouched
+
+    uninterrupted = materialize_targets(interactions, cfg, str(tiny_model_dir), root=tmp_path / "other_root", model=model, tokenizer=tok, show_bar=False)
+    pd.testing.assert_frame_equal(read_targets(folder), read_targets(uninterrupted.path))
+
+
+def test_rematerializing_is_a_no_op_and_new_template_or_revision_make_new_sets(tiny, tiny_model_dir, sdpo_home, tmp_path, monkeypatch):
+    model, tok = tiny
+    interactions = make_interactions(4)
+    cfg = TargetsConfig(shard_size=3)
+    first = materialize_targets(interactions, cfg, str(tiny_model_dir), model=model, tokenizer=tok, show_bar=False)
+    folder = sdpo_home / "targets" / first.target_set
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+    import sdpo_platform.models
+
+    with monkeypatch.context() as patched:
+        patched.setattr(sdpo_platform.models, "load_model", lambda *a, **k: pytest.fail("a complete set must not load the model"))
+        again = materialize_targets(interactions, cfg, str(tiny_model_dir), show_bar=False)
+    assert (again.path, again.shards_scored, again.shards_reused) == (first.path, 0, 2)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps  # nothing rewritten, manifest included
+
+    other_template = cfg.model_copy(update={"template": "{last_user}\n\n[HINDSIGHT CONTEXT] Future User Message: {followup}"})
+    by_template = materialize_targets(interactions, other_template, str(tiny_model_dir), model=model, tokenizer=tok, show_bar=False)
+    new_weights = tmp_path / "champion_v2"
+    shutil.copytree(tiny_model_dir, new_weights)
+    config = json.loads((new_weights / "config.json").read_text())
+    (new_weights / "config.json").write_text(json.dumps({**config, "sdpo_note": "retrained"}))
+    by_revision = materialize_targets(interactions, cfg, str(new_weights), model=model, tokenizer=tok, show_bar=False)
+
+    assert by_template.model_revision == first.model_revision and by_template.template_hash != first.template_hash
+    assert by_revision.model_revision != first.model_revision and by_revision.template_hash == first.template_hash
+    assert {p.name for p in (sdpo_home / "targets").iterdir()} == {first.target_set, by_template.target_set, by_revision.target_set}
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps  # the old set is left as it was
+
+
+def test_an_independent_worker_scores_a_planned_shard(tiny, tiny_model_dir, sdpo_home):
+    model, tok = tiny
+    interactions = make_interactions(5)
+    cfg = TargetsConfig(shard_size=2, top_k=3)
+    from sdpo_platform.models import model_revision
+
+    folder = plan_target_set(interactions, cfg, str(tiny_model_dir), model_revision(str(tiny_model_dir)))
+    assert pending_shards(folder) == [0, 1, 2]
+    assert score_shard(folder, 1)  # loads the manifest's model itself
+    assert not score_shard(folder, 1)  # already there: no work
+    targets_worker([str(folder)])  # the command-line worker takes the rest
+    assert pending_shards(folder) == []
+    expected = compute_targets(model, tok, interactions, cfg, model_revision(str(tiny_model_dir)))
+    pd.testing.assert_frame_equal(read_targets(folder), expected, check_exact=False, atol=1e-4)

@@ -1,0 +1,147 @@
+"""Teacher/student scoring: the prefix-sharing engine vs the naive way, same interactions, same run.
+
+Naive = per interaction, two full forwards (student prompt + response, teacher prompt + response), full
+logits and a float32 log-softmax at every position, then the response positions picked out.
+Engine = `sdpo_platform.targets.compute_targets` (shared prefix once, branch suffixes, LM head only at
+response positions, token-budget batches, teacher top-k included as configured).
+
+The interactions are real ShareGPT conversations run through the platform's own ingest → cleaning →
+interaction extraction on a temporary warehouse, so contexts have their natural lengths (prompts cut
+at `targets.max_prompt_tokens`, responses at `targets.max_response_tokens`, the platform defaults).
+
+    python bench/bench_scoring.py --n 256 --threads 1     # figures in docs/BENCHMARKS.md
+
+The methods run interleaved in chunks (order rotated) so both see the same load on a shared machine;
+`--threads 1` makes the CPU seconds a robust measure of work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def real_interactions(n: int, records: int):
+    """`n` informative ShareGPT interactions (both splits), extracted by the platform into a temp warehouse."""
+    from sdpo_platform import warehouse
+    from sdpo_platform.cleaning import build_conversations
+    from sdpo_platform.config import TargetsConfig
+    from sdpo_platform.ingest import ingest_inbox
+    from sdpo_platform.interactions import extract_interactions
+    from sdpo_platform.sharegpt import write_sharegpt_slice
+    from sdpo_platform.targets import select_for_scoring
+
+    with tempfile.TemporaryDirectory() as tmp:
+        inbox = Path(tmp) / "inbox"
+        write_sharegpt_slice(inbox / "sharegpt.jsonl", records)
+        con = warehouse.connect(Path(tmp) / "warehouse.duckdb")
+        try:
+            ingest_inbox(con, inbox)
+            build_conversations(con)
+            extract_interactions(con)
+            frame = con.sql("SELECT * FROM interactions ORDER BY interaction_id").df()
+        finally:
+            con.close()
+    chosen = select_for_scoring(frame, TargetsConfig(max_train=10**9, max_validation=10**9))
+    if len(chosen) < n:
+        raise SystemExit(f"only {len(chosen)} informative interactions in {records} records; raise --records")
+    return chosen.head(n).reset_index(drop=True)
+
+
+def naive_scores(model, jobs):
+    """Two full forwards per interaction, float32 log-softmax over every position and the whole vocabulary."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for job in jobs:
+            branches = []
+            for prompt in job.prompts[:2]:
+                ids = torch.tensor([list(prompt) + list(job.response_ids)])
+                logprobs = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)[0]
+                positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(job.response_ids))
+                branches.append(logprobs[positions, torch.tensor(job.response_ids)].double().numpy())
+            out.append(branches)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=256, help="interactions scored by each method")
+    parser.add_argument("--records", type=int, default=600, help="ShareGPT records read to find them")
+    parser.add_argument("--chunk", type=int, default=8, help="interactions per interleaving round")
+    parser.add_argument("--budgets", type=int, nargs="*", default=[], help="extra engine runs with these targets.batch_token_budget values (the default run uses auto)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default); 1 makes CPU seconds robust to a busy machine")
+    parser.add_argument("--model-root", default=str(REPO / ".sdpo"), help="data root holding (or receiving) the converted default model")
+    args = parser.parse_args()
+
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from sdpo_platform.config import TargetsConfig
+    from sdpo_platform.models import load_model
+    from sdpo_platform.targets import compute_targets, encode_interactions
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    interactions = real_interactions(args.n, args.records)
+    model, tokenizer = load_model("default", root=Path(args.model_root), device="cpu")
+    cfg = TargetsConfig()
+    _, jobs = encode_interactions(tokenizer, interactions, cfg)
+    tokens = sum(j.sequence_tokens() for j in jobs)
+    shared = sum(j.shared_prefix_length() for j in jobs)
+    response = sum(len(j.response_ids) for j in jobs)
+    print(f"{args.n} interactions, {tokens} sequence tokens (teacher + student), {response} response tokens per branch, "
+          f"shared prefix {shared / len(jobs):.0f} tokens/interaction; torch threads {torch.get_num_threads()}", flush=True)
+
+    # Interleaved in chunks, rotating the order, so that both methods see the same load on a shared machine.
+    budgets = [None] + args.budgets
+    methods = ["naive"] + [f"engine-{b}" for b in budgets]
+    wall = dict.fromkeys(methods, 0.0)
+    cpu = dict.fromkeys(methods, 0.0)
+    engine_rows = {b: [] for b in budgets}
+    naive = []
+    for chunk, start in enumerate(range(0, args.n, args.chunk)):
+        part = interactions.iloc[start : start + args.chunk].reset_index(drop=True)
+        for k in range(len(methods)):
+            method = methods[(chunk + k) % len(methods)]
+            t0, c0 = time.perf_counter(), time.process_time()
+            if method == "naive":
+                naive += naive_scores(model, jobs[start : start + args.chunk])
+            else:
+                budget = None if method == "engine-None" else int(method.split("-")[1])
+                engine_rows[budget].append(compute_targets(model, tokenizer, part, cfg.model_copy(update={"batch_token_budget": budget}), "bench"))
+            wall[method] += time.perf_counter() - t0
+            cpu[method] += time.process_time() - c0
+        print(f"  {min(start + args.chunk, args.n)}/{args.n}: " + ", ".join(f"{m} {wall[m]:.0f}s wall {cpu[m]:.0f}s CPU" for m in methods), flush=True)
+    naive_s = wall["naive"]
+    engines = {b: (pd.concat(engine_rows[b], ignore_index=True), wall[f"engine-{b}"]) for b in budgets}
+
+    print()
+    print("| method | wall s | CPU s | tokens/s | interactions/s | speed-up (wall) | speed-up (CPU) | max abs log-prob diff vs naive |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| naive (2 full forwards, full float32 log-softmax) | {naive_s:.1f} | {cpu['naive']:.1f} | {tokens / naive_s:.0f} | {args.n / naive_s:.2f} | 1.00x | 1.00x | - |")
+    for budget, (engine, engine_s) in engines.items():
+        diff = max(
+            float(np.abs(np.asarray(row_lp) - branch).max())
+            for (_, row), branches in zip(engine.iterrows(), naive)
+            for row_lp, branch in ((row.student_logprobs, branches[0]), (row.teacher_logprobs, branches[1]))
+        )
+        print(
+            f"| engine, budget {budget or 'auto'} (shared prefix, head at response only, top-k {cfg.top_k}) | {engine_s:.1f} | {cpu[f'engine-{budget}']:.1f} "
+            f"| {tokens / engine_s:.0f} | {args.n / engine_s:.2f} | {naive_s / engine_s:.2f}x | {cpu['naive'] / cpu[f'engine-{budget}']:.2f}x | {diff:.1e} |"
+        )
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

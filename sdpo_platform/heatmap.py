@@ -1,0 +1,116 @@
+"""Per-token advantage heatmaps for people to read, like the paper's Figures 7–8.
+
+Each response token is shaded by its advantage A_i: blue where the follow-up made it more likely
+(reinforced), red where it made it less likely (penalized), intensity ∝ |A_i|; hovering a token shows
+its value. All text from the logs is HTML-escaped; nothing from the data reaches the page unescaped.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+
+import numpy as np
+
+BLUE, RED = (37, 99, 235), (220, 38, 38)
+
+
+@dataclass
+class HeatmapRow:
+    """One interaction to draw: what the user asked, what came back, what the user said next."""
+
+    title: str
+    prompt: str
+    followup: str
+    tokens: list[str]
+    advantages: list[float]
+
+
+def intensity_scale(rows: list[HeatmapRow], quantile: float = 0.98) -> float:
+    """|A| that maps to full colour: a high quantile over the page, so one outlier does not wash out the rest."""
+    values = np.abs(np.concatenate([np.asarray(r.advantages, dtype=float) for r in rows])) if rows else np.zeros(0)
+    return float(np.quantile(values, quantile)) if values.size and np.quantile(values, quantile) > 0 else 1.0
+
+
+def token_span(token: str, advantage: float, scale: float) -> str:
+    """One token as a shaded <span> whose tooltip carries the value; whitespace stays visible."""
+    red, green, blue = BLUE if advantage >= 0 else RED
+    alpha = min(abs(advantage) / scale, 1.0)
+    text = html.escape(token).replace("\n", "↵<br>")
+    return (
+        f'<span class="tok" style="background: rgba({red},{green},{blue},{alpha:.3f})" '
+        f'title="A = {advantage:+.4f}">{text}</span>'
+    )
+
+
+def render_html(rows: list[HeatmapRow], heading: str = "Per-token advantages") -> str:
+    """A self-contained HTML page with one heatmap per row and a legend."""
+    scale = intensity_scale(rows)
+    sections = []
+    for row in rows:
+        values = np.asarray(row.advantages, dtype=float)
+        spans = "".join(token_span(t, float(a), scale) for t, a in zip(row.tokens, row.advantages))
+        summary = f"mean A {values.mean():+.4f} · mean |A| {np.abs(values).mean():.4f} · {len(values)} tokens" if values.size else "no tokens"
+        sections.append(
+            "<section>"
+            f"<h2>{html.escape(row.title)}</h2>"
+            f'<p class="meta">{summary}</p>'
+            f'<div class="turn user"><b>User</b><pre>{html.escape(row.prompt)}</pre></div>'
+            f'<div class="turn assistant"><b>Response</b><div class="heat">{spans}</div></div>'
+            f'<div class="turn followup"><b>Follow-up</b><pre>{html.escape(row.followup)}</pre></div>'
+            "</section>"
+        )
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(heading)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; color: #111; }}
+section {{ border-top: 1px solid #ddd; padding: 1rem 0; }}
+pre {{ white-space: pre-wrap; margin: .25rem 0; font-family: inherit; }}
+.heat {{ font-family: ui-monospace, monospace; line-height: 1.8; white-space: pre-wrap; }}
+.tok {{ border-radius: 2px; }}
+.meta {{ color: #555; font-size: .9rem; }}
+.legend span {{ padding: 0 .4rem; }}
+</style></head><body>
+<h1>{html.escape(heading)}</h1>
+<p class="legend"><span style="background: rgba({",".join(map(str, BLUE))},.8)">reinforced (A &gt; 0)</span>
+<span style="background: rgba({",".join(map(str, RED))},.8)">penalized (A &lt; 0)</span>
+intensity = |A| (full colour at |A| ≥ {scale:.3f}); hover a token for its value.</p>
+{"".join(sections)}
+</body></html>
+"""
+
+
+def decode_tokens(tokenizer, token_ids: list[int]) -> list[str]:
+    """Each token's own text (special tokens such as EOS included), so the page shows what was scored."""
+    return [tokenizer.decode([t], skip_special_tokens=False) for t in token_ids]
+
+
+def rows_from_targets(targets, tokenizer, interaction_text: dict[str, tuple[str, str]], title_prefix: str = "") -> list[HeatmapRow]:
+    """HeatmapRows from target rows; `interaction_text[id] = (last user message, follow-up)`."""
+    rows = []
+    for interaction_id, response_ids, advantages in zip(targets["interaction_id"], targets["response_ids"], targets["advantages"]):
+        prompt, followup = interaction_text.get(interaction_id, ("", ""))
+        rows.append(HeatmapRow(f"{title_prefix}{interaction_id}", prompt, followup, decode_tokens(tokenizer, response_ids), list(advantages)))
+    return rows
+
+
+def extremes(targets, n: int = 3):
+    """The `n` most and `n` least informative interactions (by mean |A|), most informative first."""
+    ranked = targets.sort_values(["mean_abs_advantage", "interaction_id"], ascending=[False, True])
+    if len(ranked) <= 2 * n:
+        return ranked
+    return ranked.iloc[list(range(n)) + list(range(len(ranked) - n, len(ranked)))]
+
+
+def extremes_page(targets, interactions, tokenizer, n: int = 3, heading: str = "Most and least informative interactions") -> str:
+    """The heatmap page of `extremes(targets, n)`; `interactions` supplies the text (context, followup)."""
+    chosen = extremes(targets, n)
+    text = {
+        i: (list(c)[-1]["content"], f)
+        for i, c, f in zip(interactions["interaction_id"], interactions["context"], interactions["followup"])
+        if i in set(chosen["interaction_id"])
+    }
+    rows = rows_from_targets(chosen, tokenizer, text)
+    for position, row in enumerate(rows):
+        row.title = f"{'most' if position < min(n, len(rows)) else 'least'} informative · {row.title}"
+    return render_html(rows, heading)

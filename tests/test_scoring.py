@@ -1,0 +1,129 @@
+"""The prefix-sharing engine equals one-sequence-at-a-time full forwards, whatever the batching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sdpo_platform.config import TargetsConfig
+from sdpo_platform.hindsight import encode_interaction
+from sdpo_platform.logprobs import response_logprobs
+from sdpo_platform.scoring import BranchJob, plan_batches, score_jobs
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def hindsight_jobs(tok, n: int, neutral: bool = False) -> list[BranchJob]:
+    cfg = TargetsConfig()
+    jobs = []
+    for i in range(n):
+        context = [{"role": "user", "content": f"Question {i}: " + "tell me more " * (i % 4)}]
+        if i % 2:
+            context = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello! " * i}] + context
+        followup = "No, that's wrong." * (1 + i % 3)
+        enc = encode_interaction(tok, context, "An answer. " * (1 + i % 5), followup, cfg.template, cfg.max_prompt_tokens, 24)
+        prompts = [enc.student_prompt_ids, enc.teacher_prompt_ids]
+        if neutral:
+            prompts.append(encode_interaction(tok, context, "x", "OK.", cfg.template, cfg.max_prompt_tokens, 24).teacher_prompt_ids)
+        jobs.append(BranchJob(tuple(prompts), enc.response_ids))
+    return jobs
+
+
+def reference(model, job: BranchJob) -> list[np.ndarray]:
+    with torch.inference_mode():
+        return [response_logprobs(model, p, job.response_ids).double().numpy() for p in job.prompts]
+
+
+@pytest.mark.parametrize("budget", [1, 400, 100_000])  # one job per batch, mixed batches, everything at once
+def test_engine_equals_full_forward_one_at_a_time(tiny, budget):
+    model, tok = tiny
+    jobs = hindsight_jobs(tok, 7, neutral=True)
+    assert all(0 < j.shared_prefix_length() < len(j.prompts[0]) for j in jobs)  # something is really shared
+    scores = score_jobs(model, jobs, tok.pad_token_id, token_budget=budget)
+    for job, got in zip(jobs, scores):
+        for branch, expected in zip(got.logprobs, reference(model, job)):
+            np.testing.assert_allclose(branch, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("budget", [1, 100_000])
+def test_no_common_prefix_and_prompt_that_is_a_prefix_of_another(tiny, budget):
+    model, tok = tiny
+    jobs = [
+        BranchJob(([5, 6, 7], [8, 6, 7, 9]), [10, 11]),  # differ at token 0: nothing shared
+        BranchJob(([5, 6, 7], [5, 6, 7, 9, 9]), [12]),  # student prompt is a prefix of the teacher's
+        BranchJob(([5, 6, 7, 3], [5, 6, 7, 3]), [13, 14, 15]),  # identical prompts
+    ]
+    assert [j.shared_prefix_length() for j in jobs] == [0, 2, 3]
+    scores = score_jobs(model, jobs, tok.pad_token_id, token_budget=budget)
+    for job, got in zip(jobs, scores):
+        for branch, expected in zip(got.logprobs, reference(model, job)):
+            np.testing.assert_allclose(branch, expected, atol=1e-4)
+    np.testing.assert_allclose(scores[2].logprobs[0], scores[2].logprobs[1], atol=1e-6)
+
+
+def test_topk_is_the_teachers_most_likely_tokens_with_tail_mass(tiny):
+    model, tok = tiny
+    jobs = hindsight_jobs(tok, 3)
+    scores = score_jobs(model, jobs, tok.pad_token_id, top_k=5, topk_branch=1)
+    for job, got in zip(jobs, scores):
+        ids = torch.tensor([list(job.prompts[1]) + list(job.response_ids)])
+        with torch.inference_mode():
+            full = torch.log_softmax(model(ids).logits[0, len(job.prompts[1]) - 1 : -1].float(), dim=-1)
+        expected_lp, expected_ids = full.topk(5, dim=-1)
+        assert got.topk_ids.shape == (len(job.response_ids), 5)
+        np.testing.assert_array_equal(got.topk_ids, expected_ids.numpy())
+        np.testing.assert_allclose(got.topk_logprobs, expected_lp.numpy(), atol=1e-4)
+        np.testing.assert_allclose(got.tail_mass, 1 - expected_lp.exp().sum(-1).numpy(), atol=1e-4)
+        assert (got.topk_logprobs[:, 0] >= got.logprobs[1] - 1e-6).all()  # the top-1 is at least the sampled token
+
+
+def test_batches_are_length_sorted_and_fit_the_budget(tiny):
+    _, tok = tiny
+    jobs = hindsight_jobs(tok, 12)
+    budget = 500
+    batches = plan_batches(jobs, budget)
+    assert sorted(i for b in batches for i in b) == list(range(12))
+    assert any(len(b) > 1 for b in batches)
+    for batch in batches:
+        prefix = max(jobs[i].shared_prefix_length() for i in batch)
+        suffix = max(max(len(p) for p in jobs[i].prompts) - jobs[i].shared_prefix_length() + len(jobs[i].response_ids) for i in batch)
+        assert len(batch) == 1 or len(batch) * (prefix + 2 * suffix) <= budget
+
+
+def test_progress_reports_interactions_and_tokens(tiny):
+    model, tok = tiny
+    jobs = hindsight_jobs(tok, 6)
+    seen = []
+    score_jobs(model, jobs, tok.pad_token_id, token_budget=300, progress=seen.append)
+    assert len(seen) > 1 and seen[-1].interactions_done == seen[-1].interactions_total == 6
+    assert seen[-1].tokens_done == sum(j.sequence_tokens() for j in jobs)
+    assert seen[-1].eta_s == 0 and seen[-1].tokens_per_s > 0
+
+
+@pytest.mark.slow
+def test_engine_equals_full_forward_on_the_default_model(sdpo_home):
+    from sdpo_platform.models import load_model
+
+    model, tok = load_model("default", device="cpu")
+    jobs = hindsight_jobs(tok, 4)
+    scores = score_jobs(model, jobs, tok.pad_token_id, token_budget=2048, top_k=20)
+    for job, got in zip(jobs, scores):
+        for branch, expected in zip(got.logprobs, reference(model, job)):
+            np.testing.assert_allclose(branch, expected, atol=1e-4)
+
+
+def test_progress_logger_writes_about_every_tenth_with_rates_and_eta():
+    from sdpo_platform.scoring import ScoringProgress, progress_logger
+
+    lines = []
+    log = progress_logger(lines.append, every=0.25)
+    for done in range(1, 101):
+        log(ScoringProgress(done, 100, done * 50, elapsed_s=done / 10))
+    assert len(lines) == 5  # 0.25, 0.5, 0.75, 1.0 and the first report
+    assert "100/100 interactions" in lines[-1] and "500 tokens/s" in lines[-1] and "ETA 0s" in lines[-1]
