@@ -7,6 +7,7 @@ from assets import lineage
 from assets.metadata import check_result
 from assets.resources import MlflowTracking, SdpoSettings, Warehouse
 from sdpo_platform import checks
+from sdpo_platform.gating import record_check
 
 
 @dg.asset_check(asset=lineage.raw_interaction_logs, blocking=True)
@@ -16,18 +17,34 @@ def raw_records_valid(warehouse: Warehouse) -> dg.AssetCheckResult:
         return check_result(checks.check_raw_records(con))
 
 
+def _gated(con, stage: str, partition: str, report) -> dg.AssetCheckResult:
+    """Record the partition's verdict for later runs (cross-run gating), then report it."""
+    record_check(con, stage, partition, report.passed, report.description)
+    return check_result(report)
+
+
 @dg.asset_check(asset=lineage.conversations, blocking=True)
-def conversations_reconcile(settings: SdpoSettings, warehouse: Warehouse) -> dg.AssetCheckResult:
-    """raw = kept + quarantined, and every kept conversation satisfies the cleaning filters."""
+def conversations_reconcile(context: dg.AssetCheckExecutionContext, settings: SdpoSettings, warehouse: Warehouse) -> dg.AssetCheckResult:
+    """raw = kept + quarantined in the partition, and every kept conversation satisfies the cleaning filters."""
+    day = context.partition_key
     with warehouse.connect() as con:
-        return check_result(checks.check_conversations(con, settings.platform().cleaning))
+        return _gated(con, "conversations", day, checks.check_conversations(con, settings.platform().cleaning, [day]))
+
+
+@dg.asset_check(asset=lineage.conversations, blocking=True)
+def conversations_pii_redacted(context: dg.AssetCheckExecutionContext, warehouse: Warehouse) -> dg.AssetCheckResult:
+    """No e-mail, phone, card, IP, key or credential pattern survives in the partition's cleaned text."""
+    day = context.partition_key
+    with warehouse.connect() as con:
+        return _gated(con, "conversations_pii", day, checks.check_pii(con, [day]))
 
 
 @dg.asset_check(asset=lineage.interactions, blocking=True)
-def interactions_well_formed(warehouse: Warehouse) -> dg.AssetCheckResult:
+def interactions_well_formed(context: dg.AssetCheckExecutionContext, warehouse: Warehouse) -> dg.AssetCheckResult:
     """Triples count equals assistant turns followed by a user turn; x starts and ends with a user turn."""
+    day = context.partition_key
     with warehouse.connect() as con:
-        return check_result(checks.check_interactions(con))
+        return _gated(con, "interactions", day, checks.check_interactions(con, [day]))
 
 
 @dg.asset_check(asset=lineage.hindsight_targets, blocking=True)
@@ -88,6 +105,7 @@ def registered_model_reloads_exactly(registered_model: dict, hindsight_targets: 
 lineage_checks = [
     raw_records_valid,
     conversations_reconcile,
+    conversations_pii_redacted,
     interactions_well_formed,
     targets_finite_and_aligned,
     checkpoint_trained,

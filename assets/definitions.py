@@ -6,23 +6,41 @@ import dagster as dg
 
 from assets.checks import lineage_checks
 from assets.lineage import chat_log_inbox, lineage_assets
+from assets.partitions import daily_partitions
 from assets.resources import MlflowTracking, SdpoSettings, Warehouse
+from assets.sensors import build_inbox_sensor
 
 LINEAGE_JOB = "sdpo_lineage"
+INGEST_JOB = "ingest_partition"
+TRAIN_JOB = "train_and_register"
+DATA_ASSETS, TRAINING_ASSETS = lineage_assets[:3], lineage_assets[3:]
 
 sdpo_lineage = dg.define_asset_job(
     LINEAGE_JOB,
     selection=dg.AssetSelection.assets(*lineage_assets),
-    description="Raw logs to a registered model, checks included (in-process: the steps share one model cache).",
+    description="One day's logs through cleaning, then training on every unblocked day, checks included.",
+    executor_def=dg.in_process_executor,
+)
+ingest_partition = dg.define_asset_job(
+    INGEST_JOB,
+    selection=dg.AssetSelection.assets(*DATA_ASSETS),
+    partitions_def=daily_partitions,
+    description="raw → conversations → interactions for one day (what the inbox sensor and backfills run).",
+    executor_def=dg.in_process_executor,
+)
+train_and_register = dg.define_asset_job(
+    TRAIN_JOB,
+    selection=dg.AssetSelection.assets(*TRAINING_ASSETS),
+    description="Targets → checkpoint → evaluation → registry over every day whose checks passed.",
     executor_def=dg.in_process_executor,
 )
 
 nightly_retrain = dg.ScheduleDefinition(
     name="nightly_retrain",
-    job=sdpo_lineage,
+    job=train_and_register,
     cron_schedule="0 3 * * *",
     default_status=dg.DefaultScheduleStatus.STOPPED,
-    description="Re-run the lineage on everything in the inbox every night (off until turned on in the UI).",
+    description="Retrain on every day whose checks passed, every night at 03:00 (off until turned on in the UI).",
 )
 
 
@@ -35,8 +53,9 @@ def build_definitions(
     return dg.Definitions(
         assets=[chat_log_inbox, *lineage_assets],
         asset_checks=lineage_checks,
-        jobs=[sdpo_lineage],
+        jobs=[sdpo_lineage, ingest_partition, train_and_register],
         schedules=[nightly_retrain],
+        sensors=[build_inbox_sensor(ingest_partition)],
         resources={
             "settings": settings or SdpoSettings(config_file=dg.EnvVar("SDPO_CONFIG").get_value() or None),
             "warehouse": warehouse or Warehouse(),

@@ -28,34 +28,50 @@ def dagster_home(root: Path) -> Path:
     return home
 
 
+def _execute(job_name: str, instance, partition_key: str | None = None):
+    from assets.definitions import defs
+
+    result = defs.resolve_job_def(job_name).execute_in_process(
+        instance=instance,
+        partition_key=partition_key,
+        raise_on_error=False,
+        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+    )
+    if not result.success:
+        failed = [e.step_key for e in result.get_step_failure_events()]
+        raise SystemExit(f"[demo] {job_name} run {result.run_id} failed at {failed}; open `make ui` to see why")
+    return result
+
+
 def run_demo(records: int = 300) -> dict:
-    from assets.definitions import LINEAGE_JOB, defs
+    """Inbox → (the sensor's) partition runs of the data stages → one training run, then the summary."""
+    from assets.definitions import INGEST_JOB, TRAIN_JOB, defs
+    from assets.sensors import inbox_run_requests
     from sdpo_platform.sharegpt import write_sharegpt_slice
+    from sdpo_platform.warehouse import connect, stats
 
     root = paths.data_root()
     os.environ["DAGSTER_HOME"] = str(dagster_home(root))
     written = write_sharegpt_slice(paths.inbox_dir(root) / "sharegpt_demo.jsonl", records)
     print(f"[demo] data root {root}; wrote {written} ShareGPT records to the inbox")
     started = time.monotonic()
+    resources = defs.resources
+    requests, _ = inbox_run_requests(resources["settings"], resources["warehouse"], cursor=None)
     with dg.DagsterInstance.get() as instance:
-        result = defs.resolve_job_def(LINEAGE_JOB).execute_in_process(
-            instance=instance,
-            raise_on_error=False,
-            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
-        )
-    if not result.success:
-        failed = [e.step_key for e in result.get_step_failure_events()]
-        raise SystemExit(f"[demo] run {result.run_id} failed at {failed}; open `make ui` to see why")
-    value = result.output_for_node
-    conversations, interactions = value("conversations"), value("interactions")
-    targets, checkpoint = value("hindsight_targets"), value("distilled_checkpoint")
-    evaluation, registered = value("evaluation"), value("registered_model")
+        for request in requests:
+            print(f"[demo] data stages for partition {request.partition_key}")
+            _execute(INGEST_JOB, instance, request.partition_key)
+        result = _execute(TRAIN_JOB, instance)
+    targets, checkpoint = result.output_for_node("hindsight_targets"), result.output_for_node("distilled_checkpoint")
+    evaluation, registered = result.output_for_node("evaluation"), result.output_for_node("registered_model")
+    with connect() as con:
+        counts = stats(con)
     summary = {
-        "raw_records": conversations["raw_records"],
-        "conversations_kept": conversations["kept"],
-        "conversations_quarantined": conversations["quarantined"],
-        "interactions_total": interactions["total"],
-        "interactions_kept": interactions["informative"],
+        "raw_records": counts["raw_records"],
+        "conversations_kept": counts["conversations_kept"],
+        "conversations_quarantined": counts["quarantined"],
+        "interactions_total": counts["interactions_total"],
+        "interactions_kept": counts["interactions_informative"],
         "target_rows": targets["rows"],
         "target_tokens": targets["tokens"],
         "train_steps": checkpoint["steps"],
@@ -68,7 +84,7 @@ def run_demo(records: int = 300) -> dict:
         "aliases": list(registered["aliases"]),
     }
     (root / "demo_summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"[demo] run {result.run_id} succeeded in {time.monotonic() - started:.0f}s")
+    print(f"[demo] {len(requests)} partition run(s) and training run {result.run_id} succeeded in {time.monotonic() - started:.0f}s")
     print(json.dumps(summary, indent=2))
     print(f"[demo] summary written to {root / 'demo_summary.json'}; `make ui` shows the lineage and MLflow")
     return summary

@@ -7,15 +7,16 @@ lives in the warehouse, in Parquet target sets and in MLflow, all under the data
 
 import json
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import dagster as dg
 
-from assets.metadata import examples_table
+from assets.metadata import examples_table, histogram_chart
+from assets.partitions import daily_partitions
 from assets.resources import MlflowTracking, SdpoSettings, Warehouse
 from sdpo_platform import paths
+from sdpo_platform.gating import blocked_partitions
 
 chat_log_inbox = dg.AssetSpec(
     "chat_log_inbox",
@@ -25,53 +26,69 @@ chat_log_inbox = dg.AssetSpec(
 )
 
 
-@dg.asset(deps=[chat_log_inbox], group_name="data", kinds={"duckdb"})
+@dg.asset(deps=[chat_log_inbox], partitions_def=daily_partitions, group_name="data", kinds={"duckdb"})
 def raw_interaction_logs(context: dg.AssetExecutionContext, settings: SdpoSettings, warehouse: Warehouse) -> dg.Output[dict]:
-    """Inbox files into DuckDB, one row per source record, kept verbatim (bad records included)."""
+    """Inbox files into DuckDB, one row per source record, kept verbatim (bad records included).
+
+    Ingestion is idempotent and whole-file: any partition's run ingests every new or changed inbox
+    file, and reports the records that fall on its own day (conversation time, else file arrival).
+    """
     from sdpo_platform.ingest import ingest_inbox
 
+    day = context.partition_key
     with warehouse.connect() as con:
-        result = ingest_inbox(con, settings.inbox_dir())
+        result = ingest_inbox(con, settings.inbox_dir(), cfg=settings.platform().ingest)
+        in_partition = con.execute("SELECT count(*) FROM raw_records WHERE partition_date = ?::DATE", [day]).fetchall()[0][0]
+    for error in result.errors:
+        context.log.warning(error)
+    summary = {**asdict(result), "partition": day, "partition_records": int(in_partition)}
     return dg.Output(
-        asdict(result),
+        summary,
         metadata={
+            "partition_records": dg.MetadataValue.int(int(in_partition)),
             "files": result.files,
             "files_rejected": result.files_rejected,
             "records_new": result.records_new,
-            "records_total": dg.MetadataValue.int(result.records_total),
+            "records_total": result.records_total,
+            "partitions_touched": dg.MetadataValue.json(result.partitions),
             "records_by_file": dg.MetadataValue.json(result.by_file),
+            "errors": dg.MetadataValue.json(result.errors),
         },
     )
 
 
-@dg.asset(group_name="data", kinds={"duckdb", "sql"})
-def conversations(raw_interaction_logs: dict, settings: SdpoSettings, warehouse: Warehouse) -> dg.Output[dict]:
-    """Normalized, filtered (paper's rules), deduplicated conversations; rejects go to quarantine."""
-    from sdpo_platform.cleaning import build_conversations
+@dg.asset(partitions_def=daily_partitions, group_name="data", kinds={"duckdb", "sql"})
+def conversations(context: dg.AssetExecutionContext, raw_interaction_logs: dict, settings: SdpoSettings, warehouse: Warehouse) -> dg.Output[dict]:
+    """Normalized, PII-redacted, filtered (paper's rules), deduplicated conversations; rejects go to quarantine."""
+    from sdpo_platform.cleaning import build_conversations, language_mix, length_histogram
 
+    day = context.partition_key
     with warehouse.connect() as con:
-        result = build_conversations(con, settings.platform().cleaning)
+        result = build_conversations(con, settings.platform().cleaning, partitions=[day])
+        histogram = length_histogram(con, [day])
+        languages = language_mix(con, [day])
     return dg.Output(
         asdict(result),
         metadata={
             "raw_records": result.raw_records,
             "kept": dg.MetadataValue.int(result.kept),
             "quarantined": result.quarantined,
-            "kept_fraction": dg.MetadataValue.float(result.kept / max(result.raw_records, 1)),
+            "kept_fraction": dg.MetadataValue.float(result.records_kept / max(result.raw_records, 1)),
             "quarantine_by_reason": dg.MetadataValue.json(result.by_reason),
-            "languages": dg.MetadataValue.json(result.languages),
+            "language_mix": dg.MetadataValue.json(languages),
+            "length_histogram": histogram_chart(histogram, "characters per kept conversation"),
             "examples": examples_table(result.examples),
         },
     )
 
 
-@dg.asset(group_name="data", kinds={"duckdb", "sql"})
-def interactions(conversations: dict, settings: SdpoSettings, warehouse: Warehouse) -> dg.Output[dict]:
+@dg.asset(partitions_def=daily_partitions, group_name="data", kinds={"duckdb", "sql"})
+def interactions(context: dg.AssetExecutionContext, conversations: dict, settings: SdpoSettings, warehouse: Warehouse) -> dg.Output[dict]:
     """(x, y, o) triples: context, logged response, the user's follow-up; flagged and split."""
     from sdpo_platform.interactions import extract_interactions
 
     with warehouse.connect() as con:
-        result = extract_interactions(con, settings.platform().interactions)
+        result = extract_interactions(con, settings.platform().interactions, partitions=[context.partition_key])
     return dg.Output(
         asdict(result),
         metadata={
@@ -86,36 +103,54 @@ def interactions(conversations: dict, settings: SdpoSettings, warehouse: Warehou
     )
 
 
-@dg.asset(group_name="training", kinds={"pytorch", "parquet"})
-def hindsight_targets(context: dg.AssetExecutionContext, interactions: dict, settings: SdpoSettings, warehouse: Warehouse) -> dg.Output[dict]:
-    """Teacher (with follow-up) and student log-probs of each logged response, and their advantages."""
-    from sdpo_platform.models import load_model, model_revision, resolve_model
-    from sdpo_platform.targets import compute_targets, select_for_scoring, target_set_id, write_targets
+@dg.asset(deps=[interactions], group_name="training", kinds={"pytorch", "parquet"})
+def hindsight_targets(
+    context: dg.AssetExecutionContext, settings: SdpoSettings, warehouse: Warehouse, mlflow_tracking: MlflowTracking
+) -> dg.Output[dict]:
+    """Teacher (with follow-up) and student log-probs of each logged response, and their advantages.
+
+    Resumable: shards already scored for this model revision and template are reused, so a rerun of a
+    complete set costs nothing. A heatmap of the most and least informative interactions is attached.
+    """
+    import mlflow
+    from transformers import AutoTokenizer
+
+    from sdpo_platform.heatmap import extremes_page
+    from sdpo_platform.models import resolve_model
+    from sdpo_platform.registry import configure_mlflow
+    from sdpo_platform.scoring import progress_logger
+    from sdpo_platform.targets import materialize_targets, read_targets, select_for_scoring
 
     cfg = settings.platform()
     with warehouse.connect() as con:
-        frame = con.sql("SELECT * FROM interactions ORDER BY interaction_id").df()
+        blocked = blocked_partitions(con)  # days whose blocking checks failed in an earlier run
+        frame = con.execute(
+            "SELECT * FROM interactions WHERE NOT list_contains($blocked::DATE[], partition_date) ORDER BY interaction_id",
+            {"blocked": blocked},
+        ).df()
+    if blocked:
+        context.log.warning(f"excluding interactions of {len(blocked)} blocked partition(s): {', '.join(blocked)}")
     selected = select_for_scoring(frame, cfg.targets)
     context.log.info(f"scoring {len(selected)} of {len(frame)} interactions with model {cfg.model!r}")
-    model, tokenizer = load_model(cfg.model)
-    revision = model_revision(cfg.model)
+    result = materialize_targets(selected, cfg.targets, cfg.model, progress=progress_logger(context.log.info), show_bar=False)
+    context.log.info(f"target set {result.target_set}: {result.shards_scored} shard(s) scored, {result.shards_reused} reused")
+    targets = read_targets(result.path)
+    base_model_path = resolve_model(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(base_model_path)
 
-    started, reported = time.monotonic(), [0]
+    heatmap = Path(result.path).parent / f"{result.target_set}-heatmap.html"
+    heatmap.write_text(extremes_page(targets, selected, tokenizer, heading=f"Hindsight targets {result.target_set}"), encoding="utf-8")
+    configure_mlflow(mlflow_tracking.tracking_uri, cfg.registry.experiment)
+    with mlflow.start_run(run_name=f"targets-{result.target_set}"):
+        mlflow.set_tags({"target_set": result.target_set, "model_revision": result.model_revision, "template_hash": result.template_hash})
+        mlflow.log_metrics({"rows": result.rows, "shards_scored": result.shards_scored, "mean_abs_advantage": float(targets["mean_abs_advantage"].mean())})
+        mlflow.log_artifact(str(heatmap), artifact_path="heatmaps")
 
-    def progress(done: int, total: int) -> None:  # every ~10%, with rate and ETA
-        if done * 10 // total > reported[0] or done == total:
-            reported[0] = done * 10 // total
-            rate = done / max(time.monotonic() - started, 1e-9)
-            context.log.info(f"hindsight targets: {done}/{total} sequences scored, {rate:.1f}/s, ETA {(total - done) / rate:.0f}s")
-
-    targets = compute_targets(model, tokenizer, selected, cfg.targets, revision, progress=progress)
-    path = write_targets(targets)
-    template = targets["template_hash"].iloc[0]
     summary = {
-        "path": str(path),
-        "target_set": target_set_id(revision, template),
-        "model_revision": revision,
-        "base_model_path": resolve_model(cfg.model),
+        "path": result.path,
+        "target_set": result.target_set,
+        "model_revision": result.model_revision,
+        "base_model_path": base_model_path,
         "eos_token_id": int(tokenizer.eos_token_id),
         "rows": len(targets),
         "tokens": int(targets["n_tokens"].sum()),
@@ -123,16 +158,20 @@ def hindsight_targets(context: dg.AssetExecutionContext, interactions: dict, set
         "validation_rows": int((targets["split"] == "validation").sum()),
     }
     ranked = targets.sort_values("mean_abs_advantage", ascending=False)
+    columns = ["interaction_id", "n_tokens", "mean_advantage", "mean_abs_advantage"]
     return dg.Output(
         summary,
         metadata={
             **{k: v for k, v in summary.items() if k not in ("path", "base_model_path")},
-            "path": dg.MetadataValue.path(str(path)),
+            "path": dg.MetadataValue.path(result.path),
+            "shards": result.shards,
+            "shards_scored": result.shards_scored,
+            "shards_reused": result.shards_reused,
             "mean_advantage": dg.MetadataValue.float(float(targets["mean_advantage"].mean())),
             "mean_abs_advantage": dg.MetadataValue.float(float(targets["mean_abs_advantage"].mean())),
-            "strongest_signal": examples_table(
-                ranked.head(3)[["interaction_id", "n_tokens", "mean_advantage", "mean_abs_advantage"]].to_dict("records")
-            ),
+            "strongest_signal": examples_table(ranked.head(3)[columns].to_dict("records")),
+            "weakest_signal": examples_table(ranked.tail(3)[columns].to_dict("records")),
+            "heatmap": dg.MetadataValue.path(str(heatmap)),
         },
     )
 

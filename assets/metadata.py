@@ -34,3 +34,11 @@ def check_result(report) -> dg.AssetCheckResult:
             "failures": dg.MetadataValue.json(report.failures),
         },
     )
+
+
+def histogram_chart(buckets: list[dict], title: str, width: int = 30) -> dg.MetadataValue:
+    """A histogram as a markdown table of unicode bars (renders in the Dagster UI without images)."""
+    peak = max((b["count"] for b in buckets), default=0) or 1
+    lines = [f"**{title}**", "", "| bucket | count | |", "|---|---:|---|"]
+    lines += [f"| {b['bucket']} | {b['count']} | {'█' * round(width * b['count'] / peak)} |" for b in buckets]
+    return dg.MetadataValue.md("\n".join(lines))

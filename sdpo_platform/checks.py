@@ -50,24 +50,39 @@ def check_raw_records(con: duckdb.DuckDBPyConnection) -> QualityReport:
     )
 
 
-def check_conversations(con: duckdb.DuckDBPyConnection, cfg: CleaningConfig) -> QualityReport:
-    """raw = kept + quarantined, and every kept conversation satisfies the paper's filters."""
-    totals = con.sql(
-        """
-        SELECT r.n AS raw_records, c.n AS kept, q.n AS quarantined, r.n - c.n - q.n AS unaccounted
-        FROM (SELECT count(*) AS n FROM raw_records) r,
-             (SELECT count(*) AS n FROM conversations) c,
-             (SELECT count(DISTINCT record_id) AS n FROM quarantine WHERE stage = 'conversations') q
-        """
+_SCOPE = "($all OR list_contains($parts::DATE[], partition_date))"
+
+
+def _scope(partitions: list[str] | None) -> dict:
+    return {"all": partitions is None, "parts": [str(p) for p in partitions or []]}
+
+
+def check_conversations(con: duckdb.DuckDBPyConnection, cfg: CleaningConfig, partitions: list[str] | None = None) -> QualityReport:
+    """Per partition, raw = records in kept conversations + quarantined records (nothing lost), and every
+    kept conversation satisfies the cleaning filters. `partitions` (ISO days) limits the check; None = all."""
+    totals = con.execute(
+        f"""
+        WITH raw AS (SELECT partition_date, count(*) AS n FROM raw_records WHERE {_SCOPE} GROUP BY 1),
+        kept AS (SELECT partition_date, sum(coalesce(len(record_ids), 1)) AS n FROM conversations WHERE {_SCOPE} GROUP BY 1),
+        rejected AS (SELECT partition_date, count(DISTINCT record_id) AS n FROM quarantine
+                     WHERE stage = 'conversations' AND coalesce(level, 'record') = 'record' AND {_SCOPE} GROUP BY 1)
+        SELECT partition_date, coalesce(raw.n, 0) AS raw_records, coalesce(kept.n, 0) AS records_kept,
+               coalesce(rejected.n, 0) AS quarantined,
+               coalesce(raw.n, 0) - coalesce(kept.n, 0) - coalesce(rejected.n, 0) AS unaccounted
+        FROM raw FULL JOIN kept USING (partition_date) FULL JOIN rejected USING (partition_date)
+        """,
+        _scope(partitions),
     ).df()
-    rows = con.sql(
-        """
+    rows = con.execute(
+        f"""
         SELECT conversation_id, n_messages, n_chars,
+               len(list_filter(messages, lambda m: m.role <> 'system')) AS n_turns,
                list_max(list_transform(messages, lambda m: length(m.content))) AS longest_message,
                list_filter(messages, lambda m: m.role <> 'system')[1].role AS first_role,
                list_bool_and(list_transform(messages, lambda m: length(trim(m.content)) > 0)) AS no_empty_message
-        FROM conversations
-        """
+        FROM conversations WHERE {_SCOPE}
+        """,
+        _scope(partitions),
     ).df()
     E = expect()
     return _reconciled_and_valid(
@@ -76,7 +91,7 @@ def check_conversations(con: duckdb.DuckDBPyConnection, cfg: CleaningConfig) -> 
         [
             E.ExpectTableRowCountToBeBetween(min_value=1),
             E.ExpectColumnValuesToBeUnique(column="conversation_id"),
-            E.ExpectColumnValuesToBeBetween(column="n_messages", min_value=cfg.min_messages),
+            E.ExpectColumnValuesToBeBetween(column="n_turns", min_value=cfg.min_messages),
             E.ExpectColumnValuesToBeBetween(column="longest_message", max_value=cfg.max_message_chars),
             E.ExpectColumnValuesToBeBetween(column="n_chars", max_value=cfg.max_conversation_chars),
             E.ExpectColumnValuesToBeInSet(column="first_role", value_set=["user"]),
@@ -86,24 +101,31 @@ def check_conversations(con: duckdb.DuckDBPyConnection, cfg: CleaningConfig) -> 
     )
 
 
-def check_interactions(con: duckdb.DuckDBPyConnection) -> QualityReport:
-    """Every triple is well-formed, and their number equals the assistant turns followed by a user turn."""
-    totals = con.sql(
-        """
-        SELECT e.n AS expected, i.n AS extracted, e.n - i.n AS unaccounted
-        FROM (SELECT coalesce(sum(len(list_filter(range(1, n_messages),
-                     lambda k: messages[k].role = 'assistant' AND messages[k + 1].role = 'user'))), 0) AS n
-              FROM conversations) e,
-             (SELECT count(*) AS n FROM interactions) i
-        """
+def check_interactions(con: duckdb.DuckDBPyConnection, partitions: list[str] | None = None) -> QualityReport:
+    """Every triple is well-formed, and per partition their number equals the assistant turns followed by
+    a user turn. `partitions` (ISO days) limits the check; None = all."""
+    totals = con.execute(
+        f"""
+        WITH expected AS (
+            SELECT partition_date, sum(len(list_filter(range(1, n_messages),
+                   lambda k: messages[k].role = 'assistant' AND messages[k + 1].role = 'user'))) AS n
+            FROM conversations WHERE {_SCOPE} GROUP BY 1
+        ),
+        extracted AS (SELECT partition_date, count(*) AS n FROM interactions WHERE {_SCOPE} GROUP BY 1)
+        SELECT partition_date, coalesce(e.n, 0) AS expected, coalesce(i.n, 0) AS extracted,
+               coalesce(e.n, 0) - coalesce(i.n, 0) AS unaccounted
+        FROM expected e FULL JOIN extracted i USING (partition_date)
+        """,
+        _scope(partitions),
     ).df()
-    rows = con.sql(
-        """
+    rows = con.execute(
+        f"""
         SELECT interaction_id, split, length(trim(response)) AS response_chars,
                length(trim(followup)) AS followup_chars,
                context[1].role AS first_role, context[-1].role AS last_role
-        FROM interactions
-        """
+        FROM interactions WHERE {_SCOPE}
+        """,
+        _scope(partitions),
     ).df()
     E = expect()
     return _reconciled_and_valid(
@@ -119,6 +141,39 @@ def check_interactions(con: duckdb.DuckDBPyConnection) -> QualityReport:
             E.ExpectColumnValuesToBeInSet(column="last_role", value_set=["user"]),
         ],
         "interactions",
+    )
+
+
+def check_pii(con: duckdb.DuckDBPyConnection, partitions: list[str] | None = None) -> QualityReport:
+    """No PII pattern (pii.py) survives in cleaned text: conversation messages, triples and quarantine
+    details. One row per partition with the number of texts where a pattern still matches (must be 0)."""
+    from sdpo_platform.pii import install_macros
+
+    install_macros(con)
+    frame = con.execute(
+        f"""
+        WITH texts AS (
+            SELECT partition_date, conversation_id AS id, unnest(messages).content AS text FROM conversations WHERE {_SCOPE}
+            UNION ALL
+            SELECT partition_date, interaction_id, response || chr(10) || followup FROM interactions WHERE {_SCOPE}
+            UNION ALL
+            SELECT partition_date, record_id, detail FROM quarantine
+            WHERE stage <> 'raw_interaction_logs' AND detail IS NOT NULL AND {_SCOPE}
+        ),
+        found AS (SELECT partition_date, id, sdpo_pii_found(text) AS kinds FROM texts)
+        SELECT partition_date::VARCHAR AS partition_date, count(*) AS texts,
+               count(*) FILTER (WHERE len(kinds) > 0) AS texts_with_pii,
+               list_distinct(flatten(list(kinds))) AS kinds_found,
+               list(id) FILTER (WHERE len(kinds) > 0)[:5] AS example_ids
+        FROM found GROUP BY 1 ORDER BY 1
+        """,
+        _scope(partitions),
+    ).df()
+    E = expect()
+    return validate(
+        frame[["partition_date", "texts", "texts_with_pii"]],
+        [E.ExpectColumnValuesToBeBetween(column="texts_with_pii", min_value=0, max_value=0)],
+        "pii_redacted",
     )
 
 

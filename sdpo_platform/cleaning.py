@@ -1,38 +1,56 @@
-"""`raw_records` → `conversations`: parse, normalize and filter chat logs in DuckDB SQL.
+"""`raw_records` → `conversations`: parse, normalize, redact and filter chat logs in DuckDB SQL.
 
-Each call rebuilds `conversations` and the 'conversations' quarantine rows from the whole raw table in
-one transaction, so the stage is idempotent and `raw_records = kept + quarantined` always holds: every
-rejected record gets exactly one quarantine row carrying the *first* failing reason, in this order:
+Partitions: a call rebuilds the conversations and the 'conversations' quarantine rows of the given
+daily partitions (all when None), batch by batch (whole partitions, about `batch_records` raw records
+per transaction, so memory stays bounded on a backfill). Within the rebuilt partitions every raw record
+ends up either in exactly one kept conversation (`conversations.record_ids`) or with exactly one
+record-level quarantine row carrying the *first* failing reason, in this order:
 
-  invalid_json → unknown_schema → unknown_role → invalid_content → empty_conversation →
+  invalid_utf8 / record_too_large (read errors from ingestion) → invalid_json → unknown_schema →
+  duplicate_id (a ShareGPT chunk index seen twice) → unknown_role → invalid_content → empty_conversation →
   starts_with_assistant → too_few_messages → message_too_long → conversation_too_long → language →
-  duplicate
+  duplicate → duplicate_id
 
-Formats (detected per record, first match wins): ShareGPT `conversations: [{from, value}]`, OpenAI chat
-`messages: [{role, content}]`, WildChat `conversation: [{role, content, ...}]`.
+so `raw records = records in kept conversations + quarantined records`. Dropped blank messages get a
+message-level row ('empty_message', `level = 'message'`, `message_index`) that does not count as a record.
+
+Formats (the file's, from ingestion, when a record has that shape, else the record's own shape; a
+record of no known shape is `unknown_schema`): ShareGPT
+`conversations: [{from, value}]`, OpenAI `messages: [{role, content}]` (content a string or a list of
+text parts, joined with a newline; any other part type is `invalid_content`), WildChat
+`conversation: [{role, content}]`, HH-RLHF transcripts (`chosen`, else `transcript`/`text`) split at
+"\\n\\nHuman: " / "\\n\\nAssistant: ".
+
+ShareGPT chunks: records of one file and partition whose ids are `X_0, X_1, ...` form one conversation
+(messages in chunk order, `source_id = X`); it is kept or rejected as a whole, and each chunk record
+counts as one raw record (so such a conversation accounts for several raw records).
 
 Normalization, in order:
 - roles: human/user → user; gpt/assistant/chatgpt/bard/bing/model → assistant; system → system; any
-  other role quarantines the record; content must be a JSON string (multimodal parts, null → quarantine);
-- messages that are empty or whitespace are dropped;
+  other role quarantines the record (`unknown_role`); non-string content (number, object, null) is
+  `invalid_content`;
+- PII is redacted in every message (`pii.py`: typed placeholders, counts in `pii_counts`); user ids
+  (WildChat `hashed_ip`, `user_id`, OpenAI `user`) are replaced by sha256(`user_id_salt`, id);
+- empty or whitespace messages are dropped;
 - consecutive messages of the same role are merged, joined with a blank line ("\\n\\n"), so user and
   assistant strictly alternate. Runs are computed over the non-system messages (a system message in
-  between does not break a run), and system messages are moved to the front, in their order: x never
-  contains them, and this way every assistant turn is directly followed by the user turn answering it.
-  Length filters apply to the merged messages, which is what training sees;
-- conversation_id is the record_id (sha256 of file, line, text): unique and stable even when sources
-  reuse ids (ShareGPT chunks, WildChat hashes); the source's id is kept in `source_id`.
+  between does not break a run), and system messages are moved to the front, in their order. Length
+  filters apply to the merged messages, which is what training sees; `min_messages` does not count
+  system messages;
+- conversation_id is the record_id of the (first) record: unique and stable even when sources reuse ids.
 
-Message counts for `min_messages` leave system messages out (they are not turns).
+Language: `language.py` (a SQL heuristic with a measured accuracy).
 
-Language is a fast heuristic in SQL over the first `language_sample_chars` of the non-system messages:
-non-Latin scripts by their share of letters (kana → ja, Hangul → ko, Han → zh, Cyrillic → ru), and for
-Latin text the language whose short list of frequent function words covers the largest share of the
-words (at least `language_min_stopword_share`), else 'und'. It is good enough to drop non-English chats,
-not a language identifier.
+Exact duplicates: same content hash (roles + redacted contents, lower-cased, whitespace removed),
+across all partitions: a conversation whose hash is already kept in another partition, or earlier in
+(partition, file, line) order in the rebuilt ones, is a `duplicate`. A conversation whose source id
+(same format) is already used by a kept conversation with different content is a `duplicate_id`.
 
-Exact duplicates are conversations with the same content hash (roles + contents lower-cased with
-whitespace collapsed); the first by (source_file, line_no) is kept.
+Near-duplicates are flagged, not removed: `near_key` = sha256 of the first `near_duplicate_chars`
+characters of the first user turn and of the first assistant turn, lower-cased, keeping letters only
+(digits, punctuation and whitespace dropped); a kept conversation whose key matches an earlier kept one (another partition, or
+earlier in order) gets `near_duplicate_of` = that conversation. It catches re-sent prompts that differ
+in case, spacing, punctuation, numbers or in later turns; it does not catch paraphrases.
 """
 
 from __future__ import annotations
@@ -41,229 +59,365 @@ from dataclasses import dataclass, field
 
 import duckdb
 
+from sdpo_platform import language, pii
 from sdpo_platform.config import CleaningConfig
-from sdpo_platform.warehouse import run_steps
+from sdpo_platform.warehouse import fetch_scalar, partition_batches, run_steps, stage_partitions
 
 STAGE = "conversations"
 
 USER_ROLES = ["human", "user"]
 ASSISTANT_ROLES = ["gpt", "assistant", "chatgpt", "bard", "bing", "model"]
-
-# Frequent function words, chosen to overlap little between languages.
-STOPWORDS: dict[str, list[str]] = {
-    "en": "the and is are of to that it for you with this on be have was what how can my your do not an "
-    "as at by from or will would please which there if we they about but i me all has so some should "
-    "like also these them their been were does did".split(),
-    "es": "el los las del por para con una está pero más muy cómo qué también hay puede son sobre esto "
-    "este esta y yo tu mi es".split(),
-    "fr": "le les des est et une pour dans pas qui sur avec ce je vous il nous au du sont mais ou plus "
-    "cette être faire".split(),
-    "de": "der die das und ist nicht ein eine zu mit den von ich sie auf für sich dem auch wie bitte "
-    "oder wir kann sind einen werden".split(),
-    "pt": "não você isso uma são ao dos das muito os um em é seu sua meu minha ele ela também".split(),
-    "it": "il di che è per non sono della gli anche questo più nel alla ma ho mi ti".split(),
-}
+STOPWORDS = language.STOPWORDS  # kept importable from here
 
 
 @dataclass
 class CleaningResult:
-    raw_records: int = 0
-    kept: int = 0
-    quarantined: int = 0
-    by_reason: dict[str, int] = field(default_factory=dict)
+    raw_records: int = 0  # raw records in the rebuilt partitions
+    kept: int = 0  # conversations kept
+    quarantined: int = 0  # raw records rejected (record level)
+    records_kept: int = 0  # raw records inside kept conversations (> kept when ShareGPT chunks were joined)
+    messages_dropped: int = 0  # blank messages dropped from otherwise usable records
+    by_reason: dict[str, int] = field(default_factory=dict)  # record-level reason → raw records
     languages: dict[str, int] = field(default_factory=dict)  # detected among records that reached the language step
+    partitions: list[str] = field(default_factory=list)  # ISO days rebuilt
     examples: list[dict] = field(default_factory=list)  # a few kept conversations and one record per reason
 
 
+_PII_SUM = ", ".join(f"{kind}: sum(pii.{kind})::INTEGER" for kind in pii.KINDS)  # fixed identifiers
+
 _STEPS = [
-    # 1. Parse and detect the format; a record that is not valid JSON stops here.
+    # 1. The batch's raw records, parsed; the record's shape must be its file's format.
     """
     CREATE OR REPLACE TEMP TABLE clean_records AS
     WITH parsed AS (
-        SELECT record_id, source_file, line_no, raw_text,
-               CASE WHEN json_valid(raw_text) THEN raw_text::JSON END AS doc
-        FROM raw_records
+        SELECT record_id, source_file, line_no, left(raw_text, 120) AS raw_preview, partition_date,
+               source_format AS file_format, read_error,
+               CASE WHEN read_error IS NULL AND json_valid(raw_text) THEN raw_text::JSON END AS doc
+        FROM raw_records WHERE list_contains($parts::DATE[], partition_date)
+    ),
+    shaped AS (
+        SELECT *,
+            CASE WHEN json_type(doc) <> 'OBJECT' THEN NULL
+                 WHEN file_format = 'wildchat' AND json_type(doc, '$.conversation') = 'ARRAY' THEN 'wildchat'
+                 WHEN file_format = 'sharegpt' AND json_type(doc, '$.conversations') = 'ARRAY' THEN 'sharegpt'
+                 WHEN file_format = 'openai' AND json_type(doc, '$.messages') = 'ARRAY' THEN 'openai'
+                 WHEN json_type(doc, '$.conversation') = 'ARRAY' THEN 'wildchat'
+                 WHEN json_type(doc, '$.conversations') = 'ARRAY' THEN 'sharegpt'
+                 WHEN json_type(doc, '$.messages') = 'ARRAY' THEN 'openai'
+                 WHEN regexp_matches(coalesce(doc->>'chosen', doc->>'transcript', doc->>'text', ''), '(^|\n\n)Human: ')
+                 THEN 'hh_rlhf' END AS source_format,
+            CASE WHEN json_type(doc) = 'OBJECT'
+                 THEN coalesce(doc->>'id', doc->>'conversation_id', doc->>'conversation_hash') END AS raw_source_id,
+            CASE WHEN json_type(doc) = 'OBJECT' THEN coalesce(doc->>'hashed_ip', doc->>'user_id', doc->>'user') END AS user_key,
+            json_type(doc) AS top_type,
+            CASE WHEN json_type(doc) = 'OBJECT' THEN json_keys(doc)[:12] END AS top_keys
+        FROM parsed
+    ),
+    chunked AS (
+        SELECT *,
+            CASE WHEN source_format = 'sharegpt' THEN nullif(regexp_extract(raw_source_id, '^(.+)_([0-9]+)$', 1), '') END AS chunk_base,
+            CASE WHEN source_format = 'sharegpt' THEN try_cast(regexp_extract(raw_source_id, '^(.+)_([0-9]+)$', 2) AS INTEGER) END AS chunk_no
+        FROM shaped
+    ),
+    chunk_units AS (  -- windows over the (few, narrow) chunked rows only: the wide rows never get sorted
+        SELECT record_id,
+            arg_min(record_id, (chunk_no, line_no)) OVER (PARTITION BY partition_date, source_file, chunk_base) AS unit_id,
+            row_number() OVER (PARTITION BY partition_date, source_file, chunk_base, chunk_no ORDER BY line_no) > 1 AS repeated_chunk
+        FROM (SELECT record_id, partition_date, source_file, chunk_base, chunk_no, line_no FROM chunked WHERE chunk_base IS NOT NULL)
     )
-    SELECT *,
-        CASE WHEN json_type(doc, '$.conversations') = 'ARRAY' THEN 'sharegpt'
-             WHEN json_type(doc, '$.messages') = 'ARRAY' THEN 'openai'
-             WHEN json_type(doc, '$.conversation') = 'ARRAY' THEN 'wildchat' END AS source_format,
-        CASE WHEN json_type(doc) = 'OBJECT'
-             THEN coalesce(doc->>'id', doc->>'conversation_id', doc->>'conversation_hash') END AS source_id
-    FROM parsed
+    SELECT c.* EXCLUDE (chunk_base, chunk_no),
+        coalesce(c.chunk_base, c.raw_source_id) AS source_id,
+        coalesce(c.chunk_no, 0) AS chunk_no,
+        coalesce(u.unit_id, c.record_id) AS unit_id,
+        coalesce(u.repeated_chunk, false) AS repeated_chunk
+    FROM chunked c LEFT JOIN chunk_units u USING (record_id)
     """,
-    # 2. One row per source message, roles normalized (NULL = unknown), content type checked.
+    # 2. One row per source message: role normalized (NULL = unknown), content checked and PII-redacted.
     """
     CREATE OR REPLACE TEMP TABLE clean_messages AS
-    WITH items AS (
-        SELECT r.record_id, m.key::INTEGER AS pos, m.type AS item_type,
+    WITH json_items AS (
+        SELECT r.unit_id, r.record_id, r.chunk_no, m.key::INTEGER AS pos, m.type AS item_type,
                CASE r.source_format WHEN 'sharegpt' THEN m.value->>'from' ELSE m.value->>'role' END AS raw_role,
                CASE r.source_format WHEN 'sharegpt' THEN m.value->'value' ELSE m.value->'content' END AS content_json
         FROM clean_records r,
              json_each(CASE r.source_format WHEN 'sharegpt' THEN r.doc->'conversations'
                                             WHEN 'openai' THEN r.doc->'messages'
                                             ELSE r.doc->'conversation' END) m
-        WHERE r.source_format IS NOT NULL
+        WHERE r.source_format IN ('sharegpt', 'openai', 'wildchat') AND NOT r.repeated_chunk
+    ),
+    json_messages AS (
+        SELECT unit_id, record_id, chunk_no, pos, item_type, raw_role,
+            CASE json_type(content_json)
+                 WHEN 'VARCHAR' THEN 'VARCHAR'
+                 WHEN 'ARRAY' THEN CASE WHEN list_bool_and(list_transform(json_extract(content_json, '$[*]'), lambda p:
+                                            json_type(p) = 'VARCHAR'
+                                            OR (json_type(p) = 'OBJECT' AND p->>'type' = 'text' AND json_type(p, '$.text') = 'VARCHAR')))
+                                       THEN 'VARCHAR' ELSE 'ARRAY with a non-text part' END
+                 ELSE coalesce(json_type(content_json), 'missing') END AS content_type,
+            CASE json_type(content_json)
+                 WHEN 'ARRAY' THEN array_to_string(list_transform(json_extract(content_json, '$[*]'), lambda p:
+                                       CASE WHEN json_type(p) = 'VARCHAR' THEN p->>'$' ELSE p->>'text' END), chr(10))
+                 ELSE content_json->>'$' END AS content
+        FROM json_items
+    ),
+    hh_pieces AS (  -- transcript → pieces 'Role<US>text' split at the turn markers
+        SELECT unit_id, record_id, chunk_no,
+               string_split(regexp_replace(coalesce(doc->>'chosen', doc->>'transcript', doc->>'text'),
+                                           '(^|\\n\\n)(Human|Assistant): ?', chr(30) || '\\2' || chr(31), 'g'), chr(30)) AS pieces
+        FROM clean_records WHERE source_format = 'hh_rlhf'
+    ),
+    hh_messages AS (
+        SELECT unit_id, record_id, chunk_no, (i - 2)::INTEGER AS pos, 'OBJECT' AS item_type,
+               split_part(piece, chr(31), 1) AS raw_role, 'VARCHAR' AS content_type,
+               substr(piece, strpos(piece, chr(31)) + 1) AS content
+        FROM (SELECT unit_id, record_id, chunk_no, unnest(pieces) AS piece, generate_subscripts(pieces, 1) AS i FROM hh_pieces)
+        WHERE i > 1  -- the text before the first marker (normally empty)
+    ),
+    unified AS (SELECT * FROM json_messages UNION ALL SELECT * FROM hh_messages),
+    redacted AS (
+        SELECT *, CASE WHEN content_type = 'VARCHAR' THEN sdpo_redact_pii(content) END AS clean_content FROM unified
     )
-    SELECT record_id, pos, item_type, raw_role,
+    SELECT unit_id, record_id, chunk_no, pos, item_type, raw_role, content_type,
         CASE WHEN lower(trim(raw_role)) IN (SELECT unnest($user_roles::VARCHAR[])) THEN 'user'
              WHEN lower(trim(raw_role)) IN (SELECT unnest($assistant_roles::VARCHAR[])) THEN 'assistant'
              WHEN lower(trim(raw_role)) = 'system' THEN 'system' END AS role,
-        coalesce(json_type(content_json), 'missing') AS content_type,
-        content_json->>'$' AS content
-    FROM items
+        clean_content AS content,
+        CASE WHEN content_type = 'VARCHAR' THEN sdpo_pii_counts(content, clean_content) END AS pii
+    FROM redacted
+    """,
+    "ALTER TABLE clean_records DROP COLUMN doc",  # parsed documents are not needed past this point: free them
+    # 2b. What later steps need from single messages, so that the message table can go early.
+    f"""
+    CREATE OR REPLACE TEMP TABLE clean_message_facts AS
+    SELECT unit_id,
+        arg_min(format('message {{}} has role {{}}', pos, coalesce(raw_role, 'NULL')), (chunk_no, pos))
+            FILTER (WHERE item_type = 'OBJECT' AND role IS NULL) AS unknown_role,
+        arg_min(format('message {{}} content is {{}}', pos,
+                       CASE WHEN item_type <> 'OBJECT' THEN 'not an object: ' || item_type ELSE content_type END), (chunk_no, pos))
+            FILTER (WHERE item_type <> 'OBJECT' OR (role IS NOT NULL AND content_type <> 'VARCHAR')) AS invalid_content,
+        {{{_PII_SUM}}} AS pii_counts
+    FROM clean_messages GROUP BY unit_id
+    """,
+    """
+    CREATE OR REPLACE TEMP TABLE clean_dropped AS
+    SELECT record_id, pos FROM clean_messages
+    WHERE role IS NOT NULL AND content_type = 'VARCHAR' AND NOT regexp_matches(content, '\\S')
     """,
     # 3. Drop blank messages and merge runs of the same role (runs counted over non-system messages).
     """
     CREATE OR REPLACE TEMP TABLE clean_merged AS
     WITH kept AS (
-        SELECT record_id, pos, role, content FROM clean_messages
+        SELECT unit_id, row_number() OVER (PARTITION BY unit_id ORDER BY chunk_no, pos) AS seq, role, content
+        FROM clean_messages
         WHERE role IS NOT NULL AND content_type = 'VARCHAR' AND regexp_matches(content, '\\S')
     ),
     runs AS (
-        SELECT *, CASE WHEN role = 'system' THEN 'system:' || pos
-                       ELSE 'run:' || sum(new_run) OVER (PARTITION BY record_id, role = 'system' ORDER BY pos) END AS run
-        FROM (SELECT *, (role IS DISTINCT FROM lag(role) OVER (PARTITION BY record_id, role = 'system' ORDER BY pos))::INTEGER AS new_run
+        SELECT *, CASE WHEN role = 'system' THEN 'system:' || seq
+                       ELSE 'run:' || sum(new_run) OVER (PARTITION BY unit_id, role = 'system' ORDER BY seq) END AS run
+        FROM (SELECT *, (role IS DISTINCT FROM lag(role) OVER (PARTITION BY unit_id, role = 'system' ORDER BY seq))::INTEGER AS new_run
               FROM kept)
     )
-    SELECT record_id, min(pos) AS pos, any_value(role) AS role, string_agg(content, chr(10) || chr(10) ORDER BY pos) AS content
-    FROM runs GROUP BY record_id, run
+    SELECT unit_id, min(seq) AS seq, any_value(role) AS role, string_agg(content, chr(10) || chr(10) ORDER BY seq) AS content
+    FROM runs GROUP BY unit_id, run
     """,
-    # 4. Per-conversation shape, lengths, language sample and content hash.
+    "DROP TABLE clean_messages",
+    # 4. Per-conversation shape, lengths, language sample, content hash and near-duplicate key.
     """
     CREATE OR REPLACE TEMP TABLE clean_shapes AS
-    SELECT record_id,
-        list({'role': role, 'content': content} ORDER BY role <> 'system', pos) AS messages,
-        count(*)::INTEGER AS n_messages,
-        count(*) FILTER (WHERE role <> 'system') AS n_turns,
-        sum(length(content))::BIGINT AS n_chars,
-        max(length(content)) AS longest,
-        arg_min(role, pos) FILTER (WHERE role <> 'system') AS first_role,
-        left(string_agg(content, chr(10) ORDER BY pos) FILTER (WHERE role <> 'system'), $sample_chars) AS sample,
-        sha256(string_agg(role || chr(31) || lower(trim(regexp_replace(content, '\\s+', ' ', 'g'))), chr(30)
-                          ORDER BY role <> 'system', pos)) AS content_hash
-    FROM clean_merged GROUP BY record_id
-    """,
-    # 5. Language: script shares for non-Latin scripts, function-word share for Latin ones.
-    """
-    CREATE OR REPLACE TEMP TABLE clean_languages AS
-    WITH stopwords AS (SELECT DISTINCT unnest($stop_langs::VARCHAR[]) AS lang, unnest($stop_words::VARCHAR[]) AS word),
-    words AS (SELECT record_id, unnest(regexp_extract_all(lower(sample), '\\pL+')) AS word FROM clean_shapes),
-    word_counts AS (SELECT record_id, count(*) AS n_words FROM words GROUP BY record_id),
-    best_latin AS (
-        SELECT w.record_id, s.lang, count(*) AS hits FROM words w JOIN stopwords s USING (word)
-        GROUP BY w.record_id, s.lang
-        QUALIFY row_number() OVER (PARTITION BY w.record_id ORDER BY count(*) DESC, s.lang = 'en' DESC, s.lang) = 1
+    WITH grouped AS (  -- one ordered aggregate per conversation (each one buffers its rows per thread)
+        SELECT unit_id,
+            list({'role': role, 'content': content} ORDER BY role <> 'system', seq) AS messages,
+            count(*)::INTEGER AS n_messages,
+            count(*) FILTER (WHERE role <> 'system') AS n_turns,
+            sum(length(content))::BIGINT AS n_chars,
+            max(length(content)) AS longest
+        FROM clean_merged GROUP BY unit_id
     ),
-    scripts AS (  -- script counts over the non-ASCII letters only: cheap for mostly-ASCII text
-        SELECT record_id, ascii_letters + length(regexp_replace(other, '[^\\pL]', '', 'g')) AS letters,
-            ascii_letters + length(regexp_replace(other, '[^\\p{Latin}]', '', 'g')) AS latin,
-            length(regexp_replace(other, '[^\\p{Hiragana}\\p{Katakana}]', '', 'g')) AS kana,
-            length(regexp_replace(other, '[^\\p{Hangul}]', '', 'g')) AS hangul,
-            length(regexp_replace(other, '[^\\p{Han}]', '', 'g')) AS han,
-            length(regexp_replace(other, '[^\\p{Cyrillic}]', '', 'g')) AS cyrillic
-        FROM (SELECT record_id, length(regexp_replace(sample, '[^A-Za-z]', '', 'g')) AS ascii_letters,
-                     regexp_replace(sample, '[\\x00-\\x7F]', '', 'g') AS other
-              FROM clean_shapes)
-    )
-    SELECT s.record_id,
-        CASE WHEN s.letters = 0 THEN 'und'
-             WHEN s.kana >= 0.1 * s.letters THEN 'ja'
-             WHEN s.hangul >= 0.3 * s.letters THEN 'ko'
-             WHEN s.han >= 0.3 * s.letters THEN 'zh'
-             WHEN s.cyrillic >= 0.3 * s.letters THEN 'ru'
-             WHEN s.latin >= 0.5 * s.letters AND b.hits >= $min_stopword_share * c.n_words THEN b.lang
-             ELSE 'und' END AS language
-    FROM scripts s LEFT JOIN word_counts c USING (record_id) LEFT JOIN best_latin b USING (record_id)
+    with_turns AS (SELECT *, list_filter(messages, lambda m: m.role <> 'system') AS turns FROM grouped)
+    SELECT t.unit_id, t.messages, t.n_messages, t.n_turns, t.n_chars, t.longest,
+        t.turns[1].role AS first_role,
+        left(array_to_string(list_transform(t.turns, lambda m: m.content), chr(10)), $sample_chars) AS sample,
+        sha256(array_to_string(list_transform(t.messages, lambda m: m.role || chr(31) ||
+            replace(replace(replace(replace(lower(m.content), ' ', ''), chr(10), ''), chr(9), ''), chr(13), '')), chr(30))) AS content_hash,
+        sha256(regexp_replace(lower(left(coalesce(list_filter(t.turns, lambda m: m.role = 'user')[1].content, ''), $near_duplicate_chars)
+                                    || left(coalesce(list_filter(t.turns, lambda m: m.role = 'assistant')[1].content, ''), $near_duplicate_chars)),
+                              '[^\\pL]+', '', 'g')) AS near_key,
+        p.pii_counts
+    FROM with_turns t LEFT JOIN clean_message_facts p USING (unit_id)
     """,
-    # 6. The first failing reason per record (NULL = kept), with a detail a person can act on.
+    "DROP TABLE clean_merged",
+    # 5. Language of each conversation.
     """
-    CREATE OR REPLACE TEMP TABLE clean_verdicts AS
-    WITH message_checks AS (
-        SELECT record_id,
-            arg_min(format('message {} has role {}', pos, coalesce(raw_role, 'NULL')), pos)
-                FILTER (WHERE item_type = 'OBJECT' AND role IS NULL) AS unknown_role,
-            arg_min(format('message {} content is {}', pos,
-                           CASE WHEN item_type <> 'OBJECT' THEN 'not an object: ' || item_type ELSE content_type END), pos)
-                FILTER (WHERE item_type <> 'OBJECT' OR (role IS NOT NULL AND content_type <> 'VARCHAR')) AS invalid_content
-        FROM clean_messages GROUP BY record_id
+    CREATE OR REPLACE TEMP TABLE clean_samples AS SELECT unit_id AS key, sample FROM clean_shapes
+    """,
+    f"""
+    CREATE OR REPLACE TEMP TABLE clean_languages AS
+    SELECT key AS unit_id, language FROM ({language.language_sql("clean_samples")})
+    """,
+    # 6. The first failing reason per conversation unit (NULL = kept), with a detail a person can act on.
+    """
+    CREATE OR REPLACE TEMP TABLE clean_units AS
+    WITH message_checks AS (SELECT unit_id, unknown_role, invalid_content FROM clean_message_facts),
+    units AS (
+        SELECT unit_id, any_value(source_format) AS source_format, any_value(source_id) AS source_id,
+               any_value(partition_date) AS partition_date, arg_min(source_file, (chunk_no, line_no)) AS source_file,
+               min(line_no) AS line_no, list(record_id ORDER BY chunk_no, line_no) AS record_ids,
+               any_value(user_key) FILTER (WHERE user_key IS NOT NULL) AS user_key
+        FROM clean_records WHERE source_format IS NOT NULL AND NOT repeated_chunk AND read_error IS NULL
+        GROUP BY unit_id
     ),
     judged AS (
-        SELECT r.record_id, r.source_file, r.line_no, r.source_id, r.source_format, s.messages, s.n_messages,
-               s.n_chars, s.content_hash, l.language,
-            CASE WHEN r.doc IS NULL THEN 'invalid_json'
-                 WHEN r.source_format IS NULL THEN 'unknown_schema'
-                 WHEN m.unknown_role IS NOT NULL THEN 'unknown_role'
+        SELECT u.*, s.messages, s.n_messages, s.n_chars, s.content_hash, s.near_key, s.pii_counts, l.language,
+            CASE WHEN m.unknown_role IS NOT NULL THEN 'unknown_role'
                  WHEN m.invalid_content IS NOT NULL THEN 'invalid_content'
-                 WHEN s.record_id IS NULL THEN 'empty_conversation'
+                 WHEN s.unit_id IS NULL THEN 'empty_conversation'
                  WHEN s.first_role = 'assistant' THEN 'starts_with_assistant'
                  WHEN s.n_turns < $min_messages THEN 'too_few_messages'
                  WHEN s.longest > $max_message_chars THEN 'message_too_long'
                  WHEN s.n_chars > $max_conversation_chars THEN 'conversation_too_long'
                  WHEN len($languages::VARCHAR[]) > 0 AND NOT list_contains($languages::VARCHAR[], l.language) THEN 'language'
             END AS reason,
-            CASE WHEN r.doc IS NULL THEN 'not valid JSON: ' || left(r.raw_text, 120)
-                 WHEN r.source_format IS NULL THEN 'no conversations/messages/conversation array; top-level type '
-                      || json_type(r.doc) || coalesce(', keys ' || array_to_string(json_keys(r.doc), ','), '')
-                 WHEN m.unknown_role IS NOT NULL THEN m.unknown_role
+            CASE WHEN m.unknown_role IS NOT NULL THEN m.unknown_role
                  WHEN m.invalid_content IS NOT NULL THEN m.invalid_content
-                 WHEN s.record_id IS NULL THEN 'no non-blank messages'
+                 WHEN s.unit_id IS NULL THEN 'no non-blank messages'
                  WHEN s.first_role = 'assistant' THEN 'first non-system message is from the assistant'
                  WHEN s.n_turns < $min_messages THEN format('{} user/assistant messages after merging < {}', s.n_turns, $min_messages)
                  WHEN s.longest > $max_message_chars THEN format('longest message {} chars > {}', s.longest, $max_message_chars)
                  WHEN s.n_chars > $max_conversation_chars THEN format('{} chars > {}', s.n_chars, $max_conversation_chars)
                  ELSE 'detected language ' || l.language
             END AS detail
-        FROM clean_records r
-        LEFT JOIN message_checks m USING (record_id)
-        LEFT JOIN clean_shapes s USING (record_id)
-        LEFT JOIN clean_languages l USING (record_id)
+        FROM units u
+        LEFT JOIN message_checks m USING (unit_id)
+        LEFT JOIN clean_shapes s USING (unit_id)
+        LEFT JOIN clean_languages l USING (unit_id)
+    ),
+    elsewhere_hash AS (
+        SELECT content_hash, min(conversation_id) AS conversation_id FROM conversations
+        WHERE NOT list_contains($parts::DATE[], partition_date) GROUP BY content_hash
+    ),
+    elsewhere_id AS (
+        SELECT source_format, source_id, min(conversation_id) AS conversation_id FROM conversations
+        WHERE NOT list_contains($parts::DATE[], partition_date) AND source_id IS NOT NULL GROUP BY ALL
+    ),
+    ordered AS (
+        SELECT j.*, h.conversation_id AS same_hash_elsewhere, i.conversation_id AS same_id_elsewhere,
+            first_value(j.unit_id) OVER (PARTITION BY j.content_hash, j.reason IS NULL
+                                         ORDER BY j.partition_date, j.source_file, j.line_no, j.unit_id) AS first_of_hash,
+            first_value(j.unit_id) OVER (PARTITION BY j.source_format, j.source_id, j.reason IS NULL
+                                         ORDER BY j.partition_date, j.source_file, j.line_no, j.unit_id) AS first_of_id
+        FROM judged j
+        LEFT JOIN elsewhere_hash h ON j.reason IS NULL AND h.content_hash = j.content_hash
+        LEFT JOIN elsewhere_id i ON j.reason IS NULL AND i.source_format = j.source_format AND i.source_id = j.source_id
     )
-    SELECT * REPLACE (
-        coalesce(reason, CASE WHEN first_of_hash <> record_id THEN 'duplicate' END) AS reason,
-        CASE WHEN reason IS NULL AND first_of_hash <> record_id THEN 'same content as ' || first_of_hash
-             ELSE detail END AS detail)
-    FROM (
-        SELECT *, first_value(record_id) OVER (
-                      PARTITION BY content_hash, reason IS NULL ORDER BY source_file, line_no, record_id) AS first_of_hash
-        FROM judged
-    )
+    SELECT * EXCLUDE (same_hash_elsewhere, same_id_elsewhere, first_of_hash, first_of_id) REPLACE (
+        CASE WHEN reason IS NOT NULL THEN reason
+             WHEN same_hash_elsewhere IS NOT NULL OR first_of_hash <> unit_id THEN 'duplicate'
+             WHEN source_id IS NOT NULL AND (same_id_elsewhere IS NOT NULL OR first_of_id <> unit_id) THEN 'duplicate_id'
+        END AS reason,
+        CASE WHEN reason IS NOT NULL THEN detail
+             WHEN same_hash_elsewhere IS NOT NULL THEN 'same content as conversation ' || same_hash_elsewhere || ' (another partition)'
+             WHEN first_of_hash <> unit_id THEN 'same content as conversation ' || first_of_hash
+             WHEN source_id IS NOT NULL AND (same_id_elsewhere IS NOT NULL OR first_of_id <> unit_id)
+             THEN format('id {} already used by conversation {} with different content', source_id,
+                         coalesce(same_id_elsewhere, first_of_id))
+        END AS detail)
+    FROM ordered
     """,
-    "DELETE FROM conversations",
+    # 7. One verdict per raw record: its own read/parse problem, else its conversation's.
+    """
+    CREATE OR REPLACE TEMP TABLE clean_verdicts AS
+    SELECT r.record_id, r.source_file, r.line_no, r.partition_date, r.unit_id,
+        CASE WHEN r.read_error IS NOT NULL THEN r.read_error
+             WHEN r.top_type IS NULL THEN 'invalid_json'
+             WHEN r.source_format IS NULL THEN 'unknown_schema'
+             WHEN r.repeated_chunk THEN 'duplicate_id'
+             ELSE u.reason END AS reason,
+        CASE WHEN r.read_error = 'invalid_utf8' THEN 'line is not valid UTF-8: ' || r.raw_preview
+             WHEN r.read_error IS NOT NULL THEN 'record larger than the ingest limit; first chars: ' || r.raw_preview
+             WHEN r.top_type IS NULL THEN 'not valid JSON: ' || r.raw_preview
+             WHEN r.source_format IS NULL THEN format('no {} shape; top-level type {}{}', coalesce(r.file_format, 'known'),
+                  r.top_type, coalesce(', keys ' || array_to_string(r.top_keys, ','), ''))
+             WHEN r.repeated_chunk THEN format('chunk {} of {} appears twice in the file', r.chunk_no, r.source_id)
+             ELSE u.detail END AS detail,
+        u.language
+    FROM clean_records r LEFT JOIN clean_units u USING (unit_id)
+    """,
+    "DELETE FROM conversations WHERE list_contains($parts::DATE[], partition_date)",
     """
     INSERT INTO conversations (conversation_id, record_id, source_file, line_no, source_id, source_format, language,
-                               messages, n_messages, n_chars, content_hash)
-    SELECT record_id, record_id, source_file, line_no, source_id, source_format, language,
-           messages, n_messages, n_chars, content_hash
-    FROM clean_verdicts WHERE reason IS NULL
+                               messages, n_messages, n_chars, content_hash, partition_date, record_ids, user_hash,
+                               pii_counts, near_key, near_duplicate_of)
+    WITH kept AS (SELECT * FROM clean_units WHERE reason IS NULL),
+    elsewhere_near AS (
+        SELECT near_key, min(conversation_id) AS conversation_id FROM conversations GROUP BY near_key
+    )
+    SELECT k.unit_id, k.unit_id, k.source_file, k.line_no, k.source_id, k.source_format, k.language,
+           k.messages, k.n_messages, k.n_chars, k.content_hash, k.partition_date, k.record_ids,
+           CASE WHEN k.user_key IS NOT NULL THEN sha256($user_id_salt || chr(31) || k.user_key) END,
+           map_from_entries(list_filter(map_entries(k.pii_counts::MAP(VARCHAR, INTEGER)), lambda e: e.value > 0)),
+           k.near_key,
+           coalesce(e.conversation_id,
+                    nullif(first_value(k.unit_id) OVER (PARTITION BY k.near_key ORDER BY k.partition_date, k.source_file, k.line_no, k.unit_id),
+                           k.unit_id))
+    FROM kept k LEFT JOIN elsewhere_near e USING (near_key)
     """,
-    "DELETE FROM quarantine WHERE stage = $stage",
+    "DELETE FROM quarantine WHERE stage = $stage AND list_contains($parts::DATE[], partition_date)",
     """
-    INSERT INTO quarantine (record_id, stage, reason, detail, source_file, line_no)
-    SELECT record_id, $stage, reason, detail, source_file, line_no FROM clean_verdicts WHERE reason IS NOT NULL
+    INSERT INTO quarantine (record_id, stage, reason, detail, source_file, line_no, partition_date, level)
+    SELECT record_id, $stage, reason, sdpo_redact_pii(detail), source_file, line_no, partition_date, 'record'
+    FROM clean_verdicts WHERE reason IS NOT NULL
+    """,
+    """
+    INSERT INTO quarantine (record_id, stage, reason, detail, source_file, line_no, partition_date, level, message_index)
+    SELECT m.record_id, $stage, 'empty_message', format('message {} is empty or whitespace; dropped', m.pos),
+           r.source_file, r.line_no, r.partition_date, 'message', m.pos
+    FROM clean_dropped m JOIN clean_records r USING (record_id)
     """,
 ]
 
-_TEMP_TABLES = ["clean_records", "clean_messages", "clean_merged", "clean_shapes", "clean_languages", "clean_verdicts"]
+_TEMP_TABLES = ["clean_records", "clean_messages", "clean_message_facts", "clean_dropped", "clean_merged", "clean_shapes",
+                "clean_samples", "clean_languages", "clean_units", "clean_verdicts"]
 
 
-def build_conversations(con: duckdb.DuckDBPyConnection, cfg: CleaningConfig | None = None) -> CleaningResult:
-    """Rebuild `conversations` and the stage's quarantine rows from all of `raw_records`."""
+def build_conversations(con: duckdb.DuckDBPyConnection, cfg: CleaningConfig | None = None,
+                        partitions: list[str] | None = None) -> CleaningResult:
+    """Rebuild `conversations` and the stage's quarantine rows for `partitions` (ISO days; None = all)."""
     cfg = cfg or CleaningConfig()
+    if partitions is None:
+        partitions = stage_partitions(con, [("raw_records", "true"), ("conversations", "true"),
+                                            ("quarantine", "stage = 'conversations'")])
+    partitions = sorted({str(day) for day in partitions})
+    pii.install_macros(con)
     params = {
         "stage": STAGE,
         "user_roles": USER_ROLES,
         "assistant_roles": ASSISTANT_ROLES,
         "sample_chars": cfg.language_sample_chars,
         "min_stopword_share": cfg.language_min_stopword_share,
-        "stop_langs": [lang for lang, words in STOPWORDS.items() for _ in words],
-        "stop_words": [word for words in STOPWORDS.values() for word in words],
         "min_messages": cfg.min_messages,
         "max_message_chars": cfg.max_message_chars,
         "max_conversation_chars": cfg.max_conversation_chars,
         "languages": list(cfg.languages),
+        "user_id_salt": cfg.user_id_salt,
+        "near_duplicate_chars": cfg.near_duplicate_chars,
     }
-    return run_steps(con, _STEPS, params, _TEMP_TABLES, _summarize)
+    total = CleaningResult(partitions=partitions)
+    for batch in partition_batches(con, "raw_records", partitions, cfg.batch_records):
+        part = run_steps(con, _STEPS, {**params, "parts": batch}, _TEMP_TABLES, _summarize)
+        _accumulate(total, part)
+    return total
+
+
+def _accumulate(total: CleaningResult, part: CleaningResult) -> None:
+    for name in ("raw_records", "kept", "quarantined", "records_kept", "messages_dropped"):
+        setattr(total, name, getattr(total, name) + getattr(part, name))
+    for mine, theirs in ((total.by_reason, part.by_reason), (total.languages, part.languages)):
+        for key, value in theirs.items():
+            mine[key] = mine.get(key, 0) + value
+    seen = {row["status"] for row in total.examples}
+    total.examples += [row for row in part.examples if row["status"] not in seen or row["status"] == "kept"][:10]
+    total.by_reason = dict(sorted(total.by_reason.items(), key=lambda kv: (-kv[1], kv[0])))
+    total.languages = dict(sorted(total.languages.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def _summarize(con: duckdb.DuckDBPyConnection) -> CleaningResult:
@@ -271,28 +425,66 @@ def _summarize(con: duckdb.DuckDBPyConnection) -> CleaningResult:
         "SELECT reason, count(*) FROM clean_verdicts WHERE reason IS NOT NULL GROUP BY reason ORDER BY count(*) DESC, reason"
     ).fetchall())
     languages = dict(con.execute(
-        """SELECT language, count(*) FROM clean_verdicts
-           WHERE language IS NOT NULL AND (reason IS NULL OR reason IN ('language', 'duplicate'))
+        """SELECT language, count(*) FROM clean_units
+           WHERE language IS NOT NULL AND (reason IS NULL OR reason IN ('language', 'duplicate', 'duplicate_id'))
            GROUP BY language ORDER BY count(*) DESC, language"""
     ).fetchall())
     columns = ["status", "record_id", "source_file", "line_no", "source_format", "language", "n_messages", "detail", "preview"]
     examples = con.execute(
         """
-        SELECT coalesce(reason, 'kept') AS status, record_id, source_file, line_no, source_format, language, n_messages,
-               detail, left(messages[1].content, 160) AS preview
-        FROM clean_verdicts
-        QUALIFY row_number() OVER (PARTITION BY reason ORDER BY source_file, line_no) <= CASE WHEN reason IS NULL THEN 3 ELSE 1 END
-        ORDER BY reason NULLS FIRST, source_file, line_no
+        SELECT coalesce(v.reason, 'kept') AS status, v.record_id, v.source_file, v.line_no, u.source_format, v.language,
+               u.n_messages, sdpo_redact_pii(v.detail), left(u.messages[1].content, 160) AS preview
+        FROM clean_verdicts v LEFT JOIN clean_units u USING (unit_id)
+        QUALIFY row_number() OVER (PARTITION BY v.reason ORDER BY v.source_file, v.line_no) <= CASE WHEN v.reason IS NULL THEN 3 ELSE 1 END
+        ORDER BY v.reason NULLS FIRST, v.source_file, v.line_no
         """
     ).fetchall()
-    raw, kept = con.execute(
+    raw, records_kept = con.execute(
         "SELECT count(*), count(*) FILTER (WHERE reason IS NULL) FROM clean_verdicts"
     ).fetchall()[0]
+    kept = fetch_scalar(con, "SELECT count(*) FROM clean_units WHERE reason IS NULL")
+    dropped = fetch_scalar(con, "SELECT count(*) FROM clean_dropped")
     return CleaningResult(
         raw_records=raw,
         kept=kept,
-        quarantined=raw - kept,
+        quarantined=raw - records_kept,
+        records_kept=records_kept,
+        messages_dropped=dropped,
         by_reason=by_reason,
         languages=languages,
         examples=[dict(zip(columns, row)) for row in examples],
     )
+
+
+def length_histogram(con: duckdb.DuckDBPyConnection, partitions: list[str] | None = None,
+                     edges: tuple[int, ...] = (0, 250, 500, 1000, 2000, 4000, 8000, 16000, 32000, 64000)) -> list[dict]:
+    """Kept conversations by total characters: [{'bucket': '500-1000', 'lower': 500, 'count': n}, ...] (all buckets)."""
+    rows = dict(con.execute(
+        """
+        SELECT list_filter($edges::BIGINT[], lambda e: e <= n_chars)[-1] AS lower, count(*)
+        FROM conversations WHERE $all OR list_contains($parts::DATE[], partition_date) GROUP BY 1
+        """,
+        {"edges": list(edges), "all": partitions is None, "parts": list(partitions or [])},
+    ).fetchall())
+    uppers = list(edges[1:]) + [None]
+    return [{"bucket": f"{lo}-{hi}" if hi else f"{lo}+", "lower": lo, "count": int(rows.get(lo, 0))}
+            for lo, hi in zip(edges, uppers)]
+
+
+def language_mix(con: duckdb.DuckDBPyConnection, partitions: list[str] | None = None) -> dict[str, int]:
+    """Detected language → records that reached the language step (kept, or rejected for language or
+    duplication), so that the mix shows what the language filter removed."""
+    kept = con.execute(
+        "SELECT language, count(*) FROM conversations WHERE $all OR list_contains($parts::DATE[], partition_date) GROUP BY 1",
+        {"all": partitions is None, "parts": list(partitions or [])},
+    ).fetchall()
+    rejected = con.execute(
+        """SELECT regexp_extract(detail, '^detected language (\\S+)$', 1), count(*) FROM quarantine
+           WHERE stage = 'conversations' AND reason = 'language' AND ($all OR list_contains($parts::DATE[], partition_date))
+           GROUP BY 1""",
+        {"all": partitions is None, "parts": list(partitions or [])},
+    ).fetchall()
+    mix: dict[str, int] = {}
+    for lang, n in kept + rejected:
+        mix[lang] = mix.get(lang, 0) + n
+    return dict(sorted(mix.items(), key=lambda kv: (-kv[1], kv[0])))

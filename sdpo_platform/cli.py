@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,6 +16,22 @@ def main(argv: list[str] | None = None) -> int:
     convert = sub.add_parser("model", help="resolve a model spec (converts the embedded default once)")
     convert.add_argument("spec", nargs="?", default="default")
     sub.add_parser("config", help="print every configuration knob with its default (markdown)")
+    ing = sub.add_parser("ingest", help="ingest log files: raw → conversations → interactions for the days they touch")
+    ing.add_argument("paths", nargs="+", help="JSONL / JSON / Parquet files (optionally .gz)")
+    ing.add_argument("--partition", help="put every record on this day (YYYY-MM-DD) instead of its own timestamp")
+    ing.add_argument("--format", help="force the record format instead of detecting it per file")
+    st = sub.add_parser("stats", help="warehouse counts (records, conversations, interactions, quarantine by reason)")
+    st.add_argument("--json", action="store_true", help="print one JSON object")
+    adv = sub.add_parser("advantages", help="per-token hindsight advantages of JSONL rows, optionally as an HTML heatmap")
+    adv.add_argument("input", help="JSONL rows: messages or prompt, followup, optional response")
+    adv.add_argument("--out", required=True, help="JSONL written: each row plus response, tokens, advantages, means")
+    adv.add_argument("--html", help="also write token heatmaps (blue = reinforced, red = penalized)")
+    adv.add_argument("--model", help="model spec (default: the config's model)")
+    adv.add_argument("--seed", type=int, default=0, help="seed for responses generated for rows without one")
+    inf = sub.add_parser("informativeness", help="label JSONL follow-ups: kind, informativeness in [0, 1], keep, safety flag")
+    inf.add_argument("input", help="JSONL rows: messages or prompt, followup, optional response (generated greedily when missing)")
+    inf.add_argument("--out", required=True, help="JSONL written: each row plus followup_kind, informativeness, keep, safety_flag")
+    inf.add_argument("--model", help="model spec (default: the config's model)")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -23,11 +42,49 @@ def main(argv: list[str] | None = None) -> int:
         from sdpo_platform.models import resolve_model
 
         print(resolve_model(args.spec))
+    elif args.command == "advantages":
+        from sdpo_platform.advantages import run
+
+        written = run(args.input, args.out, args.html, args.model, args.seed)
+        print(f"{written} rows -> {args.out}" + (f", heatmap -> {args.html}" if args.html else ""))
+    elif args.command == "informativeness":
+        from sdpo_platform.informativeness import run_jsonl
+
+        written = run_jsonl(args.input, args.out, args.model)
+        print(f"{written} rows -> {args.out}")
+    elif args.command == "ingest":
+        return _ingest(args)
+    elif args.command == "stats":
+        from sdpo_platform.warehouse import connect, stats
+
+        with connect() as con:
+            counts = stats(con)
+        print(json.dumps(counts) if args.json else "\n".join(f"{k}: {v}" for k, v in counts.items()))
     elif args.command == "config":
         from sdpo_platform.config import config_reference
 
         print(config_reference())
     return 0
+
+
+def _ingest(args) -> int:
+    """Exit 0 when every file was read and every touched partition passed its checks, else 1 (after
+    doing everything it could: one bad file never stops the others)."""
+    from sdpo_platform.config import PlatformConfig
+    from sdpo_platform.pipeline import ingest_and_clean
+    from sdpo_platform.warehouse import connect
+
+    missing = [p for p in args.paths if not Path(p).exists()]
+    if missing:
+        print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    with connect() as con:
+        outcome = ingest_and_clean(con, args.paths, PlatformConfig.load(), args.partition, args.format)
+    for error in outcome["errors"]:
+        print(f"error: {error}", file=sys.stderr)
+    print(json.dumps(outcome, indent=2))
+    failed = any(v != "passed" for day in outcome["checks"].values() for v in day.values())
+    return 1 if outcome["errors"] or failed else 0
 
 
 if __name__ == "__main__":

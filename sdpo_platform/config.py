@@ -23,6 +23,13 @@ class Section(BaseModel):
     model_config = {"extra": "forbid"}
 
 
+class IngestConfig(Section):
+    max_record_bytes: int = Field(
+        32 * 1024 * 1024, description="A record (line) longer than this keeps only its first 4 KiB and is quarantined as record_too_large."
+    )
+    batch_records: int = Field(10_000, description="Records buffered per insert while streaming a file (bounds ingest memory).")
+
+
 class CleaningConfig(Section):
     min_messages: int = Field(3, description="Conversations with fewer messages are quarantined.")
     max_message_chars: int = Field(4096, description="Any message longer than this quarantines the conversation.")
@@ -32,12 +39,24 @@ class CleaningConfig(Section):
     language_min_stopword_share: float = Field(
         0.05, description="Share of words that must be frequent function words of a Latin-script language to label it (else 'und')."
     )
+    user_id_salt: str = Field(
+        "sdpo-platform", description="Salt of the sha256 that replaces user ids (WildChat hashed_ip, OpenAI user); set a secret per deployment."
+    )
+    near_duplicate_chars: int = Field(
+        300, description="Near-duplicate key: the first this-many characters of the first user turn and of the first reply, letters only, lower-cased."
+    )
+    batch_records: int = Field(
+        50_000, description="Raw records cleaned per transaction (whole partitions at a time): bounds memory on large backfills."
+    )
 
 
 class InteractionConfig(Section):
     max_context_messages: int = Field(5, description="x keeps at most this many trailing messages, starting with a user turn.")
     validation_fraction: float = Field(0.2, description="Share of conversations (by hash) in the validation split.")
     min_followup_chars: int = Field(2, description="Follow-ups shorter than this are flagged uninformative.")
+    batch_conversations: int = Field(
+        100_000, description="Conversations turned into triples per transaction (whole partitions at a time): bounds memory."
+    )
 
 
 class TargetsConfig(Section):
@@ -46,8 +65,14 @@ class TargetsConfig(Section):
     max_response_tokens: int = Field(128, description="Responses are truncated to this many tokens (EOS always last).")
     max_train: int = Field(128, description="Most train-split interactions scored (deterministic choice by id hash); raise to score everything.")
     max_validation: int = Field(32, description="Most validation-split interactions scored (the evaluation set).")
-    batch_token_budget: int = Field(2048, description="Padded tokens per scoring forward pass (length-sorted buckets); raise on a GPU.")
+    batch_token_budget: int | None = Field(
+        None,
+        description="Padded tokens per scoring batch (length-sorted; prefix + every branch suffix); null = auto: one interaction "
+        "at a time on CPU (batching does not pay there, padding does cost), 16384 on a GPU.",
+    )
     neutral_followup: str | None = Field(None, description="If set, also score y under the template with this follow-up (e.g. 'OK.') for the neutral_followup baseline.")
+    top_k: int = Field(20, description="Also store the teacher's k most likely tokens per response position (ids, log-probs, tail mass) for a top-k loss; 0 turns it off.")
+    shard_size: int = Field(64, description="Interactions per Parquet shard of a target set: the unit of resuming and of scoring by independent workers.")
 
 
 class TrainingConfig(Section):
@@ -77,13 +102,52 @@ class RegistryConfig(Section):
     serve_max_new_tokens: int = Field(64, description="Default greedy generation length of the registered pyfunc model (override per request with params).")
 
 
+class InformativenessConfig(Section):
+    """Which triples teach what (issue 4): follow-up taxonomy, model signal, safety, caps, keep policy."""
+
+    use_model: bool = Field(True, description="Score the model-based signal (no generation); False keeps the cheap follow-up-kind prior only.")
+    signal: Literal["followup_pmi", "control_contrast", "neutral_contrast", "raw_abs"] = Field(
+        "followup_pmi",
+        description="Model signal: followup_pmi (mean log-prob of o after x,y minus after nothing; best measured), "
+        "control_contrast (mean abs(teacher(o) - mean teacher(controls)) per token), neutral_contrast (vs 'OK.'), raw_abs (mean abs(A)).",
+    )
+    control_followups: list[str] = Field(
+        ["OK.", "Thanks!", "What's the weather like today?"], description="Control follow-ups scored under the same template for control_contrast."
+    )
+    max_prompt_tokens: int = Field(256, description="Prompt tokens kept when scoring the signal (oldest turns dropped first).")
+    max_response_tokens: int = Field(64, description="Response tokens scored for the signal (a prefix is enough to rank).")
+    max_followup_tokens: int = Field(48, description="Follow-up tokens scored by followup_pmi.")
+    batch_token_budget: int = Field(2048, description="Padded tokens per scoring forward pass.")
+    signal_center: float = Field(0.2, description="Signal value mapped to 0.5 by the logistic calibration (followup_pmi, nats/token; measured midway between relevant and unrelated medians).")
+    signal_scale: float = Field(0.4, description="Logistic calibration width: signal_center ± scale maps to 0.27/0.73.")
+    model_weight: float = Field(0.6, description="informativeness = prior(kind)^(1 - w) * calibrated signal^w, w = model_weight (both must agree).")
+    kind_priors: dict[str, float] = Field(
+        {
+            "correction": 1.0, "refinement": 0.9, "negative_reaction": 0.7, "positive_reinforcement": 0.5,
+            "continuation": 0.5, "other": 0.4, "acknowledgement": 0.1, "unrelated": 0.05,
+        },
+        description="Prior informativeness of each follow-up kind (what it can teach about y).",
+    )  # fmt: skip
+    keep_threshold: float = Field(0.5, description="Triples with informativeness below this are not kept for training.")
+    min_topic_overlap: float = Field(0.3, description="Share of the follow-up's content words found in x's last turn or y above which it is on topic.")
+    exclude_unsafe: bool = Field(True, description="Drop follow-ups flagged by the safety guardrail from the kept set.")
+    max_user_share: float = Field(0.1, description="Most kept triples per user as a share of the candidates (users = conversations when user_id is absent).")
+    max_conversation_share: float = Field(0.05, description="Most kept triples per conversation as a share of the candidates.")
+    min_group_cap: int = Field(3, description="Caps never go below this many triples per user / conversation (small sets).")
+    min_kept_fraction: float = Field(0.05, description="Blocking check: kept share of a partition must be at least this.")
+    max_kept_fraction: float = Field(0.95, description="Blocking check: kept share of a partition must be at most this.")
+    principles_preamble: bool = Field(False, description="Prefix the hindsight block with PRINCIPLES (use safety.principled_template for TargetsConfig.template).")
+
+
 class PlatformConfig(Section):
     model: str = Field("default", description="'default' (embedded SmolLM2-135M), a Hugging Face id, or a local path.")
+    ingest: IngestConfig = IngestConfig()
     cleaning: CleaningConfig = CleaningConfig()
     interactions: InteractionConfig = InteractionConfig()
     targets: TargetsConfig = TargetsConfig()
     training: TrainingConfig = TrainingConfig()
     registry: RegistryConfig = RegistryConfig()
+    informativeness: InformativenessConfig = InformativenessConfig()
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "PlatformConfig":

@@ -1,223 +1,294 @@
-"""Raw interaction logs → `raw_records`: one row per source record, idempotent, never crashing on a file.
+"""Raw interaction logs → `raw_records`: one row per source record, per daily partition, never crashing.
 
-Accepted files: `.jsonl`, `.json` and their `.gz` forms. A record's identity is
-sha256(source_file, line_no, raw_text), so re-ingesting a file adds nothing. Records are stored as
-text exactly as read (invalid JSON included): judging them is the cleaning stage's job, and keeping
-the text means a rejected record can still be inspected from the quarantine.
+What a file is, is decided from its bytes, not only its name:
+- container (`formats.open_container`): gzip (magic bytes) around JSONL, a JSON array, one JSON
+  document or Parquet (`PAR1`); a JSON array is read record by record (`JsonArrayReader`), so a
+  truncated array keeps its complete records and its tail gets one 'truncated_json_array' row;
+- record format (`formats.detect_format` over the first records, or the caller's `format`):
+  wildchat | sharegpt | openai | hh_rlhf. A file whose records match none gets an 'unknown_format'
+  quarantine row and an entry in `IngestResult.errors`, both naming the file; a binary file (NUL bytes
+  or not UTF-8 in its first 8 KiB) is not ingested at all, a text file is (its records are then
+  quarantined one by one by cleaning, `invalid_json` / `unknown_schema`), so nothing goes unaccounted
+  and `format=` can re-ingest it later.
 
-- JSONL: DuckDB reads the file (`read_text`, or the decompressed text for `.gz`) and splits it into
-  lines; `line_no` is the 1-based physical line; blank lines are not records.
-- JSON: a top-level array is parsed record by record (`JsonArrayReader`), so a truncated array keeps
-  its complete records; `line_no` is the 1-based index in the array and `raw_text` the record
-  re-serialized on one line. Any other document is a single record (line 1).
+Records are stored as text exactly as read (invalid JSON included): judging them is the cleaning
+stage's job, and keeping the text means a rejected record can still be inspected. Lines that are not
+UTF-8 are kept (bytes replaced by U+FFFD) with `read_error = 'invalid_utf8'`; records longer than
+`IngestConfig.max_record_bytes` keep only their first 4 KiB with `read_error = 'record_too_large'`;
+cleaning quarantines both with that reason, so nothing read is ever silently dropped.
 
-A file that cannot be read (missing, not UTF-8, corrupt gzip) or has an unknown extension gets one
-'raw_interaction_logs' quarantine row and counts in `files_rejected`; a truncated/malformed tail of a
-JSON array gets one 'truncated_json_array' row (the file is still ingested).
+Partitions: `partition_date` is the record's own UTC day when it carries a timestamp (WildChat
+`timestamp`, OpenAI `created`, ... see `formats.RECORD_TIMESTAMP_PATHS`), else the file's arrival day
+(mtime, UTC), or the caller's `partition` for every record when given.
+
+Idempotency: `source_files` holds each path's content hash (and the format used). The same bytes
+again add nothing (unless a different `format` is forced: then the file is re-read); a changed file
+replaces all its rows (the old rows' partitions are reported in `partitions` so the next
+stages rebuild them); `record_id = sha256(source_file, line_no, raw_text)`.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
+import datetime as dt
+import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 import duckdb
+import pyarrow as pa
 
+from sdpo_platform.config import IngestConfig
+from sdpo_platform.formats import (
+    FORMATS,
+    RECORD_TIMESTAMP_PATHS,
+    Container,
+    JsonArrayReader,
+    UnknownFormatError,
+    detect_format,
+    open_container,
+)
 from sdpo_platform.warehouse import fetch_scalar
 
+__all__ = ["IngestResult", "JsonArrayReader", "ingest_files", "ingest_inbox", "STAGE"]
+
 STAGE = "raw_interaction_logs"
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
-JSON_SUFFIXES = (".json", ".json.gz")
-_INSERT_BATCH = 2_000
-_READ_CHUNK_CHARS = 1 << 20
+_SNIFF_RECORDS = 50
 
 
 @dataclass
 class IngestResult:
-    files: int = 0  # files looked at (rejected ones included)
+    files: int = 0  # files looked at (rejected and unchanged ones included)
     records_new: int = 0  # rows added to raw_records by this call
     records_total: int = 0  # rows in raw_records after this call
-    files_rejected: int = 0  # unreadable or unknown-format files (each has a quarantine row)
+    files_rejected: int = 0  # unreadable, empty or unknown-format files (each has a quarantine row)
+    files_unchanged: int = 0  # same path and same content hash as before: nothing done
+    files_replaced: int = 0  # same path, new content: old rows removed, new rows added
     by_file: dict[str, int] = field(default_factory=dict)  # source_file → new records from it
+    formats: dict[str, str] = field(default_factory=dict)  # source_file → record format used
+    partitions: list[str] = field(default_factory=list)  # ISO days whose raw rows changed (added or removed)
+    errors: list[str] = field(default_factory=list)  # one line per rejected file, naming it
 
 
-class JsonArrayReader:
-    """Iterate over the elements of a JSON array without loading the whole document.
-
-    `json.JSONDecoder.raw_decode` runs over a buffer that grows by chunks; a failed decode with more
-    input left just means the element is not complete yet. After iteration, `complete` tells whether
-    the closing bracket was reached and `records` how many elements were decoded; an incomplete array
-    (cut-off download, bad element) keeps everything before the break.
-    """
-
-    def __init__(self, stream: IO[str], chunk_chars: int = _READ_CHUNK_CHARS):
-        self._stream = stream
-        self._chunk_chars = chunk_chars
-        self._decoder = json.JSONDecoder()
-        self.complete = False
-        self.records = 0
-
-    def __iter__(self) -> Iterator[object]:
-        buf, pos, eof = "", 0, False
-
-        def more() -> bool:
-            nonlocal buf, pos, eof
-            chunk = self._stream.read(self._chunk_chars)
-            if not chunk:
-                eof = True
-                return False
-            buf, pos = buf[pos:] + chunk, 0
-            return True
-
-        def skip_whitespace() -> bool:
-            """Advance to the next non-space character; False at end of input."""
-            nonlocal pos
-            while True:
-                while pos < len(buf) and buf[pos].isspace():
-                    pos += 1
-                if pos < len(buf) or not more():
-                    return pos < len(buf)
-
-        if not skip_whitespace() or buf[pos] != "[":
-            return
-        pos += 1
-        expect_value = True
-        while skip_whitespace():
-            if buf[pos] == "]":
-                self.complete = True
-                return
-            if not expect_value:
-                if buf[pos] != ",":
-                    return
-                pos += 1
-                expect_value = True
-                continue
-            try:
-                value, end = self._decoder.raw_decode(buf, pos)
-            except json.JSONDecodeError:
-                if eof or not more():
-                    return
-                continue
-            if end == len(buf) and not eof and more():
-                continue  # a bare number/literal may go on in the next chunk
-            pos, expect_value = end, False
-            self.records += 1
-            yield value
-
-
-def ingest_inbox(con: duckdb.DuckDBPyConnection, inbox_dir: str | Path) -> IngestResult:
+def ingest_inbox(con: duckdb.DuckDBPyConnection, inbox_dir: str | Path, partition: dt.date | str | None = None,
+                 format: str | None = None, cfg: IngestConfig | None = None) -> IngestResult:
     """Ingest every non-hidden file under `inbox_dir` (recursively, in path order)."""
+    inbox_dir = Path(inbox_dir)
     paths = sorted(
-        p for p in Path(inbox_dir).rglob("*")
+        p for p in inbox_dir.rglob("*")
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(inbox_dir).parts)
     )
-    return ingest_files(con, paths)
+    return ingest_files(con, paths, partition=partition, format=format, cfg=cfg)
 
 
-def ingest_files(con: duckdb.DuckDBPyConnection, paths: Iterable[str | Path]) -> IngestResult:
-    """Ingest the given files; unreadable or unknown files are quarantined, never raised."""
-    result = IngestResult()
+def ingest_files(con: duckdb.DuckDBPyConnection, paths: Iterable[str | Path], partition: dt.date | str | None = None,
+                 format: str | None = None, cfg: IngestConfig | None = None) -> IngestResult:
+    """Ingest the given files; bad files are quarantined and listed in `errors`, never raised.
+
+    `format` forces the record format for every file (else detected per file); `partition` forces the
+    partition day of every record (else the record's own timestamp, else the file's mtime day).
+    """
+    if format is not None and format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
+    cfg = cfg or IngestConfig()
+    partition_day = dt.date.fromisoformat(partition) if isinstance(partition, str) else partition
+    result, touched = IngestResult(), set()
     for path in paths:
         path = Path(path).expanduser().resolve()
         source_file = str(path)
         result.files += 1
-        name = path.name.lower()
-        if not name.endswith(JSONL_SUFFIXES + JSON_SUFFIXES):
-            _quarantine_file(con, source_file, "unknown_format", f"unsupported file type: {path.name}")
-            result.files_rejected += 1
-            continue
-        con.begin()  # a file is ingested whole or not at all
         try:
-            reader = _ingest_jsonl if name.endswith(JSONL_SUFFIXES) else _ingest_json
-            new = reader(con, path, source_file)
-        except (OSError, UnicodeDecodeError, EOFError, RecursionError, duckdb.Error) as error:
+            file_hash = _file_hash(path)
+        except OSError as error:
+            _reject(con, result, source_file, "unreadable_file", f"{source_file}: {type(error).__name__}: {error}")
+            continue
+        previous = con.execute(
+            "SELECT file_hash, source_format FROM source_files WHERE source_file = ?", [source_file]).fetchall()
+        if previous and previous[0][0] == file_hash and format in (None, previous[0][1]):
+            result.files_unchanged += 1
+            continue
+        con.begin()  # a file is ingested whole or not at all (its replacement included)
+        try:
+            if previous:
+                touched |= _remove_file_rows(con, source_file)
+                result.files_replaced += 1
+            outcome = _ingest_one(con, path, source_file, file_hash, partition_day, format, cfg)
+        except (OSError, UnicodeDecodeError, EOFError, RecursionError, duckdb.Error, pa.ArrowException) as error:
             con.rollback()
-            _quarantine_file(con, source_file, "unreadable_file", f"{path.name}: {type(error).__name__}: {error}")
-            result.files_rejected += 1
+            _reject(con, result, source_file, "unreadable_file", f"{source_file}: {type(error).__name__}: {error}")
+            continue
+        except UnknownFormatError as error:
+            con.rollback()
+            _reject(con, result, source_file, "unknown_format", str(error))
             continue
         except BaseException:
             con.rollback()
             raise
         con.commit()
+        new, used_format, days = outcome
+        if used_format is None and new:
+            result.errors.append(f"unknown_format: {source_file}: no record looks like {', '.join(FORMATS)}; "
+                                 "its records are kept and quarantined by cleaning (pass format= to force one)")
         result.by_file[source_file] = new
         result.records_new += new
+        if used_format:
+            result.formats[source_file] = used_format
+        touched |= days
+    result.partitions = sorted(str(day) for day in touched)
     result.records_total = fetch_scalar(con, "SELECT count(*) FROM raw_records")
     return result
 
 
-# Lines of one text → (line_no, raw_text) rows, blank lines dropped, CR of CRLF files removed.
-_LINES_SQL = """
-    WITH file AS (SELECT string_split(content, chr(10)) AS lines FROM {source}),
-    numbered AS (
-        SELECT generate_subscripts(lines, 1) AS line_no, rtrim(unnest(lines), chr(13)) AS raw_text FROM file
+def _ingest_one(con, path: Path, source_file: str, file_hash: str, partition_day: dt.date | None,
+                format: str | None, cfg: IngestConfig) -> tuple[int, str | None, set]:
+    """(new records, format, partition days) for one file, inside the caller's transaction."""
+    file_day = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc).date()
+    params = {"source_file": source_file, "file_hash": file_hash, "file_day": file_day, "partition": partition_day}
+    with open_container(path, cfg.max_record_bytes) as container:
+        if container.kind == "empty":
+            _quarantine_file(con, source_file, "empty_file", f"{source_file}: no records (empty or whitespace only)")
+            _remember_file(con, source_file, file_hash, container.kind, None, 0)
+            return 0, None, set()
+        used_format = format or _detect(container, source_file)
+        if used_format is None:
+            _quarantine_file(con, source_file, "unknown_format", _unknown_format_message(source_file, container.sample(_SNIFF_RECORDS)))
+        params["format"] = used_format
+        con.execute("CREATE OR REPLACE TEMP TABLE ingest_batch (line_no BIGINT, raw_text VARCHAR, read_error VARCHAR)")
+        if container.kind == "parquet":
+            _stage_parquet(con, container.path)
+            new = _insert_staged(con, params)
+        else:
+            new = 0
+            for batch in _batches(container.records(), cfg.batch_records):
+                con.execute("DELETE FROM ingest_batch")
+                con.register("ingest_arrow", batch)
+                con.execute("INSERT INTO ingest_batch SELECT * FROM ingest_arrow")
+                con.unregister("ingest_arrow")
+                new += _insert_staged(con, params)
+        con.execute("DROP TABLE IF EXISTS ingest_batch")
+        if container.truncated_after is not None:
+            _quarantine_file(
+                con, source_file, "truncated_json_array",
+                f"{source_file}: JSON array ends or breaks after record {container.truncated_after}; later content skipped",
+            )
+    _remember_file(con, source_file, file_hash, container.kind, used_format, new)
+    days = {row[0] for row in con.execute(
+        "SELECT DISTINCT partition_date FROM raw_records WHERE source_file = ?", [source_file]).fetchall()}
+    return new, used_format, days
+
+
+def _detect(container: Container, source_file: str) -> str | None:
+    """The file's record format; None for a text file of no known format; raises for a binary one."""
+    found = detect_format(container.sample(_SNIFF_RECORDS))
+    if found is None and container.looks_binary():
+        raise UnknownFormatError(f"{source_file}: unknown log format — binary content (NUL bytes or not UTF-8); not ingested")
+    return found
+
+
+def _unknown_format_message(source_file: str, sample: list[object]) -> str:
+    keys = sorted({key for record in sample if isinstance(record, dict) for key in record})[:12]
+    return (
+        f"{source_file}: unknown log format — no record looks like {', '.join(FORMATS)} "
+        f"(top-level keys seen: {', '.join(keys) or 'none'}); ingested as-is, pass format= to force one"
     )
-    SELECT line_no, raw_text FROM numbered WHERE NOT regexp_matches(raw_text, '^\\s*$')
-"""
-
-_INSERT_SQL = """
-    INSERT OR IGNORE INTO raw_records (record_id, source_file, line_no, raw_text)
-    SELECT sha256(concat_ws(chr(31), $source_file, line_no::VARCHAR, raw_text)), $source_file, line_no, raw_text
-    FROM ({rows})
-"""
 
 
-def _ingest_jsonl(con: duckdb.DuckDBPyConnection, path: Path, source_file: str) -> int:
-    if not path.is_file():  # read_text treats its argument as a glob: a missing file reads as no rows
-        raise FileNotFoundError(f"no such file: {path}")
-    if path.name.lower().endswith(".gz"):
-        with gzip.open(path, "rt", encoding="utf-8") as stream:
-            text = stream.read()
-        rows = _LINES_SQL.format(source="(SELECT $text AS content)")
-        params = {"source_file": source_file, "text": text}
-    else:
-        rows = _LINES_SQL.format(source="read_text($path)")
-        params = {"source_file": source_file, "path": str(path)}
-    return fetch_scalar(con, _INSERT_SQL.format(rows=rows), params)
+def _batches(records: Iterator[tuple[int, str, str | None]], size: int) -> Iterator[pa.Table]:
+    columns: tuple[list, list, list] = ([], [], [])
+    for record in records:
+        for column, value in zip(columns, record):
+            column.append(value)
+        if len(columns[0]) >= size:
+            yield _arrow(columns)
+            columns = ([], [], [])
+    if columns[0]:
+        yield _arrow(columns)
 
 
-def _ingest_json(con: duckdb.DuckDBPyConnection, path: Path, source_file: str) -> int:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as stream:
-        head = stream.read(4096)
-        if not head.lstrip().startswith("["):
-            text = head + stream.read()
-            return _insert_rows(con, source_file, [1], [text]) if text.strip() else 0
-        stream.seek(0)
-        reader = JsonArrayReader(stream)
-        new, line_nos, texts = 0, [], []
-        for index, record in enumerate(reader, start=1):
-            line_nos.append(index)
-            texts.append(json.dumps(record, ensure_ascii=False))
-            if len(texts) >= _INSERT_BATCH:
-                new += _insert_rows(con, source_file, line_nos, texts)
-                line_nos, texts = [], []
-        new += _insert_rows(con, source_file, line_nos, texts)
-    if not reader.complete:
-        _quarantine_file(
-            con, source_file, "truncated_json_array",
-            f"{path.name}: JSON array ends or breaks after record {reader.records}; later content skipped",
+def _arrow(columns: tuple[list, list, list]) -> pa.Table:
+    return pa.table({"line_no": pa.array(columns[0], pa.int64()), "raw_text": pa.array(columns[1], pa.large_string()),
+                     "read_error": pa.array(columns[2], pa.string())})
+
+
+def _stage_parquet(con, path: Path) -> None:
+    """Parquet rows as JSON text, so that every container reaches cleaning in the same shape."""
+    con.execute(
+        """
+        INSERT INTO ingest_batch
+        SELECT file_row_number + 1, json_remove(to_json(t), '$.file_row_number'), NULL
+        FROM read_parquet($path, file_row_number = true) t
+        """,
+        {"path": str(path)},
+    )
+
+
+# The record's UTC day from its first timestamp-like field (ISO string, or epoch seconds/milliseconds);
+# days outside 2000..2100 are treated as garbage and fall back to the file's day.
+_INSERT_STAGED_SQL = """
+    INSERT INTO raw_records (record_id, source_file, line_no, raw_text, partition_date, source_format,
+                                       file_hash, read_error)
+    SELECT sha256(concat_ws(chr(31), $source_file, line_no::VARCHAR, raw_text)), $source_file, line_no, raw_text,
+           coalesce($partition::DATE, CASE WHEN day BETWEEN DATE '2000-01-01' AND DATE '2100-01-01' THEN day END,
+                    $file_day::DATE),
+           $format, $file_hash, read_error
+    FROM (
+        SELECT *, (CASE WHEN json_type(ts) = 'VARCHAR' THEN try_cast(ts->>'$' AS TIMESTAMPTZ)
+                        WHEN json_type(ts) IN ('BIGINT', 'UBIGINT', 'DOUBLE')
+                        THEN try(to_timestamp(CASE WHEN ts::DOUBLE > 1e11 THEN ts::DOUBLE / 1000 ELSE ts::DOUBLE END))
+                   END AT TIME ZONE 'UTC')::DATE AS day
+        FROM (
+            SELECT *, CASE WHEN read_error IS NULL AND json_valid(raw_text)
+                           THEN list_filter(json_extract(raw_text, $timestamp_paths::VARCHAR[]),
+                                            lambda x: x IS NOT NULL AND json_type(x) <> 'NULL')[1] END AS ts
+            FROM ingest_batch
         )
-    return new
+    )
+"""
 
 
-def _insert_rows(con: duckdb.DuckDBPyConnection, source_file: str, line_nos: list[int], texts: list[str]) -> int:
-    if not texts:
-        return 0
-    rows = "SELECT unnest($line_nos::BIGINT[]) AS line_no, unnest($texts::VARCHAR[]) AS raw_text"
-    params = {"source_file": source_file, "line_nos": line_nos, "texts": texts}
-    return fetch_scalar(con, _INSERT_SQL.format(rows=rows), params)
+def _insert_staged(con, params: dict) -> int:
+    return fetch_scalar(con, _INSERT_STAGED_SQL, {**params, "timestamp_paths": list(RECORD_TIMESTAMP_PATHS)})
+
+
+def _remove_file_rows(con, source_file: str) -> set:
+    """Delete a changed file's raw rows and file-level quarantine rows; return the days they were in."""
+    days = {row[0] for row in con.execute(
+        "SELECT DISTINCT partition_date FROM raw_records WHERE source_file = ?", [source_file]).fetchall()}
+    con.execute("DELETE FROM raw_records WHERE source_file = ?", [source_file])
+    con.execute("DELETE FROM quarantine WHERE stage = ? AND source_file = ?", [STAGE, source_file])
+    return days
+
+
+def _remember_file(con, source_file: str, file_hash: str, container: str, fmt: str | None, n_records: int) -> None:
+    con.execute(
+        """
+        INSERT OR REPLACE INTO source_files (source_file, file_hash, container, source_format, n_records, ingested_at)
+        VALUES (?, ?, ?, ?, ?, current_timestamp)
+        """,
+        [source_file, file_hash, container, fmt, n_records],
+    )
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _reject(con, result: IngestResult, source_file: str, reason: str, detail: str) -> None:
+    _quarantine_file(con, source_file, reason, detail)
+    result.files_rejected += 1
+    result.errors.append(f"{reason}: {detail}")
 
 
 def _quarantine_file(con: duckdb.DuckDBPyConnection, source_file: str, reason: str, detail: str) -> None:
     """One quarantine row per (file, reason): the id hashes both, so a retry does not add another."""
     con.execute(
         """
-        INSERT INTO quarantine (record_id, stage, reason, detail, source_file, line_no)
-        SELECT id, $stage, $reason, $detail, $source_file, NULL
+        INSERT INTO quarantine (record_id, stage, reason, detail, source_file, line_no, level)
+        SELECT id, $stage, $reason, $detail, $source_file, NULL, 'file'
         FROM (SELECT sha256(concat_ws(chr(31), 'file', $source_file, $reason)) AS id)
         WHERE NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.record_id = id AND q.stage = $stage)
         """,

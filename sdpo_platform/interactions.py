@@ -17,7 +17,9 @@ for change ("no, ...", "that's wrong", "make it shorter", ...) and 'other' else.
 
 A conversation that yields no triple (e.g. two messages) gets an 'interactions'-stage quarantine row
 'no_interactions', so `conversations = with interactions + quarantined` can be checked.
-Rebuilt from the whole `conversations` table in one transaction on each call.
+Partitions: a call rebuilds the triples (and 'interactions' quarantine rows) of the given daily
+partitions (a triple's partition is its conversation's; all when None), whole partitions at a time in
+batches of about `batch_conversations` conversations, each batch in one transaction.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 import duckdb
 
 from sdpo_platform.config import InteractionConfig
-from sdpo_platform.warehouse import fetch_scalar, run_steps
+from sdpo_platform.warehouse import fetch_scalar, partition_batches, run_steps, stage_partitions
 
 STAGE = "interactions"
 
@@ -57,17 +59,19 @@ class InteractionResult:
     validation: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)  # informative_reason → count
     examples: list[dict] = field(default_factory=list)  # one triple per informative_reason
+    partitions: list[str] = field(default_factory=list)  # ISO days rebuilt
 
 
 _STEPS = [
     # Non-system messages of each conversation, numbered k = 0, 1, ... in order.
     """
     CREATE OR REPLACE TEMP TABLE turns AS
-    SELECT conversation_id, turn_index, role, content,
+    SELECT conversation_id, partition_date, turn_index, role, content,
            row_number() OVER (PARTITION BY conversation_id ORDER BY turn_index) - 1 AS k
     FROM (
-        SELECT c.conversation_id, (m.i - 1)::INTEGER AS turn_index, m.message.role AS role, m.message.content AS content
+        SELECT c.conversation_id, c.partition_date, (m.i - 1)::INTEGER AS turn_index, m.message.role AS role, m.message.content AS content
         FROM conversations c, unnest(c.messages) WITH ORDINALITY AS m(message, i)
+        WHERE list_contains($parts::DATE[], c.partition_date)
     )
     WHERE role <> 'system'
     """,
@@ -75,7 +79,7 @@ _STEPS = [
     """
     CREATE OR REPLACE TEMP TABLE responses AS
     SELECT * FROM (
-        SELECT conversation_id, turn_index, k, role, content AS response,
+        SELECT conversation_id, partition_date, turn_index, k, role, content AS response,
                lead(role) OVER w AS next_role, lead(content) OVER w AS followup
         FROM turns WINDOW w AS (PARTITION BY conversation_id ORDER BY k)
     )
@@ -94,14 +98,15 @@ _STEPS = [
     FROM window_turns WHERE k >= first_user_k
     GROUP BY conversation_id, turn_index
     """,
-    "DELETE FROM interactions",
+    "DELETE FROM interactions WHERE list_contains($parts::DATE[], partition_date)",
     """
     INSERT INTO interactions (interaction_id, conversation_id, turn_index, context, response, followup,
-                              informative, informative_reason, split)
+                              informative, informative_reason, split, partition_date)
     SELECT conversation_id || ':' || turn_index, conversation_id, turn_index, context, response, followup,
            reason IN ('feedback', 'other'), reason,
            CASE WHEN (md5_number(conversation_id) % 1000000) / 1000000.0 < $validation_fraction
-                THEN 'validation' ELSE 'train' END
+                THEN 'validation' ELSE 'train' END,
+           partition_date
     FROM (
         SELECT r.*, c.context,
             CASE WHEN length(trim(r.followup)) < $min_followup_chars THEN 'too_short'
@@ -113,23 +118,30 @@ _STEPS = [
         JOIN contexts c USING (conversation_id, turn_index)
     )
     """,
-    "DELETE FROM quarantine WHERE stage = $stage",
+    "DELETE FROM quarantine WHERE stage = $stage AND list_contains($parts::DATE[], partition_date)",
     """
-    INSERT INTO quarantine (record_id, stage, reason, detail, source_file, line_no)
+    INSERT INTO quarantine (record_id, stage, reason, detail, source_file, line_no, partition_date, level)
     SELECT c.record_id, $stage, 'no_interactions',
-           format('{} messages, no assistant turn followed by a user turn', c.n_messages), c.source_file, c.line_no
+           format('{} messages, no assistant turn followed by a user turn', c.n_messages), c.source_file, c.line_no,
+           c.partition_date, 'record'
     FROM conversations c ANTI JOIN interactions i USING (conversation_id)
+    WHERE list_contains($parts::DATE[], c.partition_date)
     """,
 ]
 
 _TEMP_TABLES = ["turns", "responses", "contexts"]
 
 
-def extract_interactions(con: duckdb.DuckDBPyConnection, cfg: InteractionConfig | None = None) -> InteractionResult:
-    """Rebuild `interactions` (and the stage's quarantine rows) from all of `conversations`."""
+def extract_interactions(con: duckdb.DuckDBPyConnection, cfg: InteractionConfig | None = None,
+                         partitions: list[str] | None = None) -> InteractionResult:
+    """Rebuild `interactions` (and the stage's quarantine rows) for `partitions` (ISO days; None = all)."""
     cfg = cfg or InteractionConfig()
     if cfg.max_context_messages < 1:
         raise ValueError("max_context_messages must be at least 1 (x must hold the user turn y answers)")
+    if partitions is None:
+        partitions = stage_partitions(con, [("conversations", "true"), ("interactions", "true"),
+                                            ("quarantine", "stage = 'interactions'")])
+    partitions = sorted({str(day) for day in partitions})
     params = {
         "stage": STAGE,
         "max_context_messages": cfg.max_context_messages,
@@ -138,28 +150,41 @@ def extract_interactions(con: duckdb.DuckDBPyConnection, cfg: InteractionConfig 
         "ack_pattern": ACKNOWLEDGEMENT_PATTERN,
         "feedback_pattern": FEEDBACK_PATTERN,
     }
-    return run_steps(con, _STEPS, params, _TEMP_TABLES, _summarize)
+    total = InteractionResult(partitions=partitions)
+    for batch in partition_batches(con, "conversations", partitions, cfg.batch_conversations):
+        part = run_steps(con, _STEPS, {**params, "parts": batch}, _TEMP_TABLES, lambda c, b=batch: _summarize(c, b))
+        for name in ("conversations", "total", "informative", "train", "validation"):
+            setattr(total, name, getattr(total, name) + getattr(part, name))
+        for key, value in part.by_reason.items():
+            total.by_reason[key] = total.by_reason.get(key, 0) + value
+        seen = {row["informative_reason"] for row in total.examples}
+        total.examples += [row for row in part.examples if row["informative_reason"] not in seen]
+    total.by_reason = dict(sorted(total.by_reason.items(), key=lambda kv: (-kv[1], kv[0])))
+    return total
 
 
-def _summarize(con: duckdb.DuckDBPyConnection) -> InteractionResult:
-    conversations = fetch_scalar(con, "SELECT count(*) FROM conversations")
+def _summarize(con: duckdb.DuckDBPyConnection, parts: list[str]) -> InteractionResult:
+    """Counts over the batch's partitions only."""
+    scope = {"parts": parts}
+    conversations = fetch_scalar(con, "SELECT count(*) FROM conversations WHERE list_contains($parts::DATE[], partition_date)", scope)
     total, informative, train, validation = con.execute(
         """SELECT count(*), count(*) FILTER (WHERE informative),
                   count(*) FILTER (WHERE split = 'train'), count(*) FILTER (WHERE split = 'validation')
-           FROM interactions"""
+           FROM interactions WHERE list_contains($parts::DATE[], partition_date)""", scope
     ).fetchall()[0]
     by_reason = dict(con.execute(
-        "SELECT informative_reason, count(*) FROM interactions GROUP BY 1 ORDER BY count(*) DESC, 1"
+        """SELECT informative_reason, count(*) FROM interactions WHERE list_contains($parts::DATE[], partition_date)
+           GROUP BY 1 ORDER BY count(*) DESC, 1""", scope
     ).fetchall())
     columns = ["interaction_id", "informative_reason", "split", "n_context", "last_user", "response", "followup"]
     examples = con.execute(
         """
         SELECT interaction_id, informative_reason, split, len(context), left(context[-1].content, 160),
                left(response, 160), left(followup, 160)
-        FROM interactions
+        FROM interactions WHERE list_contains($parts::DATE[], partition_date)
         QUALIFY row_number() OVER (PARTITION BY informative_reason ORDER BY interaction_id) = 1
         ORDER BY informative_reason
-        """
+        """, scope
     ).fetchall()
     return InteractionResult(
         conversations=conversations,

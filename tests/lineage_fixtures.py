@@ -44,23 +44,43 @@ def openai_record(prompt: str, answer: str, followup: str) -> dict:
     }
 
 
-def write_inbox(inbox: Path) -> dict:
-    """Writes a mixed inbox and returns the counts a correct pipeline must reconcile to."""
+FIXTURE_DAY = "2026-01-05"  # the records carry no timestamps: their partition is the files' arrival day
+
+
+def arrived_on(path: Path, day: str) -> None:
+    """Set a file's mtime to noon UTC of `day` (its arrival day, hence its partition)."""
+    import datetime as dt
+    import os
+
+    noon = dt.datetime.fromisoformat(day).replace(hour=12, tzinfo=dt.timezone.utc).timestamp()
+    os.utime(path, (noon, noon))
+
+
+def write_inbox(inbox: Path, day: str = FIXTURE_DAY) -> dict:
+    """Writes a mixed inbox (arrived on `day`) and returns the counts a correct pipeline must reconcile to.
+
+    Prompts mention the day, so inboxes of different days are not duplicates of each other."""
     inbox.mkdir(parents=True, exist_ok=True)
-    sharegpt = [json.dumps(sharegpt_record(i, *t)) for i, t in enumerate(TOPICS[:8])]
+    topics = [(f"{prompt} (asked on {day})", answer, followup) for prompt, answer, followup in TOPICS]
+    sharegpt = [json.dumps(sharegpt_record(i, *t)) for i, t in enumerate(topics[:8])]
     sharegpt.insert(3, '{"id": "broken", "conversations": [')  # truncated line
     sharegpt.append(json.dumps({"id": "short", "conversations": [{"from": "human", "value": "hi there friend"}]}))
     (inbox / "sharegpt.jsonl").write_text("\n".join(sharegpt) + "\n")
-    openai = [json.dumps(openai_record(*t)) for t in TOPICS[8:]]
+    openai = [json.dumps(openai_record(*t)) for t in topics[8:]]
     openai.append(json.dumps({"messages": [{"role": "user", "content": 42}]}))  # wrong type
     (inbox / "openai.jsonl").write_text("\n".join(openai) + "\n")
+    arrived_on(inbox / "sharegpt.jsonl", day)
+    arrived_on(inbox / "openai.jsonl", day)
     return {"raw_records": len(sharegpt) + len(openai), "good_conversations": len(TOPICS)}
 
 
-def write_garbage_inbox(inbox: Path) -> None:
-    """An inbox in which no record is usable: the conversations check must fail."""
+def write_garbage_inbox(inbox: Path, day: str = FIXTURE_DAY, name: str = "garbage.jsonl") -> Path:
+    """A file in which no record is usable: the conversations check of its day must fail."""
     inbox.mkdir(parents=True, exist_ok=True)
-    (inbox / "garbage.jsonl").write_text("not json\n{\"foo\": 1}\n[1, 2, 3]\n")
+    path = inbox / name
+    path.write_text("not json\n{\"foo\": 1}\n[1, 2, 3]\n")
+    arrived_on(path, day)
+    return path
 
 
 def tiny_config(path: Path, model_dir: Path) -> Path:

@@ -42,7 +42,7 @@ def ingest_lines(con, directory, lines: list[str], name="logs.jsonl"):
 def verdicts(con) -> dict[int, str]:
     """line_no → 'kept' or the quarantine reason."""
     kept = con.execute("SELECT line_no, 'kept' FROM conversations").fetchall()
-    rejected = con.execute("SELECT line_no, reason FROM quarantine WHERE stage = 'conversations'").fetchall()
+    rejected = con.execute("SELECT line_no, reason FROM quarantine WHERE stage = 'conversations' AND level = 'record'").fetchall()
     return dict(kept + rejected)
 
 
@@ -51,7 +51,7 @@ def test_each_format_is_parsed_and_roles_normalized(con, tmp_path):
         sharegpt(("human", ENGLISH), ("gpt", "Paris."), ("human", "Why is that so?")),
         openai(("system", "Be brief."), ("user", ENGLISH), ("assistant", "Paris."), ("user", "And what about Spain?")),
         wildchat(("user", ENGLISH), ("assistant", "Paris."), ("user", "Is that the truth?")),
-        sharegpt(("user", ENGLISH), ("chatgpt", "Paris."), ("human", "And the largest city there?"), ("bard", "Paris too.")),
+        sharegpt(("user", ENGLISH), ("chatgpt", "Paris."), ("human", "And the largest city there?"), ("bard", "Paris too."), id="sg2"),
     ]
     ingest_lines(con, tmp_path, [json.dumps(r) for r in records])
 
@@ -71,7 +71,7 @@ def test_bad_records_land_in_quarantine_with_their_first_failing_reason(con, tmp
         "{this is not json",                                                                   # 1
         json.dumps({"text": "no chat here"}),                                                  # 2
         json.dumps(openai(("user", ENGLISH), ("robot", "beep"), ("user", "ok then"))),         # 3
-        json.dumps(openai(("user", [{"type": "text", "text": ENGLISH}]), ("assistant", "x"), ("user", "y"))),  # 4
+        json.dumps(openai(("user", [{"type": "image_url", "image_url": "x"}]), ("assistant", "x"), ("user", "y"))),  # 4
         json.dumps(sharegpt(("human", ENGLISH), ("gpt", None), ("human", "y"))),               # 5
         json.dumps(openai(("user", "  "), ("assistant", "\n"))),                               # 6
         json.dumps(openai(("system", "s"), ("assistant", "Hello there!"), ("user", ENGLISH), ("assistant", "Paris."))),  # 7
@@ -147,14 +147,16 @@ def test_system_messages_move_to_the_front_without_breaking_a_run(con, tmp_path)
     ]
 
 
-def test_conversation_ids_stay_unique_when_source_ids_repeat(con, tmp_path):
+def test_repeated_source_ids_with_different_content_keep_the_first_and_quarantine_the_rest(con, tmp_path):
     lines = [json.dumps(sharegpt(("human", f"{ENGLISH} {i}"), ("gpt", "Paris."), ("human", "Why?"), id="same")) for i in range(3)]
     ingest_lines(con, tmp_path, lines)
 
     result = build_conversations(con, CleaningConfig(languages=[]))
 
-    ids = [row[0] for row in con.execute("SELECT conversation_id FROM conversations").fetchall()]
-    assert result.kept == 3 and len(set(ids)) == 3
+    assert result.kept == 1 and result.by_reason == {"duplicate_id": 2}
+    assert verdicts(con) == {1: "kept", 2: "duplicate_id", 3: "duplicate_id"}
+    detail = con.execute("SELECT detail FROM quarantine WHERE line_no = 2").fetchall()[0][0]
+    assert "id same already used" in detail
 
 
 def test_empty_language_list_keeps_every_language(con, tmp_path):
@@ -163,3 +165,86 @@ def test_empty_language_list_keeps_every_language(con, tmp_path):
     assert build_conversations(con, CleaningConfig(languages=["en"])).kept == 0
     assert build_conversations(con, CleaningConfig(languages=[])).kept == 1
     assert con.execute("SELECT language FROM conversations").fetchall() == [("de",)]
+
+
+def on_day(day: str, question: str, followup: str = "Why is that so?") -> str:
+    return json.dumps({"timestamp": f"{day} 12:00:00", "conversation": [
+        {"role": "user", "content": question}, {"role": "assistant", "content": "Paris."}, {"role": "user", "content": followup}]})
+
+
+def test_only_the_given_partitions_are_rebuilt_and_counted(con, tmp_path):
+    ingest_lines(con, tmp_path, [on_day("2024-01-01", ENGLISH), on_day("2024-01-02", ENGLISH + " Really?"), "{bad"])
+    everything = build_conversations(con, CleaningConfig())
+    assert everything.raw_records == 3 and sorted(everything.partitions)[0] == "2024-01-01"
+
+    con.execute("DELETE FROM conversations WHERE partition_date = DATE '2024-01-01'")  # simulate a stale day
+    one_day = build_conversations(con, CleaningConfig(), partitions=["2024-01-02"])
+    assert (one_day.raw_records, one_day.kept, one_day.partitions) == (1, 1, ["2024-01-02"])
+    assert con.execute("SELECT count(*) FROM conversations").fetchall() == [(1,)]  # 01-01 left alone
+    build_conversations(con, CleaningConfig(), partitions=["2024-01-01"])
+    assert con.execute("SELECT count(*) FROM conversations").fetchall() == [(2,)]
+
+
+def test_exact_duplicates_are_found_across_partitions(con, tmp_path):
+    ingest_lines(con, tmp_path, [on_day("2024-01-01", ENGLISH), on_day("2024-01-05", ENGLISH.upper())])
+    build_conversations(con, CleaningConfig(batch_records=1))  # one partition per transaction
+
+    assert verdicts(con) == {1: "kept", 2: "duplicate"}
+    assert "another partition" in con.execute("SELECT detail FROM quarantine WHERE line_no = 2").fetchall()[0][0]
+    # rebuilding the later day alone still sees the kept copy in the earlier one
+    assert build_conversations(con, CleaningConfig(), partitions=["2024-01-05"]).by_reason == {"duplicate": 1}
+
+
+def test_near_duplicates_are_flagged_not_removed(con, tmp_path):
+    ingest_lines(con, tmp_path, [
+        on_day("2024-01-01", "What is the capital of France, and why is it there?"),
+        on_day("2024-01-02", "what is the capital of france and why is it there 2", "Tell me more."),
+        on_day("2024-01-02", "Something else entirely: how do magnets work?"),
+    ])
+    result = build_conversations(con, CleaningConfig())
+    rows = dict(con.execute("SELECT line_no, near_duplicate_of FROM conversations").fetchall())
+    first = con.execute("SELECT conversation_id FROM conversations WHERE line_no = 1").fetchall()[0][0]
+    assert result.kept == 3 and rows == {1: None, 2: first, 3: None}
+
+
+def test_stats_histogram_and_language_mix(con, tmp_path):
+    from sdpo_platform.cleaning import language_mix, length_histogram
+    from sdpo_platform.warehouse import stats
+
+    ingest_lines(con, tmp_path, [on_day("2024-01-01", ENGLISH), on_day("2024-01-01", "Wie geht es dir und was ist das?", "Und dann?"),
+                                 "not json", on_day("2024-01-02", ENGLISH + " " + "and the cat is on the mat " * 40)])
+    build_conversations(con, CleaningConfig())
+    numbers = stats(con)
+    assert numbers["raw_records"] == 4 == numbers["conversations_kept"] + numbers["quarantined"]
+    assert numbers["quarantine_by_reason"] == {"invalid_json": 1, "language": 1}
+    assert all(isinstance(numbers[k], int) for k in ("raw_records", "conversations_kept", "interactions_total", "quarantined"))
+    histogram = length_histogram(con)
+    assert sum(b["count"] for b in histogram) == 2 and histogram[0]["bucket"] == "0-250" and histogram[0]["count"] == 1
+    assert [b["count"] for b in length_histogram(con, ["2024-01-02"])][:4] == [0, 0, 0, 1]
+    assert language_mix(con) == {"en": 2, "de": 1}
+
+
+def test_language_heuristic_accuracy_on_the_labelled_sample(con):
+    from pathlib import Path
+
+    from sdpo_platform.language import labelled_sample, measure_accuracy
+
+    here = Path(__file__).resolve().parent
+    report = measure_accuracy(con, labelled_sample(here / "data" / "language_sample.jsonl", here.parents[1] / "shared" / "data"))
+    assert report["n"] >= 250
+    assert report["accuracy"] >= 0.9, report["errors"]
+    assert report["english_precision"] >= 0.97 and report["english_recall"] >= 0.95
+
+
+def test_reconciliation_check_fails_only_the_partition_that_lost_a_record(con, tmp_path):
+    from sdpo_platform.checks import check_conversations
+
+    ingest_lines(con, tmp_path, [on_day("2024-01-01", ENGLISH), "{bad", on_day("2024-01-02", ENGLISH + " Or not?"), "[1]"])
+    con.execute("UPDATE raw_records SET partition_date = DATE '2024-01-02' WHERE line_no = 4")
+    build_conversations(con, CleaningConfig())
+    assert check_conversations(con, CleaningConfig()).passed
+
+    con.execute("DELETE FROM quarantine WHERE stage = 'conversations' AND line_no = 4")  # a record silently lost
+    assert not check_conversations(con, CleaningConfig()).passed
+    assert not check_conversations(con, CleaningConfig(), ["2024-01-02"]).passed
+    assert check_conversations(con, CleaningConfig(), ["2024-01-01"]).passed

@@ -1,19 +1,17 @@
-"""Integration: the lineage on the real default model (SmolLM2-135M) and real ShareGPT records."""
+"""Integration: `make demo`'s code path on the real default model (SmolLM2-135M) and real ShareGPT logs,
+twice — the second run reuses the converted model and adds no rows."""
 
 import json
 
-import dagster as dg
 import pytest
 
-from assets.definitions import LINEAGE_JOB, build_definitions
-from assets.resources import MlflowTracking, SdpoSettings, Warehouse
-from sdpo_platform.sharegpt import write_sharegpt_slice
+from assets.demo import SUMMARY_KEYS, run_demo
 
 pytestmark = pytest.mark.slow
 
 
-def test_lineage_on_default_model_and_real_logs(sdpo_home):
-    write_sharegpt_slice(sdpo_home / "inbox" / "sharegpt.jsonl", 60)
+def test_demo_runs_twice_on_default_model_and_real_logs(sdpo_home, monkeypatch):
+    monkeypatch.setenv("DAGSTER_HOME", str(sdpo_home / "dagster"))
     config = sdpo_home / "config.json"
     config.write_text(json.dumps({
         "model": "default",
@@ -21,18 +19,21 @@ def test_lineage_on_default_model_and_real_logs(sdpo_home):
         "training": {"steps": 2, "batch_size": 2},
         "registry": {"model_name": "sdpo-integration"},
     }))
-    defs = build_definitions(
-        settings=SdpoSettings(config_file=str(config), inbox=str(sdpo_home / "inbox")),
-        warehouse=Warehouse(),
-        mlflow_tracking=MlflowTracking(),
-    )
-    with dg.DagsterInstance.ephemeral() as instance:
-        result = defs.resolve_job_def(LINEAGE_JOB).execute_in_process(instance=instance)
-        assert result.success
-        assert all(c.passed for c in result.get_asset_check_evaluations())
-    conversations = result.output_for_node("conversations")
-    assert conversations["raw_records"] == 60 == conversations["kept"] + conversations["quarantined"]
-    targets = result.output_for_node("hindsight_targets")
-    assert 2 <= targets["rows"] <= 6 and targets["tokens"] > 0
-    registered = result.output_for_node("registered_model")
-    assert "champion" in registered["aliases"]
+    monkeypatch.setenv("SDPO_CONFIG", str(config))
+
+    first = run_demo(records=60)
+    assert list(first) == SUMMARY_KEYS
+    assert json.loads((sdpo_home / "demo_summary.json").read_text()) == first
+    assert first["raw_records"] == 60
+    assert first["conversations_kept"] > 0 and first["interactions_total"] >= first["interactions_kept"] > 0
+    assert 2 <= first["target_rows"] <= 6 and first["target_tokens"] > 0
+    assert first["train_steps"] == 2 and first["model_version"] == 1
+    assert first["aliases"] == ["challenger", "champion"]
+    converted = sdpo_home / "models" / "base" / "smollm2-135m-instruct"
+    weights_mtime = next(converted.glob("*.safetensors")).stat().st_mtime_ns
+
+    second = run_demo(records=60)
+    for key in ("raw_records", "conversations_kept", "conversations_quarantined", "interactions_total", "target_rows"):
+        assert second[key] == first[key], key  # nothing duplicated
+    assert second["model_version"] == 2 and "challenger" in second["aliases"]
+    assert next(converted.glob("*.safetensors")).stat().st_mtime_ns == weights_mtime  # conversion reused

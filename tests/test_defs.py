@@ -32,3 +32,22 @@ def test_lineage_job_and_dependencies():
     assert parents["conversations"] == {"raw_interaction_logs"}
     assert parents["hindsight_targets"] == {"interactions"}
     assert parents["registered_model"] == {"hindsight_targets", "distilled_checkpoint", "evaluation"}
+
+
+def test_inbox_sensor_requests_new_days_once(sdpo_home, tiny_model_dir):
+    from assets.definitions import INGEST_JOB, build_definitions
+    from assets.resources import SdpoSettings, Warehouse
+    from tests.lineage_fixtures import FIXTURE_DAY, tiny_config, write_inbox
+
+    write_inbox(sdpo_home / "inbox")
+    settings = SdpoSettings(config_file=str(tiny_config(sdpo_home / "c.json", tiny_model_dir)), inbox=str(sdpo_home / "inbox"))
+    defs = build_definitions(settings=settings, warehouse=Warehouse())
+    sensor = defs.resolve_sensor_def("inbox_sensor")
+    assert sensor.job_name == INGEST_JOB
+    repository = defs.get_repository_def()
+    resources = {"settings": settings, "warehouse": Warehouse()}
+    with dg.build_sensor_context(resources=resources, repository_def=repository) as context:
+        result = sensor.evaluate_tick(context)
+        assert [r.partition_key for r in result.run_requests] == [FIXTURE_DAY]
+        with dg.build_sensor_context(cursor=result.cursor, resources=resources, repository_def=repository) as again:
+            assert sensor.evaluate_tick(again).run_requests == []  # nothing changed since

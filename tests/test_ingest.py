@@ -7,6 +7,7 @@ import io
 import json
 
 import pytest
+from pathlib import Path
 
 from sdpo_platform.ingest import JsonArrayReader, ingest_files, ingest_inbox
 from sdpo_platform.paths import inbox_dir
@@ -54,9 +55,10 @@ def test_ingesting_the_same_files_twice_adds_nothing(con, logs):
     first = ingest_inbox(con, logs)
     second = ingest_inbox(con, logs)
 
-    assert (first.records_new, second.records_new) == (1, 0)
-    assert second.records_total == 1
-    assert con.execute("SELECT count(*) FROM quarantine").fetchall()[0][0] == 1  # the .txt, once
+    assert (first.records_new, second.records_new) == (2, 0)  # the .txt is text: kept for inspection
+    assert second.records_total == 2 and second.files_unchanged == 2
+    assert con.execute("SELECT reason FROM quarantine").fetchall() == [("unknown_format",)]  # the .txt, once
+    assert any("notes.txt" in error for error in first.errors) and not second.errors
 
 
 def test_gzip_and_json_array_formats(con, logs):
@@ -93,10 +95,12 @@ def test_unreadable_and_unknown_files_are_quarantined_not_raised(con, logs):
 
     result = ingest_files(con, [*sorted(logs.iterdir()), missing])
 
-    assert result.files == 4 and result.files_rejected == 4 and result.records_new == 0
+    # not-gzip bytes behind .gz: text of no format (kept for inspection); Latin-1 and NUL bytes: binary
+    assert result.files == 4 and result.files_rejected == 3 and result.records_new == 1
     rows = con.execute("SELECT reason, detail FROM quarantine WHERE stage = 'raw_interaction_logs' ORDER BY detail").fetchall()
-    assert sorted(reason for reason, _ in rows) == ["unknown_format", "unreadable_file", "unreadable_file", "unreadable_file"]
+    assert sorted(reason for reason, _ in rows) == ["unknown_format", "unknown_format", "unknown_format", "unreadable_file"]
     assert any("missing.jsonl" in detail for _, detail in rows)
+    assert len(result.errors) == 4 and all(str(logs) in error for error in result.errors)
 
 
 def test_json_array_reader_across_chunk_boundaries():
@@ -118,3 +122,56 @@ def test_sharegpt_slice_writes_parseable_original_records(sdpo_home):
     assert [json.loads(line) for line in out.read_text().splitlines()] == records[45:]
     assert sharegpt_path().name == "ShareGPT_V3_unfiltered_cleaned_split.json"
     assert not list(out.parent.glob(".*.tmp"))
+
+
+def chat_on(day: str, text: str = "What is the capital of France and why?") -> dict:
+    return {"timestamp": f"{day}T09:30:00Z", "conversation": [
+        {"role": "user", "content": text}, {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "Why is that so?"}]}
+
+
+def test_partition_is_the_conversation_day_else_file_mtime_else_the_override(con, logs):
+    import os
+
+    stamped = logs / "stamped.jsonl"
+    stamped.write_text(json.dumps(chat_on("2024-01-31")) + "\n" + json.dumps(chat_on("2024-02-01")) + "\n")
+    unstamped = logs / "unstamped.jsonl"
+    unstamped.write_text(json.dumps(CHAT) + "\n" + "{broken\n")
+    os.utime(unstamped, (1709640000, 1709640000))  # 2024-03-05 12:00 UTC
+    forced = logs / "forced.jsonl"
+    forced.write_text(json.dumps(chat_on("2024-01-31")) + "\n")
+
+    first = ingest_files(con, [stamped, unstamped])
+    second = ingest_files(con, [forced], partition="2024-06-01")
+
+    assert first.partitions == ["2024-01-31", "2024-02-01", "2024-03-05"] and second.partitions == ["2024-06-01"]
+    rows = con.execute("SELECT source_file, line_no, partition_date::VARCHAR FROM raw_records ORDER BY 1, 2").fetchall()
+    assert [(Path(f).name, line, day) for f, line, day in rows] == [
+        ("forced.jsonl", 1, "2024-06-01"), ("stamped.jsonl", 1, "2024-01-31"), ("stamped.jsonl", 2, "2024-02-01"),
+        ("unstamped.jsonl", 1, "2024-03-05"), ("unstamped.jsonl", 2, "2024-03-05"),
+    ]
+
+
+def test_changed_file_replaces_its_rows_and_reports_old_and_new_partitions(con, logs):
+    path = logs / "day.jsonl"
+    path.write_text(json.dumps(chat_on("2024-01-01")) + "\n" + json.dumps(chat_on("2024-01-02")) + "\n")
+    assert ingest_files(con, [path]).records_new == 2
+    unchanged = ingest_files(con, [path])
+    assert (unchanged.records_new, unchanged.files_unchanged, unchanged.partitions) == (0, 1, [])
+
+    path.write_text(json.dumps(chat_on("2024-01-02", "A new question about Spain?")) + "\n")
+    changed = ingest_files(con, [path])
+
+    assert changed.files_replaced == 1 and changed.records_new == 1 and changed.records_total == 1
+    assert changed.partitions == ["2024-01-01", "2024-01-02"]  # 01-01 lost its rows: downstream must rebuild it
+    assert "Spain" in con.execute("SELECT raw_text FROM raw_records").fetchall()[0][0]
+
+
+def test_epoch_milliseconds_and_garbage_timestamps(con, logs):
+    path = logs / "ts.jsonl"
+    rows = [{**CHAT, "created": 1714550400000}, {**CHAT, "created": "not a date"}, {**CHAT, "timestamp": "1850-01-01"}]
+    path.write_text("\n".join(map(json.dumps, rows)) + "\n")
+    result = ingest_files(con, [path], partition=None)
+    days = [row[0] for row in con.execute("SELECT partition_date::VARCHAR FROM raw_records ORDER BY line_no").fetchall()]
+    assert days[0] == "2024-05-01" and days[1] == days[2] != "1850-01-01"  # the last two fall back to the file's day
+    assert len(result.partitions) == 2

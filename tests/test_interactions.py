@@ -112,3 +112,19 @@ def test_split_keeps_each_conversation_on_one_side_and_is_stable(con, tmp_path):
     assert first.total == second.total == 80 and first.train + first.validation == 80
     assert 0 < first.validation < 80  # both sides populated at 50%
     assert con.execute("SELECT interaction_id, split FROM interactions ORDER BY 1").fetchall() == splits
+
+
+def test_only_the_given_partitions_are_rebuilt(con, tmp_path):
+    lines = [json.dumps({"timestamp": f"2024-02-0{d}T00:00:00Z", "messages": [
+        {"role": "user", "content": f"q{d}"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "o"}]})
+        for d in (1, 2)]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    ingest_files(con, [tmp_path / "p.jsonl"])
+    build_conversations(con, CleaningConfig(min_messages=2, languages=[]))
+    assert extract_interactions(con, InteractionConfig()).total == 2
+
+    con.execute("DELETE FROM interactions WHERE partition_date = DATE '2024-02-01'")
+    result = extract_interactions(con, InteractionConfig(), partitions=["2024-02-02"])
+    assert (result.conversations, result.total, result.partitions) == (1, 1, ["2024-02-02"])
+    days = con.execute("SELECT partition_date::VARCHAR FROM interactions").fetchall()
+    assert days == [("2024-02-02",)]

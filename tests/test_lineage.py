@@ -1,35 +1,44 @@
-"""The whole lineage, in process, on tiny fixtures: counts reconcile and a bad partition stops downstream."""
+"""The whole lineage, in process, on tiny fixtures: counts reconcile, the sensor finds the right days,
+a bad partition stops downstream in its run and stays out of later training runs."""
 
 import duckdb
 import dagster as dg
-import pytest
 
-from assets.definitions import LINEAGE_JOB, build_definitions
+from assets.definitions import INGEST_JOB, LINEAGE_JOB, TRAIN_JOB, build_definitions
 from assets.resources import MlflowTracking, SdpoSettings, Warehouse
-from tests.lineage_fixtures import tiny_config, write_garbage_inbox, write_inbox
+from assets.sensors import inbox_run_requests
+from tests.lineage_fixtures import FIXTURE_DAY, tiny_config, write_garbage_inbox, write_inbox
+
+OTHER_DAY = "2026-01-06"
+
+
+def _resources(home, model_dir):
+    config = tiny_config(home / "config.json", model_dir)
+    return (
+        SdpoSettings(config_file=str(config), inbox=str(home / "inbox")),
+        Warehouse(path=str(home / "warehouse.duckdb")),
+    )
 
 
 def _defs(home, model_dir):
-    config = tiny_config(home / "config.json", model_dir)
-    return build_definitions(
-        settings=SdpoSettings(config_file=str(config), inbox=str(home / "inbox")),
-        warehouse=Warehouse(path=str(home / "warehouse.duckdb")),
-        mlflow_tracking=MlflowTracking(),
-    )
+    settings, warehouse = _resources(home, model_dir)
+    return build_definitions(settings=settings, warehouse=warehouse, mlflow_tracking=MlflowTracking())
 
 
 def test_whole_lineage_materializes_on_fixtures(sdpo_home, tiny_model_dir):
     expected = write_inbox(sdpo_home / "inbox")
     defs = _defs(sdpo_home, tiny_model_dir)
+    requests, _ = inbox_run_requests(*_resources(sdpo_home, tiny_model_dir), cursor=None)
+    assert [r.partition_key for r in requests] == [FIXTURE_DAY]
     with dg.DagsterInstance.ephemeral() as instance:
-        result = defs.resolve_job_def(LINEAGE_JOB).execute_in_process(instance=instance)
+        result = defs.resolve_job_def(LINEAGE_JOB).execute_in_process(instance=instance, partition_key=FIXTURE_DAY)
         assert result.success
         checks = result.get_asset_check_evaluations()
-        assert len(checks) == 8 and all(c.passed for c in checks), [c.description for c in checks if not c.passed]
+        assert len(checks) == 9 and all(c.passed for c in checks), [c.description for c in checks if not c.passed]
 
     conversations = result.output_for_node("conversations")
     assert conversations["raw_records"] == expected["raw_records"]
-    assert conversations["kept"] + conversations["quarantined"] == conversations["raw_records"]
+    assert conversations["records_kept"] + conversations["quarantined"] == conversations["raw_records"]
     assert conversations["kept"] == expected["good_conversations"]
 
     interactions = result.output_for_node("interactions")
@@ -43,7 +52,9 @@ def test_whole_lineage_materializes_on_fixtures(sdpo_home, tiny_model_dir):
     assert registered["aliases"] == ["challenger", "champion"]  # first version: no champion yet
 
     con = duckdb.connect(str(sdpo_home / "warehouse.duckdb"), read_only=True)
-    reasons = dict(con.sql("SELECT reason, count(*) FROM quarantine WHERE stage = 'conversations' GROUP BY 1").fetchall())
+    reasons = dict(con.sql(
+        "SELECT reason, count(*) FROM quarantine WHERE stage = 'conversations' AND level = 'record' GROUP BY 1"
+    ).fetchall())
     assert sum(reasons.values()) == conversations["quarantined"] == 3
     evaluation = result.output_for_node("evaluation")
     stored = con.sql("SELECT gap_before, gap_after, target_set FROM evaluations").fetchall()
@@ -54,7 +65,9 @@ def test_failing_blocking_check_stops_downstream(sdpo_home, tiny_model_dir):
     write_garbage_inbox(sdpo_home / "inbox")
     defs = _defs(sdpo_home, tiny_model_dir)
     with dg.DagsterInstance.ephemeral() as instance:
-        result = defs.resolve_job_def(LINEAGE_JOB).execute_in_process(instance=instance, raise_on_error=False)
+        result = defs.resolve_job_def(LINEAGE_JOB).execute_in_process(
+            instance=instance, partition_key=FIXTURE_DAY, raise_on_error=False
+        )
         assert not result.success
         evaluations = {c.asset_check_key.name: c for c in result.get_asset_check_evaluations()}
         assert evaluations["raw_records_valid"].passed
@@ -63,3 +76,40 @@ def test_failing_blocking_check_stops_downstream(sdpo_home, tiny_model_dir):
         assert materialized == {"raw_interaction_logs", "conversations"}
         for downstream in ("interactions", "hindsight_targets", "distilled_checkpoint", "registered_model"):
             assert not result.is_node_success(downstream)
+
+
+def test_partition_that_fails_later_is_excluded_from_training(sdpo_home, tiny_model_dir):
+    """Day 2 first passes; its file is then replaced by garbage, so its check fails and its interactions
+    go stale. A later training run (another job) must not train on them."""
+    inbox = sdpo_home / "inbox"
+    write_inbox(inbox / "day1", FIXTURE_DAY)
+    write_inbox(inbox / "day2", OTHER_DAY)
+    settings, warehouse = _resources(sdpo_home, tiny_model_dir)
+    defs = _defs(sdpo_home, tiny_model_dir)
+    with dg.DagsterInstance.ephemeral() as instance:
+        requests, cursor = inbox_run_requests(settings, warehouse, cursor=None)
+        assert sorted(r.partition_key for r in requests) == [FIXTURE_DAY, OTHER_DAY]
+        ingest = defs.resolve_job_def(INGEST_JOB)
+        for request in requests:
+            assert ingest.execute_in_process(instance=instance, partition_key=request.partition_key).success
+
+        for name in ("sharegpt.jsonl", "openai.jsonl"):  # day 2's logs are replaced by unusable ones
+            write_garbage_inbox(inbox / "day2", OTHER_DAY, name=name)
+        requests, _ = inbox_run_requests(settings, warehouse, cursor)
+        assert [r.partition_key for r in requests] == [OTHER_DAY]
+        failed = ingest.execute_in_process(instance=instance, partition_key=OTHER_DAY, raise_on_error=False)
+        assert not failed.success  # conversations check fails; interactions of day 2 are not rebuilt
+
+        trained = defs.resolve_job_def(TRAIN_JOB).execute_in_process(instance=instance)
+        assert trained.success
+    con = duckdb.connect(str(sdpo_home / "warehouse.duckdb"), read_only=True)
+    stale = con.sql("SELECT count(*) FROM interactions WHERE partition_date = DATE '2026-01-06'").fetchall()[0][0]
+    assert stale > 0  # still in the table ...
+    from sdpo_platform.targets import read_targets
+
+    scored = read_targets(trained.output_for_node("hindsight_targets")["path"])
+    days = con.execute(
+        "SELECT DISTINCT partition_date::VARCHAR FROM interactions WHERE list_contains($ids, interaction_id)",
+        {"ids": list(scored["interaction_id"])},
+    ).fetchall()
+    assert days == [(FIXTURE_DAY,)]  # ... but never scored for training

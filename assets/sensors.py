@@ -1,0 +1,43 @@
+"""The inbox sensor: new or changed log files become runs of the partitions they touch."""
+
+import hashlib
+import json
+
+import dagster as dg
+import duckdb
+
+from assets.resources import SdpoSettings, Warehouse
+from sdpo_platform.inbox import changed_files, pending_partitions, stamps
+
+
+def inbox_run_requests(settings: SdpoSettings, warehouse: Warehouse, cursor: str | None) -> tuple[list[dg.RunRequest], str]:
+    """(one run request per touched day, the new cursor); shared by the sensor and `make demo`."""
+    seen = json.loads(cursor) if cursor else {}
+    current = stamps(settings.inbox_dir())
+    changed = changed_files(current, seen)
+    if not changed:
+        return [], json.dumps(current)
+    try:
+        with warehouse.connect() as con:
+            days = pending_partitions(changed, con, settings.platform().ingest)
+    except duckdb.IOException:  # the warehouse is locked by a running job: look again next tick
+        return [], cursor or "{}"
+    batch = "|".join(f"{p}@{current[p]}" for p in changed)
+    requests = [
+        dg.RunRequest(partition_key=day, run_key=f"{day}:{hashlib.sha256(batch.encode()).hexdigest()[:12]}", tags={"sdpo/files": str(len(changed))})
+        for day in days
+    ]
+    return requests, json.dumps(current)
+
+
+def build_inbox_sensor(job) -> dg.SensorDefinition:
+    @dg.sensor(job=job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
+    def inbox_sensor(context: dg.SensorEvaluationContext, settings: SdpoSettings, warehouse: Warehouse):
+        """Materialize raw → conversations → interactions for the days new or changed inbox files touch."""
+        requests, cursor = inbox_run_requests(settings, warehouse, context.cursor)
+        context.update_cursor(cursor)
+        if not requests:
+            return dg.SkipReason("no new or changed files in the inbox")
+        return requests
+
+    return inbox_sensor

@@ -1,0 +1,47 @@
+"""The data stages end to end without Dagster (`sdpo ingest`): the same library calls and the same
+quality suites as the assets, and the same partition verdicts, so a shell ingest gates training too."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import duckdb
+
+from sdpo_platform import checks
+from sdpo_platform.cleaning import build_conversations
+from sdpo_platform.config import PlatformConfig
+from sdpo_platform.gating import record_check
+from sdpo_platform.ingest import ingest_files
+from sdpo_platform.interactions import extract_interactions
+
+
+def ingest_and_clean(con: duckdb.DuckDBPyConnection, paths: list[str | Path], cfg: PlatformConfig,
+                     partition: str | None = None, format: str | None = None) -> dict:
+    """raw → conversations → interactions for the partitions `paths` touch; returns what happened,
+    including each partition's check verdicts (a failed one is recorded and blocks training)."""
+    ingested = ingest_files(con, paths, partition=partition, format=format, cfg=cfg.ingest)
+    days = ingested.partitions
+    verdicts = {}
+    if days:
+        cleaned = build_conversations(con, cfg.cleaning, partitions=days)
+        extracted = extract_interactions(con, cfg.interactions, partitions=days)
+        for day in days:
+            for stage, report in (
+                ("conversations", checks.check_conversations(con, cfg.cleaning, [day])),
+                ("conversations_pii", checks.check_pii(con, [day])),
+                ("interactions", checks.check_interactions(con, [day])),
+            ):
+                record_check(con, stage, day, report.passed, report.description)
+                verdicts.setdefault(day, {})[stage] = report.description if not report.passed else "passed"
+    return {
+        "files": ingested.files,
+        "files_rejected": ingested.files_rejected,
+        "records_new": ingested.records_new,
+        "partitions": days,
+        "conversations_kept": cleaned.kept if days else 0,
+        "records_quarantined": cleaned.quarantined if days else 0,
+        "interactions": extracted.total if days else 0,
+        "checks": verdicts,
+        "errors": ingested.errors,
+    }

@@ -1,0 +1,49 @@
+"""`sdpo ingest` and `sdpo stats --json` from the shell: counts reconcile, bad files are named, reruns add nothing."""
+
+import json
+
+from sdpo_platform.cli import main
+from tests.lineage_fixtures import FIXTURE_DAY, write_garbage_inbox, write_inbox
+
+
+def _stats(capsys) -> dict:
+    capsys.readouterr()
+    assert main(["stats", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_ingest_then_stats_reconcile_and_rerun_is_idempotent(sdpo_home, capsys):
+    expected = write_inbox(sdpo_home / "logs")
+    files = sorted(str(p) for p in (sdpo_home / "logs").iterdir())
+    assert main(["ingest", *files]) == 0
+    outcome = json.loads(capsys.readouterr().out)
+    assert outcome["partitions"] == [FIXTURE_DAY]
+    assert outcome["checks"][FIXTURE_DAY] == {"conversations": "passed", "conversations_pii": "passed", "interactions": "passed"}
+
+    stats = _stats(capsys)
+    for key in ("raw_records", "conversations_kept", "interactions_total", "quarantined"):
+        assert isinstance(stats[key], int), key
+    assert stats["raw_records"] == expected["raw_records"] == stats["conversations_kept"] + stats["quarantined"]
+    assert sum(stats["quarantine_by_reason"].values()) == stats["quarantined"]
+    assert stats["interactions_total"] == expected["good_conversations"]
+
+    assert main(["ingest", *files]) == 0  # the same files again: nothing new
+    assert _stats(capsys) == stats
+
+
+def test_partition_override_and_failing_partition_exit_code(sdpo_home, capsys):
+    garbage = write_garbage_inbox(sdpo_home / "logs")
+    assert main(["ingest", str(garbage), "--partition", "2026-02-01"]) == 1  # its checks fail: said, not hidden
+    outcome = json.loads(capsys.readouterr().out)
+    assert outcome["partitions"] == ["2026-02-01"]
+    assert outcome["checks"]["2026-02-01"]["conversations"] != "passed"
+    from sdpo_platform.gating import blocked_partitions
+    from sdpo_platform.warehouse import connect
+
+    with connect() as con:
+        assert blocked_partitions(con) == ["2026-02-01"]
+
+
+def test_missing_file_is_a_clear_error(sdpo_home, capsys):
+    assert main(["ingest", str(sdpo_home / "nope.jsonl")]) == 2
+    assert "no such file" in capsys.readouterr().err

@@ -1,0 +1,166 @@
+"""Every log format in every container reaches `conversations` the same way; detection and override."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sdpo_platform.cleaning import build_conversations
+from sdpo_platform.config import CleaningConfig
+from sdpo_platform.formats import detect_format, record_format
+from sdpo_platform.ingest import ingest_files
+from sdpo_platform.warehouse import connect
+from sdpo_platform.wildchat import ingest_wildchat
+
+HH_RLHF = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh_rlhf" / "harmless-base-test.jsonl.gz"
+Q, A, F = "How do I reverse a list in Python?", "Use reversed() or slicing with a step of -1.", "Can you show me the code?"
+ANY_LANGUAGE = CleaningConfig(languages=[])
+
+
+@pytest.fixture()
+def con(sdpo_home):
+    connection = connect()
+    yield connection
+    connection.close()
+
+
+def wildchat_row(i: int, day: str = "2024-03-05") -> dict:
+    return {
+        "conversation_hash": f"hash{i}", "model": "gpt-4", "timestamp": f"{day} 10:00:0{i % 10}+00:00",
+        "conversation": [
+            {"role": "user", "content": f"{Q} #{i}", "timestamp": f"{day} 10:00:00+00:00", "language": "English", "toxic": False},
+            {"role": "assistant", "content": A, "timestamp": f"{day} 10:00:05+00:00", "language": "English", "toxic": False},
+            {"role": "user", "content": F, "timestamp": f"{day} 10:01:00+00:00", "language": "English", "toxic": False},
+        ],
+        "turn": 2, "language": "English", "toxic": False, "redacted": False, "hashed_ip": f"ip{i}", "country": "France",
+    }
+
+
+def kept(con) -> list[tuple]:
+    return con.execute(
+        "SELECT source_format, partition_date::VARCHAR, [m.role FOR m IN messages] FROM conversations ORDER BY source_file, line_no"
+    ).fetchall()
+
+
+@pytest.mark.parametrize("container", ["jsonl", "jsonl.gz", "json", "json.gz"])
+def test_wildchat_in_every_text_container_partitions_by_conversation_time(con, tmp_path, container):
+    rows = [wildchat_row(0, "2024-03-05"), wildchat_row(1, "2024-03-06")]
+    text = "\n".join(json.dumps(r) for r in rows) if container.startswith("jsonl") else json.dumps(rows, indent=2)
+    path = tmp_path / f"wild.{container}"
+    if container.endswith(".gz"):
+        path.write_bytes(gzip.compress(text.encode()))
+    else:
+        path.write_text(text)
+
+    result = ingest_files(con, [path])
+    assert result.formats == {str(path.resolve()): "wildchat"} and result.partitions == ["2024-03-05", "2024-03-06"]
+    build_conversations(con, ANY_LANGUAGE)
+    assert kept(con) == [("wildchat", "2024-03-05", ["user", "assistant", "user"]),
+                         ("wildchat", "2024-03-06", ["user", "assistant", "user"])]
+
+
+def test_parquet_and_gzipped_parquet_in_wildchat_schema(con, tmp_path):
+    table = pa.Table.from_pylist([{**wildchat_row(i), "timestamp": None} for i in range(3)])
+    table = table.set_column(table.schema.get_field_index("timestamp"), "timestamp",
+                             pa.array([1709632800000] * 3, pa.timestamp("ms", tz="UTC")))  # 2024-03-05 10:00 UTC
+    pq.write_table(table, tmp_path / "wild.parquet")
+    (tmp_path / "wild2.parquet.gz").write_bytes(gzip.compress((tmp_path / "wild.parquet").read_bytes()))
+
+    result = ingest_files(con, [tmp_path / "wild.parquet", tmp_path / "wild2.parquet.gz"])
+
+    assert result.records_new == 6 and result.partitions == ["2024-03-05"] and not result.errors
+    assert con.execute("SELECT min(line_no), max(line_no) FROM raw_records").fetchall() == [(1, 3)]
+    cleaned = build_conversations(con, ANY_LANGUAGE)
+    assert cleaned.kept == 3 and cleaned.by_reason == {"duplicate": 3}  # the second file repeats the first
+
+
+def test_wildchat_through_datasets_from_a_local_parquet_in_the_hub_schema(con, tmp_path):
+    pq.write_table(pa.Table.from_pylist([wildchat_row(i) for i in range(4)]), tmp_path / "train-00000.parquet")
+
+    result = ingest_wildchat(con, "parquet", data_files=str(tmp_path / "train-00000.parquet"), limit=3)
+
+    assert result.records_new == 3 and list(result.formats.values()) == ["wildchat"]
+    assert result.partitions == ["2024-03-05"]
+    assert build_conversations(con, ANY_LANGUAGE).kept == 3
+    user_hash = con.execute("SELECT user_hash FROM conversations ORDER BY line_no LIMIT 1").fetchall()[0][0]
+    assert user_hash and "ip0" not in user_hash
+    assert ingest_wildchat(con, "parquet", data_files=str(tmp_path / "train-00000.parquet"), limit=3).records_new == 0
+
+
+def test_sharegpt_chunks_are_joined_in_order_from_a_truncated_array(con, tmp_path):
+    records = [
+        {"id": "abc_1", "conversations": [{"from": "gpt", "value": "Part two of the answer."}, {"from": "human", "value": F}]},
+        {"id": "abc_0", "conversations": [{"from": "human", "value": Q}, {"from": "gpt", "value": A}]},
+        {"id": "solo_0", "conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": Q + " (solo)"},
+                                           {"from": "gpt", "value": A}, {"from": "human", "value": F}]},
+        {"id": "cut", "conversations": [{"from": "human", "value": "this record is cut"}]},
+    ]
+    text = json.dumps(records, indent=1)
+    (tmp_path / "sg.json").write_text(text[: text.rindex("this record is cut")])
+
+    ingested = ingest_files(con, [tmp_path / "sg.json"])
+    result = build_conversations(con, ANY_LANGUAGE)
+
+    assert ingested.records_new == 3 and ingested.formats[str((tmp_path / "sg.json").resolve())] == "sharegpt"
+    assert result.raw_records == 3 and result.kept == 2 and result.records_kept == 3 and result.quarantined == 0
+    rows = con.execute("SELECT source_id, messages, len(record_ids) FROM conversations ORDER BY source_id").fetchall()
+    assert [r[0] for r in rows] == ["abc", "solo"]
+    # abc: chunk 0 then chunk 1 (file order was 1, 0); the two assistant parts merge
+    assert [(m["role"], m["content"]) for m in rows[0][1]] == [("user", Q), ("assistant", A + "\n\nPart two of the answer."), ("user", F)]
+    assert rows[0][2] == 2
+    tail = con.execute("SELECT reason FROM quarantine WHERE stage = 'raw_interaction_logs'").fetchall()
+    assert tail == [("truncated_json_array",)]
+
+
+def test_openai_string_and_text_part_content_and_created_epoch_partition(con, tmp_path):
+    record = {"created": 1709632800, "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "How do I reverse"}, {"type": "text", "text": "a list in Python?"}]},
+        {"role": "assistant", "content": A}, {"role": "user", "content": [F]},
+    ]}
+    (tmp_path / "chat.jsonl").write_text(json.dumps(record) + "\n")
+    assert ingest_files(con, [tmp_path / "chat.jsonl"]).partitions == ["2024-03-05"]
+    build_conversations(con, ANY_LANGUAGE)
+    messages = con.execute("SELECT messages FROM conversations").fetchall()[0][0]
+    assert [m["content"] for m in messages] == ["Be brief.", "How do I reverse\na list in Python?", A, F]
+
+
+def test_hh_rlhf_transcripts_from_the_shared_sample(con, tmp_path):
+    lines = gzip.decompress(HH_RLHF.read_bytes()).decode().splitlines()[:40]
+    (tmp_path / "hh.jsonl").write_text("\n".join(lines) + "\n")
+
+    ingested = ingest_files(con, [tmp_path / "hh.jsonl"])
+    result = build_conversations(con, CleaningConfig(languages=[], min_messages=2))
+
+    assert list(ingested.formats.values()) == ["hh_rlhf"]
+    assert result.raw_records == 40 and result.kept + result.quarantined == 40 and result.kept >= 30
+    first = json.loads(lines[0])["chosen"]
+    messages = con.execute("SELECT messages FROM conversations WHERE line_no = 1").fetchall()[0][0]
+    assert messages[0] == {"role": "user", "content": first.split("\n\nHuman: ")[1].split("\n\nAssistant: ")[0]}
+    assert {m["role"] for m in messages} == {"user", "assistant"}
+
+
+def test_format_override_wins_over_detection_and_reingests(con, tmp_path):
+    path = tmp_path / "odd.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": Q}], "conversation": "not a list"}) + "\n")
+    with pytest.raises(ValueError, match="unknown format"):
+        ingest_files(con, [path], format="csv")
+    assert ingest_files(con, [path]).formats[str(path.resolve())] == "openai"
+    again = ingest_files(con, [path], format="wildchat")
+    assert again.files_replaced == 1 and again.records_new == 1
+    assert con.execute("SELECT DISTINCT source_format FROM raw_records").fetchall() == [("wildchat",)]
+
+
+def test_detect_format_by_majority_and_record_shapes():
+    assert record_format({"conversation": []}) == "wildchat"
+    assert record_format({"conversations": []}) == "sharegpt"
+    assert record_format({"messages": []}) == "openai"
+    assert record_format({"chosen": "\n\nHuman: hi\n\nAssistant: yo", "rejected": "..."}) == "hh_rlhf"
+    assert record_format({"text": "plain text"}) is None and record_format([1]) is None
+    assert detect_format([{"messages": []}, {"conversations": []}, {"conversations": []}, "x"]) == "sharegpt"
+    assert detect_format([{"a": 1}]) is None
