@@ -47,6 +47,19 @@ def interactions_well_formed(context: dg.AssetCheckExecutionContext, warehouse: 
         return _gated(con, "interactions", day, checks.check_interactions(con, [day]))
 
 
+@dg.asset_check(asset=lineage.interactions, blocking=True)
+def interactions_judged(context: dg.AssetCheckExecutionContext, settings: SdpoSettings, warehouse: Warehouse) -> dg.AssetCheckResult:
+    """Every triple judged, scores in [0, 1], kept fraction inside the configured bounds, no user above the cap."""
+    from sdpo_platform.assessments import judged_triples
+    from sdpo_platform.informativeness_checks import check_informativeness
+
+    day = context.partition_key
+    with warehouse.connect() as con:
+        judged, n_triples = judged_triples(con, day)
+        report = check_informativeness(judged, settings.platform().informativeness, n_triples, partition_column="partition_date")
+        return _gated(con, "interactions_judged", day, report)
+
+
 @dg.asset_check(asset=lineage.hindsight_targets, blocking=True)
 def targets_finite_and_aligned(hindsight_targets: dict) -> dg.AssetCheckResult:
     """Finite log-probs, one per response token under both prompts, EOS last, both splits present."""
@@ -107,6 +120,7 @@ lineage_checks = [
     conversations_reconcile,
     conversations_pii_redacted,
     interactions_well_formed,
+    interactions_judged,
     targets_finite_and_aligned,
     checkpoint_trained,
     evaluation_finite,

@@ -16,6 +16,7 @@ from assets.metadata import examples_table, histogram_chart
 from assets.partitions import daily_partitions
 from assets.resources import MlflowTracking, SdpoSettings, Warehouse
 from sdpo_platform import paths
+from sdpo_platform.assessments import hindsight_template, kept_interactions
 from sdpo_platform.gating import blocked_partitions
 
 chat_log_inbox = dg.AssetSpec(
@@ -82,22 +83,37 @@ def conversations(context: dg.AssetExecutionContext, raw_interaction_logs: dict,
     )
 
 
-@dg.asset(partitions_def=daily_partitions, group_name="data", kinds={"duckdb", "sql"})
+@dg.asset(partitions_def=daily_partitions, group_name="data", kinds={"duckdb", "sql", "pytorch"})
 def interactions(context: dg.AssetExecutionContext, conversations: dict, settings: SdpoSettings, warehouse: Warehouse) -> dg.Output[dict]:
-    """(x, y, o) triples: context, logged response, the user's follow-up; flagged and split."""
+    """(x, y, o) triples, each judged: follow-up kind, model-based informativeness, safety, caps, keep."""
+    from sdpo_platform.assessments import assess_partition
     from sdpo_platform.interactions import extract_interactions
+    from sdpo_platform.models import load_model
 
+    cfg, day = settings.platform(), context.partition_key
     with warehouse.connect() as con:
-        result = extract_interactions(con, settings.platform().interactions, partitions=[context.partition_key])
+        result = extract_interactions(con, cfg.interactions, partitions=[day])
+    model = tokenizer = None
+    if cfg.informativeness.use_model and result.total:
+        model, tokenizer = load_model(cfg.model)
+        context.log.info(f"scoring the informativeness signal of {result.total} triples with {cfg.model!r}")
+    with warehouse.connect() as con:
+        assessed, excluded = assess_partition(con, day, cfg, model, tokenizer)
+    kept = assessed.sort_values("informativeness", ascending=False)
     return dg.Output(
-        asdict(result),
+        {**asdict(result), "kept": excluded["n_kept"]},
         metadata={
             "interactions_total": dg.MetadataValue.int(result.total),
-            "informative": result.informative,
-            "informative_fraction": dg.MetadataValue.float(result.informative / max(result.total, 1)),
+            "kept": dg.MetadataValue.int(excluded["n_kept"]),
+            "kept_fraction": dg.MetadataValue.float(excluded["kept_fraction"]),
+            "excluded_by_reason": dg.MetadataValue.json(excluded["excluded_by_reason"]),
+            "safety_rules_fired": dg.MetadataValue.json(excluded["safety_rules_fired"]),
+            "kept_by_kind": dg.MetadataValue.json(excluded["kept_by_kind"]),
             "train": result.train,
             "validation": result.validation,
-            "by_reason": dg.MetadataValue.json(result.by_reason),
+            "most_informative": examples_table(
+                kept.head(3)[["interaction_id", "followup_kind", "informativeness", "keep"]].to_dict("records")
+            ),
             "examples": examples_table(result.examples),
         },
     )
@@ -124,15 +140,13 @@ def hindsight_targets(
     cfg = settings.platform()
     with warehouse.connect() as con:
         blocked = blocked_partitions(con)  # days whose blocking checks failed in an earlier run
-        frame = con.execute(
-            "SELECT * FROM interactions WHERE NOT list_contains($blocked::DATE[], partition_date) ORDER BY interaction_id",
-            {"blocked": blocked},
-        ).df()
+        frame = kept_interactions(con, blocked)  # `informative` = the informativeness keep verdict
     if blocked:
         context.log.warning(f"excluding interactions of {len(blocked)} blocked partition(s): {', '.join(blocked)}")
     selected = select_for_scoring(frame, cfg.targets)
     context.log.info(f"scoring {len(selected)} of {len(frame)} interactions with model {cfg.model!r}")
-    result = materialize_targets(selected, cfg.targets, cfg.model, progress=progress_logger(context.log.info), show_bar=False)
+    targets_cfg = cfg.targets.model_copy(update={"template": hindsight_template(cfg)})  # principles preamble, if on
+    result = materialize_targets(selected, targets_cfg, cfg.model, progress=progress_logger(context.log.info), show_bar=False)
     context.log.info(f"target set {result.target_set}: {result.shards_scored} shard(s) scored, {result.shards_reused} reused")
     targets = read_targets(result.path)
     base_model_path = resolve_model(cfg.model)

@@ -34,7 +34,7 @@ def test_whole_lineage_materializes_on_fixtures(sdpo_home, tiny_model_dir):
         result = defs.resolve_job_def(LINEAGE_JOB).execute_in_process(instance=instance, partition_key=FIXTURE_DAY)
         assert result.success
         checks = result.get_asset_check_evaluations()
-        assert len(checks) == 9 and all(c.passed for c in checks), [c.description for c in checks if not c.passed]
+        assert len(checks) == 10 and all(c.passed for c in checks), [c.description for c in checks if not c.passed]
 
     conversations = result.output_for_node("conversations")
     assert conversations["raw_records"] == expected["raw_records"]
@@ -56,6 +56,12 @@ def test_whole_lineage_materializes_on_fixtures(sdpo_home, tiny_model_dir):
         "SELECT reason, count(*) FROM quarantine WHERE stage = 'conversations' AND level = 'record' GROUP BY 1"
     ).fetchall())
     assert sum(reasons.values()) == conversations["quarantined"] == 3
+    judged = dict(con.sql("SELECT interaction_id, keep FROM interaction_assessments").fetchall())
+    assert len(judged) == interactions["total"]  # every triple judged
+    from sdpo_platform.targets import read_targets
+
+    scored = set(read_targets(targets["path"])["interaction_id"])
+    assert scored and all(judged[i] for i in scored)  # only kept triples are scored
     evaluation = result.output_for_node("evaluation")
     stored = con.sql("SELECT gap_before, gap_after, target_set FROM evaluations").fetchall()
     assert stored == [(evaluation["gap_before"], evaluation["gap_after"], targets["target_set"])]

@@ -1,0 +1,106 @@
+"""Per-triple informativeness and safety verdicts, stored beside the triples they judge.
+
+`interactions.py` extracts triples with SQL; this module runs the follow-up taxonomy, the model signal,
+the safety guardrail and the caps (`informativeness.assess_interactions`) on one partition's triples
+and keeps the verdicts in `interaction_assessments`, which the targets stage reads to decide what to
+score. Kept apart from `interactions` so the two stages can be rebuilt independently.
+"""
+
+from __future__ import annotations
+
+import duckdb
+import pandas as pd
+
+from sdpo_platform.config import PlatformConfig
+from sdpo_platform.informativeness import assess_interactions
+from sdpo_platform.safety import exclusion_summary, principled_template
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS interaction_assessments (
+    interaction_id    VARCHAR NOT NULL,
+    partition_date    DATE,
+    followup_kind     VARCHAR NOT NULL,   -- correction | refinement | negative_reaction | ... (followups.py)
+    followup_features VARCHAR[],          -- the rules that fired
+    topic_overlap     DOUBLE,
+    safety_flag       BOOLEAN NOT NULL,
+    safety_reasons    VARCHAR[],
+    model_signal      DOUBLE,             -- NULL when the model signal is off
+    informativeness   DOUBLE NOT NULL,    -- [0, 1]
+    keep              BOOLEAN NOT NULL,
+    exclusion_reason  VARCHAR             -- unsafe | below_threshold | user_cap | conversation_cap
+);
+"""
+
+COLUMNS = ["interaction_id", "followup_kind", "followup_features", "topic_overlap", "safety_flag", "safety_reasons",
+           "model_signal", "informativeness", "keep", "exclusion_reason"]
+
+
+def hindsight_template(cfg: PlatformConfig) -> str:
+    """The template every scoring stage uses: the configured one, with the principles preamble if asked."""
+    template = cfg.targets.template
+    return principled_template(template) if cfg.informativeness.principles_preamble else template
+
+
+def partition_triples(con: duckdb.DuckDBPyConnection, partition: str) -> pd.DataFrame:
+    """A day's triples with the (hashed) user id of their conversation, for the per-user cap."""
+    return con.execute(
+        """
+        SELECT i.interaction_id, i.conversation_id, i.context, i.response, i.followup, c.user_hash AS user_id
+        FROM interactions i JOIN conversations c USING (conversation_id)
+        WHERE i.partition_date = ?::DATE ORDER BY i.interaction_id
+        """,
+        [partition],
+    ).df()
+
+
+def assess_partition(con: duckdb.DuckDBPyConnection, partition: str, cfg: PlatformConfig, model=None, tokenizer=None,
+                     progress=None) -> tuple[pd.DataFrame, dict]:
+    """Judge a day's triples, replace that day's verdicts, and return them with an exclusion summary."""
+    triples = partition_triples(con, partition)
+    assessed = assess_interactions(triples, cfg.informativeness, model, tokenizer, hindsight_template(cfg), progress=progress)
+    rows = assessed[COLUMNS].assign(partition_date=partition)
+    con.execute(SCHEMA).fetchall()
+    con.begin()
+    try:
+        con.execute("DELETE FROM interaction_assessments WHERE partition_date = ?::DATE", [partition]).fetchall()
+        con.register("assessed_rows", rows)
+        con.execute(
+            f"INSERT INTO interaction_assessments ({', '.join(COLUMNS)}, partition_date) "
+            f"SELECT {', '.join(COLUMNS)}, partition_date::DATE FROM assessed_rows"
+        ).fetchall()  # column names from the fixed COLUMNS list
+        con.unregister("assessed_rows")
+        con.commit()
+    except BaseException:
+        con.rollback()
+        raise
+    return assessed, exclusion_summary(assessed)
+
+
+def kept_interactions(con: duckdb.DuckDBPyConnection, blocked: list[str]) -> pd.DataFrame:
+    """Triples of unblocked days, `informative` set by the stored keep verdict (the SQL flag when none)."""
+    con.execute(SCHEMA).fetchall()
+    return con.execute(
+        """
+        SELECT i.* REPLACE (coalesce(a.keep, i.informative) AS informative), a.informativeness, a.followup_kind
+        FROM interactions i LEFT JOIN interaction_assessments a USING (interaction_id)
+        WHERE NOT list_contains($blocked::DATE[], i.partition_date)
+        ORDER BY i.interaction_id
+        """,
+        {"blocked": blocked},
+    ).df()
+
+
+def judged_triples(con: duckdb.DuckDBPyConnection, partition: str) -> tuple[pd.DataFrame, int]:
+    """(a day's stored verdicts with conversation, user and split, the day's number of triples) for the checks."""
+    con.execute(SCHEMA).fetchall()
+    judged = con.execute(
+        """
+        SELECT a.*, i.conversation_id, i.split, c.user_hash AS user_id
+        FROM interaction_assessments a JOIN interactions i USING (interaction_id) JOIN conversations c USING (conversation_id)
+        WHERE a.partition_date = ?::DATE
+        """,
+        [partition],
+    ).df()
+    judged["partition_date"] = partition
+    n_triples = con.execute("SELECT count(*) FROM interactions WHERE partition_date = ?::DATE", [partition]).fetchall()[0][0]
+    return judged, int(n_triples)
