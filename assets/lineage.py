@@ -12,7 +12,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets.metadata import examples_table, histogram_chart
+from assets.metadata import examples_table, fraction_logger, histogram_chart
 from assets.partitions import daily_partitions
 from assets.resources import MlflowTracking, SdpoSettings, Warehouse
 from sdpo_platform import paths
@@ -98,7 +98,9 @@ def interactions(context: dg.AssetExecutionContext, conversations: dict, setting
         model, tokenizer = load_model(cfg.model)
         context.log.info(f"scoring the informativeness signal of {result.total} triples with {cfg.model!r}")
     with warehouse.connect() as con:
-        assessed, excluded = assess_partition(con, day, cfg, model, tokenizer)
+        assessed, excluded = assess_partition(
+            con, day, cfg, model, tokenizer, progress=fraction_logger(context.log.info, "informativeness batches")
+        )
     kept = assessed.sort_values("informativeness", ascending=False)
     return dg.Output(
         {**asdict(result), "kept": excluded["n_kept"]},

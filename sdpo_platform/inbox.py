@@ -40,10 +40,20 @@ def changed_files(current: dict[str, str], seen: dict[str, str]) -> list[str]:
 
 
 def pending_partitions(paths: list[str], warehouse: duckdb.DuckDBPyConnection | None = None, cfg: IngestConfig | None = None) -> list[str]:
-    """ISO days that ingesting `paths` would touch: their records' days, and their old rows' days."""
-    from sdpo_platform.ingest import ingest_files
+    """ISO days that ingesting `paths` would touch: their records' days, and their old rows' days.
+
+    A file whose bytes the warehouse already holds (touched, or rewritten identically) touches nothing:
+    its stored rows keep their days, whatever its new mtime says."""
+    from sdpo_platform.ingest import file_hash, ingest_files
     from sdpo_platform.warehouse import connect
 
+    if warehouse is not None and paths:
+        known = dict(warehouse.execute(
+            "SELECT source_file, file_hash FROM source_files WHERE list_contains($paths, source_file)", {"paths": list(paths)}
+        ).fetchall())
+        paths = [p for p in paths if known.get(p) != file_hash(Path(p))]
+    if not paths:
+        return []
     scratch = connect(":memory:")
     try:
         days = set(ingest_files(scratch, paths, cfg=cfg).partitions)

@@ -12,19 +12,11 @@ import pandas as pd
 
 from sdpo_platform.config import InformativenessConfig
 from sdpo_platform.followups import FOLLOWUP_KINDS
+from sdpo_platform.checks import merge
 from sdpo_platform.quality import QualityReport, expect, validate
 from sdpo_platform.safety import group_caps
 
 CAP_REASONS = ("user_cap", "conversation_cap")
-
-
-def _merge(*reports: QualityReport) -> QualityReport:
-    return QualityReport(
-        suite="+".join(r.suite for r in reports),
-        passed=all(r.passed for r in reports),
-        evaluated=sum(r.evaluated for r in reports),
-        failures=[f for r in reports for f in r.failures],
-    )
 
 
 def check_labels(assessed: pd.DataFrame, n_interactions: int | None = None) -> QualityReport:
@@ -50,7 +42,7 @@ def check_labels(assessed: pd.DataFrame, n_interactions: int | None = None) -> Q
         return report
     totals = pd.DataFrame({"unaccounted": [n_interactions - len(assessed)]})
     reconciled = validate(totals, [E.ExpectColumnValuesToBeBetween(column="unaccounted", min_value=0, max_value=0)], "informativeness_reconcile")
-    return _merge(reconciled, report)
+    return merge(reconciled, report)
 
 
 def check_kept_fraction(assessed: pd.DataFrame, cfg: InformativenessConfig, partition_column: str | None = "split") -> QualityReport:
@@ -83,7 +75,7 @@ def check_kept_fraction(assessed: pd.DataFrame, cfg: InformativenessConfig, part
                 detail = ", ".join(f"{p}: {f:.3f} of {n}" for p, f, n in zip(outside["partition"], outside["kept_fraction"], outside["n"]))
                 failure["expectation"] = f"kept fraction {'below' if 'min_value' in kwargs else 'above'} {bound}={value} in partition(s) {detail}"
         reports.append(report)
-    return _merge(*reports)
+    return merge(*reports)
 
 
 def check_caps(assessed: pd.DataFrame, cfg: InformativenessConfig) -> QualityReport:
@@ -124,4 +116,4 @@ def check_caps(assessed: pd.DataFrame, cfg: InformativenessConfig) -> QualityRep
 
 def check_informativeness(assessed: pd.DataFrame, cfg: InformativenessConfig, n_interactions: int | None = None, partition_column: str | None = "split") -> QualityReport:
     """All blocking checks of the informativeness labels, as one report."""
-    return _merge(check_labels(assessed, n_interactions), check_kept_fraction(assessed, cfg, partition_column), check_caps(assessed, cfg))
+    return merge(check_labels(assessed, n_interactions), check_kept_fraction(assessed, cfg, partition_column), check_caps(assessed, cfg))

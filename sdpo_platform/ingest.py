@@ -98,13 +98,13 @@ def ingest_files(con: duckdb.DuckDBPyConnection, paths: Iterable[str | Path], pa
         source_file = str(path)
         result.files += 1
         try:
-            file_hash = _file_hash(path)
+            digest = file_hash(path)
         except OSError as error:
             _reject(con, result, source_file, "unreadable_file", f"{source_file}: {type(error).__name__}: {error}")
             continue
         previous = con.execute(
             "SELECT file_hash, source_format FROM source_files WHERE source_file = ?", [source_file]).fetchall()
-        if previous and previous[0][0] == file_hash and format in (None, previous[0][1]):
+        if previous and previous[0][0] == digest and format in (None, previous[0][1]):
             result.files_unchanged += 1
             continue
         con.begin()  # a file is ingested whole or not at all (its replacement included)
@@ -112,7 +112,7 @@ def ingest_files(con: duckdb.DuckDBPyConnection, paths: Iterable[str | Path], pa
             if previous:
                 touched |= _remove_file_rows(con, source_file)
                 result.files_replaced += 1
-            outcome = _ingest_one(con, path, source_file, file_hash, partition_day, format, cfg)
+            outcome = _ingest_one(con, path, source_file, digest, partition_day, format, cfg)
         except (OSError, UnicodeDecodeError, EOFError, RecursionError, duckdb.Error, pa.ArrowException) as error:
             con.rollback()
             _reject(con, result, source_file, "unreadable_file", f"{source_file}: {type(error).__name__}: {error}")
@@ -269,7 +269,8 @@ def _remember_file(con, source_file: str, file_hash: str, container: str, fmt: s
     )
 
 
-def _file_hash(path: Path) -> str:
+def file_hash(path: Path) -> str:
+    """sha256 of the file's bytes: what makes re-ingesting the same file a no-op."""
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         while chunk := stream.read(1 << 20):

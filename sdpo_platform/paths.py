@@ -48,3 +48,25 @@ def mlflow_artifact_root(root: Path | None = None) -> str:
     path = (root or data_root()) / "mlflow" / "artifacts"
     path.mkdir(parents=True, exist_ok=True)
     return path.as_uri()
+
+
+def write_jsonl_atomic(out_path: str | Path, rows, default=None) -> int:
+    """Write `rows` (dicts) as JSONL through a temporary file renamed over `out_path`, so readers (the
+    inbox sensor, ingestion) never see half a file; returns how many rows were written."""
+    import json
+    import tempfile
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
+    written = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            for row in rows:
+                out.write(json.dumps(row, ensure_ascii=False, default=default) + "\n")
+                written += 1
+        os.replace(tmp_name, out_path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return written

@@ -3,7 +3,6 @@ quality suites as the assets, and the same partition verdicts, so a shell ingest
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import duckdb

