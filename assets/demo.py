@@ -48,6 +48,8 @@ def run_demo(records: int = 300) -> dict:
     from assets.definitions import INGEST_JOB, TRAIN_JOB, defs
     from assets.sensors import inbox_run_requests
     from sdpo_platform.sharegpt import write_sharegpt_slice
+    from sdpo_platform.assessments import kept_interactions
+    from sdpo_platform.gating import blocked_partitions
     from sdpo_platform.warehouse import connect, stats
 
     root = paths.data_root()
@@ -66,12 +68,13 @@ def run_demo(records: int = 300) -> dict:
     evaluation, registered = result.output_for_node("evaluation"), result.output_for_node("registered_model")
     with connect() as con:
         counts = stats(con)
+        kept = int(kept_interactions(con, blocked_partitions(con))["informative"].sum())
     summary = {
         "raw_records": counts["raw_records"],
         "conversations_kept": counts["conversations_kept"],
         "conversations_quarantined": counts["quarantined"],
         "interactions_total": counts["interactions_total"],
-        "interactions_kept": counts["interactions_informative"],
+        "interactions_kept": kept,  # kept by the informativeness/safety verdicts, unblocked days only
         "target_rows": targets["rows"],
         "target_tokens": targets["tokens"],
         "train_steps": checkpoint["steps"],
