@@ -168,6 +168,8 @@ def hindsight_targets(
         "model_revision": result.model_revision,
         "base_model_path": base_model_path,
         "eos_token_id": int(tokenizer.eos_token_id),
+        "partitions": sorted({str(day)[:10] for day in selected["partition_date"]}),
+        "blocked_partitions": blocked,
         "rows": len(targets),
         "tokens": int(targets["n_tokens"].sum()),
         "train_rows": int((targets["split"] == "train").sum()),
@@ -274,7 +276,7 @@ def registered_model(
     mlflow_tracking.configure()
     gate_passed = bool(evaluation["improved"])  # blocking checks upstream already stopped bad data
     tags = {
-        "data_partition": "all",
+        "data_partition": ",".join(hindsight_targets["partitions"]),  # the days the targets were drawn from
         "target_set": hindsight_targets["target_set"],
         "model_revision": hindsight_targets["model_revision"],
         "gap_before": f"{evaluation['gap_before']:.6f}",

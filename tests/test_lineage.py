@@ -50,6 +50,7 @@ def test_whole_lineage_materializes_on_fixtures(sdpo_home, tiny_model_dir):
     registered = result.output_for_node("registered_model")
     assert registered["version"] == 1
     assert registered["aliases"] == ["challenger", "champion"]  # first version: no champion yet
+    assert registered["tags"]["data_partition"] == FIXTURE_DAY
 
     con = duckdb.connect(str(sdpo_home / "warehouse.duckdb"), read_only=True)
     reasons = dict(con.sql(
