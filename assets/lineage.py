@@ -199,6 +199,7 @@ def distilled_checkpoint(
     context: dg.AssetExecutionContext,
     hindsight_targets: dict,
     settings: SdpoSettings,
+    warehouse: Warehouse,
     mlflow_tracking: MlflowTracking,
     pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.Output[dict]:
@@ -217,6 +218,7 @@ def distilled_checkpoint(
         mlflow_experiment=cfg.registry.experiment,
         mlflow_run_name=f"distill-{context.run_id[:8]}",
         target_set=hindsight_targets["target_set"],
+        interaction_weights=_weights(warehouse) if cfg.training.weighting == "informativeness" else None,
     )
     run_file = output_dir / "run.json"
     run_file.write_text(run.model_dump_json(indent=2))
@@ -304,6 +306,13 @@ def registered_model(
             "gate_passed": gate_passed,
         },
     )
+
+
+def _weights(warehouse: Warehouse) -> dict[str, float]:
+    from sdpo_platform.assessments import informativeness_weights
+
+    with warehouse.connect() as con:
+        return informativeness_weights(con)
 
 
 lineage_assets = [

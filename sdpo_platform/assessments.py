@@ -104,3 +104,9 @@ def judged_triples(con: duckdb.DuckDBPyConnection, partition: str) -> tuple[pd.D
     judged["partition_date"] = partition
     n_triples = con.execute("SELECT count(*) FROM interactions WHERE partition_date = ?::DATE", [partition]).fetchall()[0][0]
     return judged, int(n_triples)
+
+
+def informativeness_weights(con: duckdb.DuckDBPyConnection) -> dict[str, float]:
+    """interaction_id → informativeness, the per-triple loss weights of `training.weighting='informativeness'`."""
+    con.execute(SCHEMA).fetchall()
+    return dict(con.execute("SELECT interaction_id, informativeness FROM interaction_assessments").fetchall())

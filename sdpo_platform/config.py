@@ -90,6 +90,9 @@ class TrainingConfig(Section):
         description="Advantage baseline: none (paper), sequence_mean (centre A per sequence), neutral_followup "
         "(teacher measured against the neutral follow-up; frozen teacher only, needs targets.neutral_followup).",
     )
+    weighting: Literal["none", "informativeness"] = Field(
+        "none", description="none: every kept triple counts the same (paper); informativeness: weighted mean of the per-triple losses by their informativeness score."
+    )
     teacher: Literal["frozen", "live"] = Field("frozen", description="frozen: read targets; live: recompute with current weights.")
     seed: int = Field(0, description="Seeds LoRA init and batch sampling.")
     warmup_fraction: float = Field(0.05, description="Share of steps with linear warm-up before the cosine decay.")

@@ -20,6 +20,7 @@ def sdpo_loss(
     advantages: list[torch.Tensor],
     skip: int = 2,
     baseline: Baseline = "none",
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """SDPO loss over a batch of interactions (one 1-D tensor per response) and its diagnostics.
 
@@ -27,6 +28,8 @@ def sdpo_loss(
     own samples E[A] = −KL < 0, so without it the loss is an unlikelihood penalty on every token.
     Diagnostics use the raw advantages (before any baseline), over the counted tokens i ≥ skip, except
     `eos_advantage`, the advantage on the last token (EOS): does the follow-up want the answer to stop?
+    `weights` (one per interaction, e.g. informativeness) turn the mean over interactions into the
+    weighted mean Σ w_n L_n / Σ w_n, so a weakly informative triple teaches proportionally less.
     """
     if baseline not in ("none", "sequence_mean"):
         raise ValueError(f"unknown baseline {baseline!r}")
@@ -36,7 +39,12 @@ def sdpo_loss(
         if baseline == "sequence_mean" and a.numel() > 0:
             a = a - a.mean()
         per_interaction.append(-(a * logp[skip:]).sum() / logp.numel())
-    loss = torch.stack(per_interaction).mean()
+    terms = torch.stack(per_interaction)
+    if weights is None:
+        loss = terms.mean()
+    else:
+        weights = weights.detach().to(terms.dtype)
+        loss = (weights * terms).sum() / weights.sum().clamp_min(1e-12)
 
     counted = torch.cat([adv.detach()[skip:].float() for adv in advantages])
     diagnostics = {

@@ -55,6 +55,7 @@ class TrainRun(BaseModel):
     mlflow_experiment: str = "sdpo"
     mlflow_run_name: str | None = None
     target_set: str = ""  # lineage: which hindsight targets (model revision, partition) this run used
+    interaction_weights: dict[str, float] | None = None  # interaction_id → weight, for training.weighting='informativeness'
 
 
 @dataclass
@@ -134,6 +135,10 @@ def train(run: TrainRun, on_step: Callable[[int, dict], None] | None = None) -> 
             raise ValueError("baseline 'neutral_followup' needs the frozen teacher (neutral prompts are not stored)")
         if "neutral_logprobs" not in rows or rows.neutral_logprobs.isna().any():
             raise ValueError("targets lack neutral_logprobs: score them with targets.neutral_followup set")
+    if cfg.weighting == "informativeness":
+        missing = [i for i in rows.interaction_id if i not in (run.interaction_weights or {})]
+        if missing:
+            raise ValueError(f"training.weighting='informativeness' but {len(missing)} train rows have no weight, e.g. {missing[:3]}")
     batches = batch_indices(len(rows), cfg.batch_size, cfg.seed)
 
     # model: float32 base + LoRA adapter (the only trainable weights)
@@ -180,7 +185,10 @@ def train(run: TrainRun, on_step: Callable[[int, dict], None] | None = None) -> 
                 teacher = frozen_teacher_logprobs(batch, cfg.baseline, student[0].device)
             advantages = [t - s.detach() for t, s in zip(teacher, student)]
             centring = "sequence_mean" if cfg.baseline == "sequence_mean" else "none"
-            loss, diagnostics = sdpo_loss(student, advantages, skip=cfg.skip_tokens, baseline=centring)
+            weights = None
+            if cfg.weighting == "informativeness":
+                weights = torch.tensor([run.interaction_weights[i] for i in batch.interaction_id], device=student[0].device)
+            loss, diagnostics = sdpo_loss(student, advantages, skip=cfg.skip_tokens, baseline=centring, weights=weights)
 
             # backward, clip, step
             optimizer.zero_grad(set_to_none=True)

@@ -84,3 +84,15 @@ def test_sequence_mean_makes_a_constant_advantage_a_no_op():
 def test_unknown_baseline_is_rejected():
     with pytest.raises(ValueError):
         sdpo_loss(tensors([-1.0]), tensors([1.0]), baseline="neutral")
+
+
+def test_informativeness_weights_give_a_weighted_mean_and_silence_zero_weight_triples():
+    # per-interaction terms with skip = 1: a = −[(−0.4)(−2.0) + (1.2)(−0.5)] / 3 = −0.2/3, b = −(0.5 · −3.0) / 2 = 0.75
+    logp = [torch.tensor([-1.0, -2.0, -0.5], requires_grad=True), torch.tensor([-0.1, -3.0], requires_grad=True)]
+    adv = tensors([0.3, -0.4, 1.2], [2.0, 0.5])
+    loss, _ = sdpo_loss(logp, adv, skip=1, weights=torch.tensor([0.9, 0.1]))
+    assert loss.item() == pytest.approx((0.9 * (-0.2 / 3) + 0.1 * 0.75) / 1.0)
+    loss, _ = sdpo_loss(logp, adv, skip=1, weights=torch.tensor([1.0, 0.0]))
+    loss.backward()
+    assert logp[1].grad.abs().sum().item() == 0.0  # a zero-weight triple teaches nothing
+    assert logp[0].grad.abs().sum().item() > 0.0

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sdpo_platform.config import TrainingConfig
 from sdpo_platform.logprobs import response_logprobs
-from sdpo_platform.train import TrainRun, batch_indices, learning_rate_at, train
+from sdpo_platform.train import TrainRun, batch_indices, learning_rate_at, read_split, train
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -226,3 +226,13 @@ def test_train_process_speaks_dagster_pipes(tmp_path, sdpo_home, tiny_model_dir)
     metadata = {key: value["raw_value"] for key, value in materialization["params"]["metadata"].items()}
     assert metadata["steps"] == 2 and metadata["adapter_dir"] == run.output_dir
     assert len(metadata["mlflow_run_id"]) > 0
+
+
+def test_informativeness_weighting_needs_and_uses_weights(tmp_path, sdpo_home, tiny_model_dir):
+    run = make_run(tmp_path, tiny_model_dir, steps=1, weighting="informativeness")
+    with pytest.raises(ValueError, match="no weight"):
+        train(run)
+    ids = list(read_split(run.targets_path, "train").interaction_id)
+    weighted = train(run.model_copy(update={"interaction_weights": {i: 1.0 for i in ids}, "output_dir": str(tmp_path / "w1")}))
+    plain = train(run.model_copy(update={"training": run.training.model_copy(update={"weighting": "none"}), "output_dir": str(tmp_path / "w0")}))
+    assert weighted.loss_first == pytest.approx(plain.loss_first)  # equal weights = the plain mean
