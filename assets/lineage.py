@@ -8,7 +8,6 @@ lives in the warehouse, in Parquet target sets and in MLflow, all under the data
 import json
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
 import dagster as dg
 
@@ -130,12 +129,10 @@ def hindsight_targets(
     Resumable: shards already scored for this model revision and template are reused, so a rerun of a
     complete set costs nothing. A heatmap of the most and least informative interactions is attached.
     """
-    import mlflow
     from transformers import AutoTokenizer
 
-    from sdpo_platform.heatmap import extremes_page
+    from sdpo_platform.heatmap import publish_extremes
     from sdpo_platform.models import resolve_model
-    from sdpo_platform.registry import configure_mlflow
     from sdpo_platform.scoring import progress_logger
     from sdpo_platform.targets import materialize_targets, read_targets, select_for_scoring
 
@@ -154,13 +151,7 @@ def hindsight_targets(
     base_model_path = resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(base_model_path)
 
-    heatmap = Path(result.path).parent / f"{result.target_set}-heatmap.html"
-    heatmap.write_text(extremes_page(targets, selected, tokenizer, heading=f"Hindsight targets {result.target_set}"), encoding="utf-8")
-    configure_mlflow(mlflow_tracking.tracking_uri, cfg.registry.experiment)
-    with mlflow.start_run(run_name=f"targets-{result.target_set}"):
-        mlflow.set_tags({"target_set": result.target_set, "model_revision": result.model_revision, "template_hash": result.template_hash})
-        mlflow.log_metrics({"rows": result.rows, "shards_scored": result.shards_scored, "mean_abs_advantage": float(targets["mean_abs_advantage"].mean())})
-        mlflow.log_artifact(str(heatmap), artifact_path="heatmaps")
+    heatmap = publish_extremes(result, targets, selected, tokenizer, cfg.registry.experiment, mlflow_tracking.tracking_uri)
 
     summary = {
         "path": result.path,

@@ -114,3 +114,26 @@ def extremes_page(targets, interactions, tokenizer, n: int = 3, heading: str = "
     for position, row in enumerate(rows):
         row.title = f"{'most' if position < min(n, len(rows)) else 'least'} informative · {row.title}"
     return render_html(rows, heading)
+
+
+def publish_extremes(result, targets, interactions, tokenizer, experiment: str, tracking_uri: str | None = None):
+    """Write the extremes heatmap beside a target set and log it, with the set's summary, to an MLflow
+    run `targets-<set>`; returns the HTML path (for asset metadata)."""
+    from pathlib import Path
+
+    import mlflow
+
+    from sdpo_platform.registry import configure_mlflow
+
+    heatmap = Path(result.path).parent / f"{result.target_set}-heatmap.html"
+    heatmap.write_text(extremes_page(targets, interactions, tokenizer, heading=f"Hindsight targets {result.target_set}"), encoding="utf-8")
+    configure_mlflow(tracking_uri, experiment)
+    with mlflow.start_run(run_name=f"targets-{result.target_set}"):
+        mlflow.set_tags({"target_set": result.target_set, "model_revision": result.model_revision, "template_hash": result.template_hash})
+        mlflow.log_metrics({
+            "rows": result.rows,
+            "shards_scored": result.shards_scored,
+            "mean_abs_advantage": float(targets["mean_abs_advantage"].mean()),
+        })
+        mlflow.log_artifact(str(heatmap), artifact_path="heatmaps")
+    return heatmap
