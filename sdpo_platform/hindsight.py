@@ -12,6 +12,10 @@ from dataclasses import dataclass
 
 Message = dict[str, str]
 
+# Bumped whenever encode_interaction's output changes for the same inputs, so stored target shards are
+# recomputed rather than reused (2: left truncation cuts both prompts at the same token).
+PROMPT_ENCODING_VERSION = 2
+
 
 @dataclass(frozen=True)
 class EncodedInteraction:
@@ -66,9 +70,12 @@ def encode_interaction(
 
     Prompt truncation: while the teacher prompt (the longer of the two) exceeds `max_prompt_tokens`,
     the oldest exchange of x (up to its next user turn) is dropped, for both prompts alike, so teacher and student
-    always see the same conversation. Once only the last user turn is left, any prompt still too long
-    is left-truncated to its last `max_prompt_tokens` ids (the hindsight block sits at the end of the
-    teacher's last user turn, so it survives).
+    always see the same conversation. Once only the last user turn is left and the teacher is still too
+    long, the same number of leading ids is cut from both prompts: they keep starting at the same token
+    of x (the teacher sees exactly the student's context plus o, and the scoring engine can still run
+    that common prefix once). The hindsight block sits at the end of the teacher's last user turn, so it
+    survives. Only a follow-up so long that the cut would reach past the common prefix makes each prompt
+    keep its own last `max_prompt_tokens` ids.
     """
     if max_response_tokens < 1 or max_prompt_tokens < 1:
         raise ValueError("max_prompt_tokens and max_response_tokens must be positive")
@@ -85,8 +92,19 @@ def encode_interaction(
         if max(len(student), len(teacher)) <= max_prompt_tokens or not later_user_turns:
             break
         context = context[later_user_turns[0] :]  # drop the oldest exchange; x still starts with a user turn
+    cut = max(len(student), len(teacher)) - max_prompt_tokens
+    if cut > 0 and cut < common_prefix_length(student, teacher):
+        student, teacher = student[cut:], teacher[cut:]
     return EncodedInteraction(
         student_prompt_ids=student[-max_prompt_tokens:],
         teacher_prompt_ids=teacher[-max_prompt_tokens:],
         response_ids=response_ids,
     )
+
+
+def common_prefix_length(*sequences: list[int]) -> int:
+    """Number of leading ids all sequences share."""
+    n, limit = 0, min(len(s) for s in sequences)
+    while n < limit and all(s[n] == sequences[0][n] for s in sequences[1:]):
+        n += 1
+    return n

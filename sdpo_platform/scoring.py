@@ -6,12 +6,13 @@ branch (student, teacher, optionally the neutral-follow-up teacher) and runs onl
 suffixes plus the response. The LM head and the float32 log-softmax are applied only at the positions
 that predict response tokens, in chunks, so no float32 [batch, seq, vocab] tensor ever exists.
 
-Rows are sorted by length and packed under a token budget (prefix + every branch suffix, padded), so
-little compute goes to padding. Prefixes are right-padded and run with a plain causal mask (a real
-token never sees the padding after it); the suffix pass masks those pad slots and continues each row's
-position ids from its own prefix length, which makes every row exact, whatever its batch neighbours.
-A batch of one job (the CPU default: batching does not pay on a CPU, padding does cost) has no padding
-at all: each branch continues from its own copy of the prefix cache.
+Two passes per group of jobs, each batched under a token budget (rows × longest row) and sorted by its
+own length, so little compute goes to padding even when prefix and suffix lengths disagree: the prefixes
+(right-padded, plain causal mask: a real token never sees the padding after it), then every (job,
+branch) suffix on top of its job's cached prefix, the cached prefixes zero-padded to a common width and
+masked, each row's position ids continuing from its own prefix length. Every row is exact, whatever its
+batch neighbours. On a CPU (budget 0: batching does not pay there, padding does cost) every pass runs a
+single row, with no padding at all.
 """
 
 from __future__ import annotations
@@ -23,8 +24,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-GPU_TOKEN_BUDGET = 16384  # auto budget on accelerators; on CPU each interaction runs alone (no padding)
-HEAD_CHUNK = 256  # response positions per LM-head chunk: 256 x 49k vocab x 4 bytes = 50 MB on SmolLM2
+from sdpo_platform.hindsight import common_prefix_length
+
+GPU_TOKEN_BUDGET = 65536  # auto budget on accelerators; on CPU each interaction runs alone (no padding)
+PREFIX_CACHE_BUDGETS = 2  # prefix tokens whose KV cache a group holds, in token budgets (16 GB for a 3B Llama at 65k)
+MIN_FILL = 0.8  # a pass starts a new batch rather than spend more than 20% of its tokens on padding
+# float32 logits held at once by the LM head: 64 MB on CPU (256 positions of SmolLM2's 49k vocabulary),
+# 1 GiB on accelerators (~1,700 positions of a 152k vocabulary), where larger matmuls pay.
+HEAD_CHUNK_BYTES = {"cpu": 64 * 2**20, "accelerator": 2**30}
 
 
 @dataclass(frozen=True)
@@ -37,12 +44,7 @@ class BranchJob:
     def shared_prefix_length(self) -> int:
         """Longest common prefix of all prompts, leaving ≥ 1 prompt token per branch (its last hidden
         state predicts the first response token)."""
-        limit = min(len(p) for p in self.prompts) - 1
-        first = self.prompts[0]
-        n = 0
-        while n < limit and all(p[n] == first[n] for p in self.prompts[1:]):
-            n += 1
-        return n
+        return min(common_prefix_length(*self.prompts), min(len(p) for p in self.prompts) - 1)
 
     def sequence_tokens(self) -> int:
         """Tokens a one-sequence-at-a-time scorer would run: every prompt plus the response, per branch."""
@@ -94,22 +96,47 @@ def resolve_token_budget(token_budget: int | None, device: torch.device) -> int:
 
 
 def plan_batches(jobs: list[BranchJob], token_budget: int) -> list[list[int]]:
-    """Job indices in length-sorted batches whose padded cost (prefix + branches × suffix) fits the budget.
+    """Job indices in length-sorted groups scored together. A group's shared prefixes, whose KV cache is
+    held while its branches run, add up to at most `PREFIX_CACHE_BUDGETS` token budgets.
 
-    A single job larger than the budget still runs, alone.
+    Within a group the prefix pass and the branch pass are batched separately, each sorted by its own
+    length (see `_group_states`), so padding stays small even when prefix and suffix lengths disagree.
+    A budget of 0 scores each job alone.
     """
     prefix = [j.shared_prefix_length() for j in jobs]
-    suffix = [max(len(p) for p in j.prompts) - s + len(j.response_ids) for j, s in zip(jobs, prefix)]
-    order = sorted(range(len(jobs)), key=lambda i: (prefix[i] + suffix[i], suffix[i]))
-    batches: list[list[int]] = []
+    order = sorted(range(len(jobs)), key=lambda i: (prefix[i], jobs[i].sequence_tokens()))
+    groups: list[list[int]] = []
+    held = 0
     for i in order:
+        if groups and token_budget > 0 and held + prefix[i] <= token_budget * PREFIX_CACHE_BUDGETS:
+            groups[-1].append(i)
+            held += prefix[i]
+        else:
+            groups.append([i])
+            held = prefix[i]
+    return groups
+
+
+def length_batches(lengths: list[int], token_budget: int, cached: list[int] | None = None) -> list[list[int]]:
+    """Indices sorted by length, cut into batches whose padded size fits the budget and whose real tokens
+    fill at least `MIN_FILL` of the padded ones (a long row does not drag many short ones along).
+
+    `cached[i]` is how many cached tokens row i attends to (its prefix): a batch holds every row's cache
+    padded to the longest, so the padded size is rows × (longest cache + longest row), which bounds the
+    memory of a branch pass as well as its compute. An item larger than the budget still runs, alone.
+    """
+    cached = cached or [0] * len(lengths)
+    batches: list[list[int]] = []
+    real = longest_cache = 0
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
         if batches:
-            rows = batches[-1] + [i]
-            cost = len(rows) * (max(prefix[r] for r in rows) + len(jobs[i].prompts) * max(suffix[r] for r in rows))
-            if cost <= token_budget:
+            rows, cache = len(batches[-1]) + 1, max(longest_cache, cached[i])
+            if rows * (cache + lengths[i]) <= token_budget and real + lengths[i] >= MIN_FILL * rows * lengths[i]:
                 batches[-1].append(i)
+                real, longest_cache = real + lengths[i], cache
                 continue
         batches.append([i])
+        real, longest_cache = lengths[i], cached[i]
     return batches
 
 
@@ -139,8 +166,9 @@ def score_jobs(
     model.eval()
     try:
         with torch.inference_mode():
-            for batch in plan_batches(jobs, resolve_token_budget(token_budget, next(model.parameters()).device)):
-                scored = _score_batch(model, [jobs[i] for i in batch], pad_id, top_k, topk_branch)
+            budget = resolve_token_budget(token_budget, next(model.parameters()).device)
+            for batch in plan_batches(jobs, budget):
+                scored = _score_batch(model, [jobs[i] for i in batch], pad_id, budget, top_k, topk_branch)
                 for i, result in zip(batch, scored):
                     results[i] = result
                 done += len(batch)
@@ -152,9 +180,9 @@ def score_jobs(
     return results
 
 
-def _score_batch(model, jobs: list[BranchJob], pad_id: int, top_k: int, topk_branch: int) -> list[BranchScores]:
+def _score_batch(model, jobs: list[BranchJob], pad_id: int, token_budget: int, top_k: int, topk_branch: int) -> list[BranchScores]:
     """Hidden states at the response-predicting positions of every (job, branch), then the head on those only."""
-    states = _single_job_states(model, jobs[0]) if len(jobs) == 1 else _padded_batch_states(model, jobs, pad_id)
+    states = _group_states(model, jobs, pad_id, token_budget)
     n_branches = len(jobs[0].prompts)
     targets = [t for job in jobs for _ in job.prompts for t in job.response_ids]
     wants_topk = [top_k > 0 and b == topk_branch for job in jobs for b in range(n_branches) for _ in job.response_ids]
@@ -175,86 +203,98 @@ def _score_batch(model, jobs: list[BranchJob], pad_id: int, top_k: int, topk_bra
     return results
 
 
-def _single_job_states(model, job: BranchJob) -> torch.Tensor:
-    """One job, no padding at all: the prefix once, then each branch from its own copy of the prefix cache."""
+def _group_states(model, jobs: list[BranchJob], pad_id: int, token_budget: int) -> torch.Tensor:
+    """Hidden states predicting each response token, rows in (job, branch, token) order.
+
+    Pass 1 runs the shared prefixes, batched by prefix length, and keeps each job's KV cache. Pass 2 runs
+    every (job, branch) suffix + response, batched by suffix length, on top of its job's cached prefix.
+    Inputs are assembled on the host and moved once per pass.
+    """
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
     decoder = model.get_decoder()
-    n = job.shared_prefix_length()
-    snapshot = None
-    if n > 0:
+    prefix_lengths = [j.shared_prefix_length() for j in jobs]
+
+    prefix_cache: list[list[tuple[torch.Tensor, torch.Tensor]] | None] = [None] * len(jobs)
+    with_prefix = [i for i, n in enumerate(prefix_lengths) if n > 0]
+    for batch in length_batches([prefix_lengths[i] for i in with_prefix], token_budget):
+        members = [with_prefix[k] for k in batch]
+        width = max(prefix_lengths[i] for i in members)
+        ids = torch.full((len(members), width), pad_id, dtype=torch.long)
+        for row, i in enumerate(members):
+            ids[row, : prefix_lengths[i]] = torch.tensor(jobs[i].prompts[0][: prefix_lengths[i]])
         cache = DynamicCache(config=model.config)
-        decoder(input_ids=torch.tensor([job.prompts[0][:n]], device=device), cache=cache, use_cache=True)
-        snapshot = [(layer.keys, layer.values) for layer in cache.layers]  # updates concatenate: never mutated
-    states = []
-    for prompt in job.prompts:
-        suffix = torch.tensor([list(prompt[n:]) + list(job.response_ids)], device=device)
-        branch_cache = DynamicCache(ddp_cache_data=snapshot, config=model.config) if snapshot else None
-        positions = n + torch.arange(suffix.shape[1], device=device)[None]
-        hidden = decoder(input_ids=suffix, position_ids=positions, cache=branch_cache, use_cache=branch_cache is not None).last_hidden_state
-        tail = len(prompt) - n
-        states.append(hidden[0, tail - 1 : tail - 1 + len(job.response_ids)])
+        decoder(input_ids=ids.to(device), cache=cache, use_cache=True)  # causal: a real token never sees the pads after it
+        for row, i in enumerate(members):
+            n = prefix_lengths[i]
+            prefix_cache[i] = [(layer.keys[row : row + 1, :, :n], layer.values[row : row + 1, :, :n]) for layer in cache.layers]
+
+    branches = [(i, b) for i, job in enumerate(jobs) for b in range(len(job.prompts))]
+    suffixes = [list(jobs[i].prompts[b][prefix_lengths[i] :]) + list(jobs[i].response_ids) for i, b in branches]
+    states: list[torch.Tensor | None] = [None] * len(branches)
+    for batch in length_batches([len(s) for s in suffixes], token_budget, cached=[prefix_lengths[i] for i, _ in branches]):
+        owners = [branches[r][0] for r in batch]
+        width = max(prefix_lengths[i] for i in owners)
+        suffix_width = max(len(suffixes[r]) for r in batch)
+        ids = torch.full((len(batch), suffix_width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width + suffix_width), dtype=torch.long)
+        positions = torch.zeros((len(batch), suffix_width), dtype=torch.long)
+        for row, (r, i) in enumerate(zip(batch, owners)):
+            ids[row, : len(suffixes[r])] = torch.tensor(suffixes[r])
+            mask[row, : prefix_lengths[i]] = 1  # prefix pad slots (shorter prefixes) stay masked
+            mask[row, width : width + len(suffixes[r])] = 1
+            positions[row] = prefix_lengths[i] + torch.arange(suffix_width)
+        cache = _stacked_prefix_cache(model, [prefix_cache[i] for i in owners], width) if width > 0 else None
+        hidden = decoder(
+            input_ids=ids.to(device),
+            # right-padded suffixes need no mask (causal); prefixes shorter than `width` do
+            attention_mask=mask.to(device) if any(prefix_lengths[i] < width for i in owners) else None,
+            position_ids=positions.to(device),
+            cache=cache,
+            use_cache=cache is not None,
+        ).last_hidden_state
+        for row, r in enumerate(batch):
+            i, b = branches[r]
+            tail = len(jobs[i].prompts[b]) - prefix_lengths[i]
+            states[r] = hidden[row, tail - 1 : tail - 1 + len(jobs[i].response_ids)]
     return torch.cat(states)
 
 
-def _padded_batch_states(model, jobs: list[BranchJob], pad_id: int) -> torch.Tensor:
-    """Several jobs: right-padded prefixes in one pass, the cache repeated per branch, padded suffixes."""
+def _stacked_prefix_cache(model, caches: list, width: int):
+    """One DynamicCache with each row's prefix keys/values, zero-padded to `width` (the mask hides the
+    padding; a row without a shared prefix is all padding)."""
     from transformers import DynamicCache
 
-    device = next(model.parameters()).device
-    decoder = model.get_decoder()
-    n_branches = len(jobs[0].prompts)
-    prefix_lengths = [j.shared_prefix_length() for j in jobs]
-    width = max(prefix_lengths)
-
-    cache = None
-    if width > 0:
-        prefix_ids = torch.full((len(jobs), width), pad_id, dtype=torch.long, device=device)
-        for row, (job, n) in enumerate(zip(jobs, prefix_lengths)):
-            prefix_ids[row, :n] = torch.tensor(job.prompts[0][:n], device=device)
-        cache = DynamicCache(config=model.config)
-        decoder(input_ids=prefix_ids, cache=cache, use_cache=True)  # causal: a real token never sees the pads after it
-        cache.batch_repeat_interleave(n_branches)  # row = job * n_branches + branch
-
-    suffixes, prompt_tails, owners = [], [], []
-    for row, (job, n) in enumerate(zip(jobs, prefix_lengths)):
-        for prompt in job.prompts:
-            suffixes.append(list(prompt[n:]) + list(job.response_ids))
-            prompt_tails.append(len(prompt) - n)
-            owners.append(row)
-    suffix_width = max(len(s) for s in suffixes)
-    suffix_ids = torch.full((len(suffixes), suffix_width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(suffixes), width + suffix_width), dtype=torch.long, device=device)
-    positions = torch.zeros((len(suffixes), suffix_width), dtype=torch.long, device=device)
-    for row, (suffix, owner) in enumerate(zip(suffixes, owners)):
-        suffix_ids[row, : len(suffix)] = torch.tensor(suffix, device=device)
-        mask[row, : prefix_lengths[owner]] = 1  # the prefix's pad slots are masked out here
-        mask[row, width : width + len(suffix)] = 1
-        positions[row] = prefix_lengths[owner] + torch.arange(suffix_width, device=device)
-    hidden = decoder(
-        input_ids=suffix_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=cache is not None
-    ).last_hidden_state
-
-    rows, cols = [], []
-    for row, (tail, owner) in enumerate(zip(prompt_tails, owners)):
-        n = len(jobs[owner].response_ids)
-        rows += [row] * n
-        cols += range(tail - 1, tail - 1 + n)
-    return hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
+    present = [c for c in caches if c is not None]
+    if len(caches) == 1 and present[0][0][0].shape[2] == width:
+        return DynamicCache(ddp_cache_data=present[0], config=model.config)  # updates concatenate: never mutated
+    layers = []
+    for layer in range(len(present[0])):
+        shape = present[0][layer][0].shape
+        keys = present[0][layer][0].new_zeros((len(caches), shape[1], width, shape[3]))
+        values = torch.zeros_like(keys)
+        for row, cache in enumerate(caches):
+            if cache is not None:
+                k, v = cache[layer]
+                keys[row, :, : k.shape[2]], values[row, :, : v.shape[2]] = k[0], v[0]
+        layers.append((keys, values))
+    return DynamicCache(ddp_cache_data=layers, config=model.config)
 
 
 def _head_logprobs(head, states: torch.Tensor, targets: list[int], wants_topk: list[bool], top_k: int):
     """log π of each target (float64 numpy) and, where asked, the top-k ids and log-probs, chunk by chunk."""
     device = states.device
-    targets_t = torch.tensor(targets, device=device)
-    wants_t = torch.tensor(wants_topk, dtype=torch.bool, device=device)
+    targets_t = torch.tensor(targets).to(device)
+    wants_t = torch.tensor(wants_topk, dtype=torch.bool).to(device)
+    budget = HEAD_CHUNK_BYTES["cpu" if device.type == "cpu" else "accelerator"]
+    chunk = max(1, budget // (4 * head.weight.shape[0]))
     token_lp, top_ids, top_lp = [], [], []
-    for start in range(0, len(targets), HEAD_CHUNK):
-        logits = head(states[start : start + HEAD_CHUNK]).float()
+    for start in range(0, len(targets), chunk):
+        logits = head(states[start : start + chunk]).float()
         normalizer = torch.logsumexp(logits, dim=-1)
-        token_lp.append(logits.gather(-1, targets_t[start : start + HEAD_CHUNK, None]).squeeze(-1) - normalizer)
-        chosen = wants_t[start : start + HEAD_CHUNK]
+        token_lp.append(logits.gather(-1, targets_t[start : start + chunk, None]).squeeze(-1) - normalizer)
+        chosen = wants_t[start : start + chunk]
         if chosen.any():
             values, ids = logits[chosen].topk(top_k, dim=-1)
             top_ids.append(ids)

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from sdpo_platform.config import TargetsConfig
-from sdpo_platform.hindsight import EncodedInteraction, encode_interaction, template_hash
+from sdpo_platform.hindsight import PROMPT_ENCODING_VERSION, EncodedInteraction, encode_interaction, template_hash
 from sdpo_platform.paths import targets_dir
 from sdpo_platform.scoring import BranchJob, ProgressCallback, ScoringProgress, score_jobs
 
@@ -197,7 +197,7 @@ def plan_target_set(interactions: pd.DataFrame, cfg: TargetsConfig, model_path: 
     )
     if inputs["interaction_id"].duplicated().any():
         raise ValueError("interaction ids must be unique within a target set")
-    settings = {name: getattr(cfg, name) for name in SCORING_FIELDS}
+    settings = {name: getattr(cfg, name) for name in SCORING_FIELDS} | {"prompt_encoding": PROMPT_ENCODING_VERSION}
     shards = []
     for index, rows in inputs.groupby("shard", sort=True):
         payload = json.dumps([settings, rows.drop(columns="shard").values.tolist()], ensure_ascii=False)

@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from sdpo_platform.config import DEFAULT_HINDSIGHT_TEMPLATE
-from sdpo_platform.hindsight import encode_interaction, student_messages, teacher_messages, template_hash
+from sdpo_platform.hindsight import common_prefix_length, encode_interaction, student_messages, teacher_messages, template_hash
 
 CONTEXT = [
     {"role": "user", "content": "What is the capital of Australia?"},
@@ -92,7 +92,17 @@ def test_truncation_drops_oldest_turns_and_keeps_the_last_user_turn(tokenizer):
 def test_left_truncation_when_the_last_user_turn_alone_is_too_long(tokenizer):
     context = [{"role": "user", "content": "word " * 300 + "final question?"}]
     enc = encode_interaction(tokenizer, context, RESPONSE, FOLLOWUP, DEFAULT_HINDSIGHT_TEMPLATE, 64, 128)
-    assert len(enc.teacher_prompt_ids) == 64 and len(enc.student_prompt_ids) == 64
+    assert len(enc.teacher_prompt_ids) == 64 and len(enc.student_prompt_ids) < 64
+    # both windows start at the same token of x: they differ only from the end of the last user message on
+    tail = len(tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=True, return_dict=False))
+    assert common_prefix_length(enc.student_prompt_ids, enc.teacher_prompt_ids) >= len(enc.student_prompt_ids) - tail
     teacher, student = tokenizer.decode(enc.teacher_prompt_ids), tokenizer.decode(enc.student_prompt_ids)
     assert teacher.endswith(FOLLOWUP + "<|im_end|>\n" + GENERATION_PROMPT)
     assert student.endswith("final question?<|im_end|>\n" + GENERATION_PROMPT)
+
+
+def test_a_followup_longer_than_the_budget_falls_back_to_separate_windows(tokenizer):
+    context = [{"role": "user", "content": "short question?"}]
+    enc = encode_interaction(tokenizer, context, RESPONSE, "complaint " * 200, DEFAULT_HINDSIGHT_TEMPLATE, 64, 128)
+    assert len(enc.teacher_prompt_ids) == 64
+    assert tokenizer.decode(enc.student_prompt_ids).endswith("short question?<|im_end|>\n" + GENERATION_PROMPT)

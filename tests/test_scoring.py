@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sdpo_platform.config import TargetsConfig
 from sdpo_platform.hindsight import encode_interaction
 from sdpo_platform.logprobs import response_logprobs
-from sdpo_platform.scoring import BranchJob, plan_batches, score_jobs
+from sdpo_platform.scoring import MIN_FILL, PREFIX_CACHE_BUDGETS, BranchJob, length_batches, plan_batches, score_jobs
 
 
 @pytest.fixture(scope="module")
@@ -83,24 +83,38 @@ def test_topk_is_the_teachers_most_likely_tokens_with_tail_mass(tiny):
         assert (got.topk_logprobs[:, 0] >= got.logprobs[1] - 1e-6).all()  # the top-1 is at least the sampled token
 
 
-def test_batches_are_length_sorted_and_fit_the_budget(tiny):
+def test_groups_cover_every_job_once_and_bound_the_tokens_held(tiny):
     _, tok = tiny
     jobs = hindsight_jobs(tok, 12)
-    budget = 500
-    batches = plan_batches(jobs, budget)
-    assert sorted(i for b in batches for i in b) == list(range(12))
-    assert any(len(b) > 1 for b in batches)
-    for batch in batches:
-        prefix = max(jobs[i].shared_prefix_length() for i in batch)
-        suffix = max(max(len(p) for p in jobs[i].prompts) - jobs[i].shared_prefix_length() + len(jobs[i].response_ids) for i in batch)
-        assert len(batch) == 1 or len(batch) * (prefix + 2 * suffix) <= budget
+    budget = 60
+    groups = plan_batches(jobs, budget)
+    assert sorted(i for g in groups for i in g) == list(range(12))
+    assert any(len(g) > 1 for g in groups)
+    for group in groups:
+        assert len(group) == 1 or sum(jobs[i].shared_prefix_length() for i in group) <= budget * PREFIX_CACHE_BUDGETS
+    assert all(len(g) == 1 for g in plan_batches(jobs, 0))  # budget 0: every job alone
+
+
+def test_length_batches_are_sorted_and_fit_the_budget():
+    lengths = [5, 40, 7, 6, 39, 100, 8]
+    batches = length_batches(lengths, 80)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(flat)
+    assert all(len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 80 for b in batches)
+    assert [5] in batches  # the 100-token item is over the budget and runs alone
+    assert batches[0] == [0, 3, 2, 6]  # 4 rows × 8 ≤ 80; the next (39) would need 5 × 39
+    assert all(sum(lengths[i] for i in b) >= MIN_FILL * len(b) * max(lengths[i] for i in b) for b in batches)
+    assert length_batches([10, 10, 10, 40], 1000) == [[0, 1, 2], [3]]  # 4 × 40 would be 56% padding
+    # rows attending to cached prefixes: the padded size counts the longest cache too
+    assert length_batches([10, 10, 10], 60, cached=[0, 5, 30]) == [[0, 1], [2]]  # 3 × (30 + 10) > 60
 
 
 def test_progress_reports_interactions_and_tokens(tiny):
     model, tok = tiny
     jobs = hindsight_jobs(tok, 6)
     seen = []
-    score_jobs(model, jobs, tok.pad_token_id, token_budget=300, progress=seen.append)
+    score_jobs(model, jobs, tok.pad_token_id, token_budget=20, progress=seen.append)
     assert len(seen) > 1 and seen[-1].interactions_done == seen[-1].interactions_total == 6
     assert seen[-1].tokens_done == sum(j.sequence_tokens() for j in jobs)
     assert seen[-1].eta_s == 0 and seen[-1].tokens_per_s > 0
