@@ -55,6 +55,26 @@ def real_interactions(n: int, records: int):
     return chosen.head(n).reset_index(drop=True)
 
 
+def export_jobs(path: Path, jobs, tokenizer, cfg) -> None:
+    """The encoded interactions as plain id lists: the GPU machine needs neither the data nor the tokenizer."""
+    import gzip
+    import json
+
+    payload = {
+        "source": "ShareGPT via the platform's ingest -> cleaning -> interactions, encoded by targets.encode_interactions",
+        "tokenizer_vocab": len(tokenizer),
+        "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        "max_prompt_tokens": cfg.max_prompt_tokens,
+        "max_response_tokens": cfg.max_response_tokens,
+        "jobs": [{"prompts": [list(p) for p in j.prompts], "response_ids": list(j.response_ids)} for j in jobs],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wt") as f:
+        json.dump(payload, f)
+    print(f"wrote {len(jobs)} jobs to {path}")
+
+
 def naive_scores(model, jobs):
     """Two full forwards per interaction, float32 log-softmax over every position and the whole vocabulary."""
     import torch
@@ -80,6 +100,9 @@ def main() -> None:
     parser.add_argument("--budgets", type=int, nargs="*", default=[], help="extra engine runs with these targets.batch_token_budget values (the default run uses auto)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default); 1 makes CPU seconds robust to a busy machine")
     parser.add_argument("--model-root", default=str(REPO / ".sdpo"), help="data root holding (or receiving) the converted default model")
+    parser.add_argument("--export-jobs", metavar="PATH", help="write the tokenized jobs (JSON, gzip if .gz) for bench_scoring_gpu.py and exit")
+    parser.add_argument("--max-prompt-tokens", type=int, help="override targets.max_prompt_tokens (default: the platform's)")
+    parser.add_argument("--max-response-tokens", type=int, help="override targets.max_response_tokens (default: the platform's)")
     args = parser.parse_args()
 
     import numpy as np
@@ -94,8 +117,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     interactions = real_interactions(args.n, args.records)
     model, tokenizer = load_model("default", root=Path(args.model_root), device="cpu")
-    cfg = TargetsConfig()
+    overrides = {"max_prompt_tokens": args.max_prompt_tokens, "max_response_tokens": args.max_response_tokens}
+    cfg = TargetsConfig(**{k: v for k, v in overrides.items() if v is not None})
     _, jobs = encode_interactions(tokenizer, interactions, cfg)
+    if args.export_jobs:
+        export_jobs(Path(args.export_jobs), jobs, tokenizer, cfg)
+        return
     tokens = sum(j.sequence_tokens() for j in jobs)
     shared = sum(j.shared_prefix_length() for j in jobs)
     response = sum(len(j.response_ids) for j in jobs)

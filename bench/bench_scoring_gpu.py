@@ -1,0 +1,223 @@
+"""Teacher/student scoring on a GPU: the engine vs the naive way, plus model FLOP utilization (MFU).
+
+The default model cannot travel to the GPU machine (and is too small to fill one), so the models here are
+random-initialised from realistic Llama/Qwen configs: weights do not change FLOPs or kernels. The
+interactions are the real ShareGPT ones of `bench_scoring.py`, exported as token ids on a machine with the
+data (`python bench/bench_scoring.py --n 256 --export-jobs .bench/jobs_default.json.gz`); their ids come
+from the default tokenizer (vocabulary 49,152), valid inputs for any of these larger vocabularies.
+
+    python bench/bench_scoring_gpu.py --jobs .bench/jobs_default.json.gz --models qwen2.5-0.5b llama-3.2-3b
+
+Per model, in one process on one GPU (bf16, SDPA attention):
+- naive: per interaction two full forwards (student prompt + response, teacher prompt + response), logits
+  and a float32 log-softmax at every position, the response positions picked out;
+- engine: `sdpo_platform.scoring.score_jobs` (shared prefix once, length-sorted padded batches under a token
+  budget, head + float32 log-softmax only at response positions, teacher top-k 20).
+Both exclude tokenization (the ids are given). MFU = the FLOPs a method needs (matmuls 2 x params per
+token, attention 4 x layers x heads x head_dim x context per token, LM head where it is applied; padding
+not counted) / wall time / the GPU's dense bf16 peak (datasheet, and the matmul rate measured here).
+First, exactness on CUDA in float32: the engine's padded batches vs one-sequence-at-a-time forwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# Shapes of public checkpoints (config.json), random-initialised here.
+CONFIGS = {
+    "tiny": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True),
+    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+                         rope_theta=1000000.0, max_position_embeddings=32768),
+    "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+                         rope_theta=1000000.0, max_position_embeddings=32768),
+    "llama-3.2-3b": dict(model_type="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                         num_attention_heads=24, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
+                         rope_theta=500000.0, max_position_embeddings=131072),
+    "qwen3-4b": dict(model_type="qwen3", hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                     tie_word_embeddings=True, rope_theta=1000000.0, max_position_embeddings=40960),
+}
+DATASHEET_BF16_DENSE = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def build_model(name: str, device, dtype):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(CONFIGS[name])
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+class FlopCounter:
+    """FLOPs a forward needs, from the config: matmul weights, attention over the context, the LM head."""
+
+    def __init__(self, config):
+        h, layers = config.hidden_size, config.num_hidden_layers
+        head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+        q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+        self.per_token = 2 * layers * (h * q + 2 * h * kv + q * h + 3 * h * config.intermediate_size)
+        self.attention_per_key = 4 * layers * q  # QK^T and AV, per (query, key) pair
+        self.head_per_position = 2 * h * config.vocab_size
+
+    def tokens(self, start: int, stop: int) -> float:
+        """Tokens at positions [start, stop) each attending to every position up to its own."""
+        n = stop - start
+        keys = (start + 1 + stop) * n / 2
+        return n * self.per_token + keys * self.attention_per_key
+
+    def naive(self, job) -> float:
+        return sum(self.tokens(0, len(p) + len(job.response_ids)) + (len(p) + len(job.response_ids)) * self.head_per_position for p in job.prompts)
+
+    def engine(self, job) -> float:
+        n = job.shared_prefix_length()
+        flops = self.tokens(0, n)
+        for prompt in job.prompts:
+            flops += self.tokens(n, len(prompt) + len(job.response_ids)) + len(job.response_ids) * self.head_per_position
+        return flops
+
+
+def naive_scores(model, jobs, device):
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for job in jobs:
+            branches = []
+            for prompt in job.prompts:
+                ids = torch.tensor([list(prompt) + list(job.response_ids)], device=device)
+                logprobs = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)[0]
+                positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(job.response_ids), device=device)
+                branches.append(logprobs[positions, torch.tensor(job.response_ids, device=device)].double().cpu().numpy())
+            out.append(branches)
+    return out
+
+
+def timed(fn, sync):
+    sync()
+    t0 = time.perf_counter()
+    result = fn()
+    sync()
+    return result, time.perf_counter() - t0
+
+
+def max_diff(engine, naive) -> tuple[float, float]:
+    import numpy as np
+
+    diffs = np.concatenate([np.abs(e - n) for scores, branches in zip(engine, naive) for e, n in zip(scores.logprobs, branches)])
+    return float(diffs.max()), float(diffs.mean())
+
+
+def measured_matmul_peak(device) -> float:
+    import torch
+
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", required=True, help="jobs exported by bench_scoring.py --export-jobs")
+    parser.add_argument("--models", nargs="+", default=["qwen2.5-0.5b", "llama-3.2-3b"], choices=sorted(CONFIGS))
+    parser.add_argument("--budgets", type=int, nargs="+", default=[16384], help="engine token budgets to time")
+    parser.add_argument("--exact-model", default="qwen2.5-0.5b", choices=sorted(CONFIGS) + [""], help="float32 exactness check model ('' skips)")
+    parser.add_argument("--exact-n", type=int, default=48, help="interactions in the float32 exactness check")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", help="append one JSON line per result here")
+    args = parser.parse_args()
+
+    import torch
+
+    from sdpo_platform.scoring import BranchJob, score_jobs
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 in the exactness check
+    device = torch.device(args.device)
+    with gzip.open(args.jobs, "rt") if args.jobs.endswith(".gz") else open(args.jobs) as f:
+        exported = json.load(f)
+    jobs = [BranchJob(tuple(j["prompts"]), j["response_ids"]) for j in exported["jobs"]]
+    pad_id = exported["pad_id"]
+    sequence_tokens = sum(j.sequence_tokens() for j in jobs)
+    on_gpu = device.type == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    gpu_name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
+    datasheet = next((v for k, v in DATASHEET_BF16_DENSE.items() if k in gpu_name), None)
+    measured = measured_matmul_peak(device) if on_gpu else None
+    tflops = lambda v: f"{v / 1e12:.0f}" if v else "n/a"  # noqa: E731
+    print(f"device {gpu_name}; torch {torch.__version__}; bf16 dense peak: datasheet {tflops(datasheet)} TFLOP/s, "
+          f"measured 8192^3 matmul {tflops(measured)} TFLOP/s", flush=True)
+    print(f"{len(jobs)} interactions from {args.jobs}: {sequence_tokens} sequence tokens (teacher + student), "
+          f"{sum(j.shared_prefix_length() for j in jobs) / len(jobs):.0f} shared prefix tokens/interaction, "
+          f"{sum(len(j.response_ids) for j in jobs) / len(jobs):.0f} response tokens/interaction", flush=True)
+
+    def emit(record: dict) -> None:
+        print(json.dumps(record), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    if args.exact_model:
+        model = build_model(args.exact_model, device, torch.float32)
+        subset = jobs[: args.exact_n]
+        naive = naive_scores(model, subset, device)
+        for budget in (0, 65536):  # one job per batch (no padding), then padded multi-job batches
+            engine = score_jobs(model, subset, pad_id, token_budget=budget, top_k=20)
+            worst, mean = max_diff(engine, naive)
+            emit({"check": "float32 exactness", "model": args.exact_model, "budget": budget, "interactions": len(subset),
+                  "max_abs_diff": worst, "mean_abs_diff": mean})
+        del model
+        if on_gpu:
+            torch.cuda.empty_cache()
+
+    for name in args.models:
+        model = build_model(name, device, torch.bfloat16)
+        flops = FlopCounter(model.config)
+        naive_flops = sum(flops.naive(j) for j in jobs)
+        engine_flops = sum(flops.engine(j) for j in jobs)
+        naive_scores(model, jobs[:4], device)  # warm-up: kernels, allocator
+        naive, naive_s = timed(lambda: naive_scores(model, jobs, device), sync)
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        emit({"model": name, "method": "naive", "params": sum(p.numel() for p in model.parameters()), "wall_s": naive_s,
+              "tokens_per_s": sequence_tokens / naive_s, "flops": naive_flops,
+              "mfu_datasheet": datasheet and naive_flops / naive_s / datasheet,
+              "mfu_measured_peak": measured and naive_flops / naive_s / measured})
+        for budget in args.budgets:
+            score_jobs(model, jobs[:32], pad_id, token_budget=budget, top_k=20)  # warm-up
+            engine, engine_s = timed(lambda: score_jobs(model, jobs, pad_id, token_budget=budget, top_k=20), sync)
+            worst, mean = max_diff(engine, naive)
+            emit({"model": name, "method": "engine", "budget": budget, "wall_s": engine_s,
+                  "tokens_per_s": sequence_tokens / engine_s, "speedup_vs_naive": naive_s / engine_s, "flops": engine_flops,
+                  "mfu_datasheet": datasheet and engine_flops / engine_s / datasheet,
+                  "mfu_measured_peak": measured and engine_flops / engine_s / measured,
+                  "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None,
+                  "bf16_max_abs_diff_vs_naive": worst, "bf16_mean_abs_diff_vs_naive": mean})
+        del model
+        if on_gpu:
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
