@@ -75,7 +75,7 @@ def export_jobs(path: Path, jobs, tokenizer, cfg) -> None:
     print(f"wrote {len(jobs)} jobs to {path}")
 
 
-def naive_scores(model, jobs):
+def naive_scores(model, jobs, device="cpu"):
     """Two full forwards per interaction, float32 log-softmax over every position and the whole vocabulary."""
     import torch
 
@@ -84,10 +84,10 @@ def naive_scores(model, jobs):
         for job in jobs:
             branches = []
             for prompt in job.prompts[:2]:
-                ids = torch.tensor([list(prompt) + list(job.response_ids)])
+                ids = torch.tensor([list(prompt) + list(job.response_ids)], device=device)
                 logprobs = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)[0]
-                positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(job.response_ids))
-                branches.append(logprobs[positions, torch.tensor(job.response_ids)].double().numpy())
+                positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(job.response_ids), device=device)
+                branches.append(logprobs[positions, torch.tensor(job.response_ids, device=device)].double().cpu().numpy())
             out.append(branches)
     return out
 

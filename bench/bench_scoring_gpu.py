@@ -30,6 +30,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from bench_scoring import naive_scores  # noqa: E402  (the same naive way as the CPU benchmark)
 
 # Shapes of public checkpoints (config.json), random-initialised here.
 CONFIGS = {
@@ -90,22 +93,6 @@ class FlopCounter:
         for prompt in job.prompts:
             flops += self.tokens(n, len(prompt) + len(job.response_ids)) + len(job.response_ids) * self.head_per_position
         return flops
-
-
-def naive_scores(model, jobs, device):
-    import torch
-
-    out = []
-    with torch.inference_mode():
-        for job in jobs:
-            branches = []
-            for prompt in job.prompts:
-                ids = torch.tensor([list(prompt) + list(job.response_ids)], device=device)
-                logprobs = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)[0]
-                positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(job.response_ids), device=device)
-                branches.append(logprobs[positions, torch.tensor(job.response_ids, device=device)].double().cpu().numpy())
-            out.append(branches)
-    return out
 
 
 def timed(fn, sync):
