@@ -29,11 +29,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from sdpo_platform import scoring
 from sdpo_platform.config import DEFAULT_HINDSIGHT_TEMPLATE, InformativenessConfig
 from sdpo_platform.followups import classify_followups
 from sdpo_platform.hindsight import Message, encode_interaction
 from sdpo_platform.safety import apply_caps, flag_unsafe
-from sdpo_platform.logprobs import batch_response_logprobs
 
 HINDSIGHT_SIGNALS = ("raw_abs", "neutral_contrast", "control_contrast", "control_shift", "control_z", "sign_flip_share")
 ALL_SIGNALS = ("followup_pmi",) + HINDSIGHT_SIGNALS
@@ -79,29 +79,10 @@ def score_jobs(model, tokenizer, jobs: list[Job], cfg: InformativenessConfig, ca
 
 
 def _score_sequences(model, jobs: list[Job], pad_id: int, token_budget: int, progress: Callable | None = None) -> list[np.ndarray]:
-    """Response log-probs per job: length-sorted buckets of at most `token_budget` padded tokens."""
-    order = sorted(range(len(jobs)), key=lambda j: len(jobs[j][0]) + len(jobs[j][1]))
-    buckets: list[list[int]] = []
-    for j in order:
-        length = len(jobs[j][0]) + len(jobs[j][1])
-        if buckets and (len(buckets[-1]) + 1) * length <= token_budget:
-            buckets[-1].append(j)
-        else:
-            buckets.append([j])
-    results: list[np.ndarray] = [np.zeros(0)] * len(jobs)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for done, bucket in enumerate(buckets, 1):
-                rows = batch_response_logprobs(model, [jobs[j][0] for j in bucket], [jobs[j][1] for j in bucket], pad_id=pad_id)
-                for j, row in zip(bucket, rows):
-                    results[j] = row.float().cpu().numpy().astype(np.float64)
-                if progress is not None:
-                    progress(done, len(buckets))
-    finally:
-        model.train(was_training)
-    return results
+    """Response log-probs per job, through the targets' scoring engine (one branch per job)."""
+    report = None if progress is None else (lambda p: progress(p.interactions_done, p.interactions_total))
+    scored = scoring.score_jobs(model, [scoring.BranchJob((prompt,), response) for prompt, response in jobs], pad_id, token_budget, progress=report)
+    return [s.logprobs[0] for s in scored]
 
 
 def model_signals(
