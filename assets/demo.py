@@ -15,7 +15,7 @@ from sdpo_platform import paths
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = [
     "raw_records", "conversations_kept", "conversations_quarantined", "interactions_total",
-    "interactions_kept", "target_rows", "target_tokens", "train_steps", "loss_first", "loss_last",
+    "interactions_kept", "teacher", "target_rows", "target_tokens", "train_steps", "loss_first", "loss_last",
     "gap_before", "gap_after", "registered_model", "model_version", "aliases",
 ]
 
@@ -75,6 +75,7 @@ def run_demo(records: int = 300) -> dict:
         "conversations_quarantined": counts["quarantined"],
         "interactions_total": counts["interactions_total"],
         "interactions_kept": kept,  # kept by the informativeness/safety verdicts, unblocked days only
+        "teacher": targets["teacher"],  # the round's model: base, or the previous champion
         "target_rows": targets["rows"],
         "target_tokens": targets["tokens"],
         "train_steps": checkpoint["steps"],

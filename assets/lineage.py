@@ -133,22 +133,25 @@ def hindsight_targets(
 
     from sdpo_platform.heatmap import publish_extremes
     from sdpo_platform.models import resolve_model
+    from sdpo_platform.registry import round_model
     from sdpo_platform.scoring import progress_logger
     from sdpo_platform.targets import materialize_targets, read_targets, select_for_scoring
 
     cfg = settings.platform()
+    mlflow_tracking.configure()
+    model_spec, teacher = round_model(cfg.registry.model_name, cfg.model, cfg.registry.next_round_from)
     with warehouse.connect() as con:
         blocked = blocked_partitions(con)  # days whose blocking checks failed in an earlier run
         frame = kept_interactions(con, blocked)  # `informative` = the informativeness keep verdict
     if blocked:
         context.log.warning(f"excluding interactions of {len(blocked)} blocked partition(s): {', '.join(blocked)}")
     selected = select_for_scoring(frame, cfg.targets)
-    context.log.info(f"scoring {len(selected)} of {len(frame)} interactions with model {cfg.model!r}")
+    context.log.info(f"scoring {len(selected)} of {len(frame)} interactions with {teacher} (the round's base and teacher)")
     targets_cfg = cfg.targets.model_copy(update={"template": hindsight_template(cfg)})  # principles preamble, if on
-    result = materialize_targets(selected, targets_cfg, cfg.model, progress=progress_logger(context.log.info), show_bar=False)
+    result = materialize_targets(selected, targets_cfg, model_spec, progress=progress_logger(context.log.info), show_bar=False)
     context.log.info(f"target set {result.target_set}: {result.shards_scored} shard(s) scored, {result.shards_reused} reused")
     targets = read_targets(result.path)
-    base_model_path = resolve_model(cfg.model)
+    base_model_path = resolve_model(model_spec)
     tokenizer = AutoTokenizer.from_pretrained(base_model_path)
 
     heatmap = publish_extremes(result, targets, selected, tokenizer, cfg.registry.experiment, mlflow_tracking.tracking_uri)
@@ -157,6 +160,7 @@ def hindsight_targets(
         "path": result.path,
         "target_set": result.target_set,
         "model_revision": result.model_revision,
+        "teacher": teacher,
         "base_model_path": base_model_path,
         "eos_token_id": int(tokenizer.eos_token_id),
         "partitions": sorted({str(day)[:10] for day in selected["partition_date"]}),
@@ -272,6 +276,7 @@ def registered_model(
         "data_partition": ",".join(hindsight_targets["partitions"]),  # the days the targets were drawn from
         "target_set": hindsight_targets["target_set"],
         "model_revision": hindsight_targets["model_revision"],
+        "teacher": hindsight_targets.get("teacher", "base"),  # the round's base: the previous champion or the base model
         "gap_before": f"{evaluation['gap_before']:.6f}",
         "gap_after": f"{evaluation['gap_after']:.6f}",
         "validation_status": "improved" if gate_passed else "not_improved",

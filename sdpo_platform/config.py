@@ -104,6 +104,11 @@ class RegistryConfig(Section):
     model_name: str = Field("sdpo-default", description="MLflow registered model name.")
     experiment: str = Field("sdpo", description="MLflow experiment name.")
     serve_max_new_tokens: int = Field(64, description="Default greedy generation length of the registered pyfunc model (override per request with params).")
+    next_round_from: Literal["champion", "base"] = Field(
+        "champion",
+        description="Model that scores a round's hindsight targets and carries its new LoRA: the current champion (merged; each "
+        "round builds on the last) or always the configured base `model`. Without a champion the base is used.",
+    )
 
 
 class InformativenessConfig(Section):

@@ -138,6 +138,41 @@ def current_champion(model_name: str) -> int | None:
     return int(aliases[CHAMPION]) if CHAMPION in aliases else None
 
 
+def round_model(model_name: str, base_spec: str, next_round_from: str = "champion", root: Path | None = None) -> tuple[str, str]:
+    """(model spec, label) that scores a round's hindsight targets and carries its new LoRA.
+
+    With `next_round_from="champion"` and a champion registered, that is the champion merged into a
+    plain model directory (DESIGN's frozen teacher, moved forward one champion at a time: champion →
+    new targets → new champion); its files differ from the base's, so it gets its own target set.
+    Otherwise the configured base model. The label says which, for tags and logs.
+    """
+    if next_round_from not in ("champion", "base"):
+        raise ValueError(f"next_round_from must be 'champion' or 'base', not {next_round_from!r}")
+    version = current_champion(model_name) if next_round_from == "champion" else None
+    if version is None:
+        return base_spec, f"base:{base_spec}"
+    return str(champion_model_dir(model_name, version, root)), f"models:/{model_name}/{version}"
+
+
+def champion_model_dir(model_name: str, version: int, root: Path | None = None) -> Path:
+    """Version `version` with its adapter merged into its base, saved once under the data root's models/.
+
+    Written to a temporary folder and renamed, so a folder that exists is complete.
+    """
+    import shutil
+
+    target = paths.models_dir(root) / "rounds" / f"{model_name}-v{version}"
+    if (target / "config.json").exists():
+        return target
+    model, tokenizer = load_registered(f"models:/{model_name}/{version}")
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.merge_and_unload().save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)
+    return target
+
+
 def load_registered(model_uri: str, base_model_path: str | Path | None = None):
     """(PeftModel in eval mode, tokenizer) for `models:/<name>@<alias>` or any model URI, offline.
 

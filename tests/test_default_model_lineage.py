@@ -1,5 +1,5 @@
 """Integration: `make demo`'s code path on the real default model (SmolLM2-135M) and real ShareGPT logs,
-twice — the second run reuses the converted model and adds no rows."""
+twice — the second run reuses the converted model, adds no rows, and builds on the first round's champion."""
 
 import json
 
@@ -35,5 +35,6 @@ def test_demo_runs_twice_on_default_model_and_real_logs(sdpo_home, monkeypatch):
     second = run_demo(records=60)
     for key in ("raw_records", "conversations_kept", "conversations_quarantined", "interactions_total", "target_rows"):
         assert second[key] == first[key], key  # nothing duplicated
+    assert first["teacher"] == "base:default" and second["teacher"] == "models:/sdpo-integration/1"  # round 2 builds on v1
     assert second["model_version"] == 2 and "challenger" in second["aliases"]
     assert next(converted.glob("*.safetensors")).stat().st_mtime_ns == weights_mtime  # conversion reused

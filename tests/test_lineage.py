@@ -120,3 +120,23 @@ def test_partition_that_fails_later_is_excluded_from_training(sdpo_home, tiny_mo
         {"ids": list(scored["interaction_id"])},
     ).fetchall()
     assert days == [(FIXTURE_DAY,)]  # ... but never scored for training
+
+
+def test_second_round_scores_and_trains_on_the_champion(sdpo_home, tiny_model_dir):
+    """DESIGN's frozen teacher moves forward: champion → new targets → new champion."""
+    write_inbox(sdpo_home / "inbox")
+    defs = _defs(sdpo_home, tiny_model_dir)
+    with dg.DagsterInstance.ephemeral() as instance:
+        first = defs.resolve_job_def(LINEAGE_JOB).execute_in_process(instance=instance, partition_key=FIXTURE_DAY)
+        second = defs.resolve_job_def(TRAIN_JOB).execute_in_process(instance=instance)
+    assert first.success and second.success
+    checks = second.get_asset_check_evaluations()
+    assert checks and all(c.passed for c in checks), [c.description for c in checks if not c.passed]  # incl. the registry round trip
+
+    before, after = first.output_for_node("hindsight_targets"), second.output_for_node("hindsight_targets")
+    assert before["teacher"] == f"base:{tiny_model_dir}"
+    assert after["teacher"] == "models:/sdpo-test/1"  # the first round's champion scores the second round
+    assert after["target_set"] != before["target_set"] and after["rows"] == before["rows"]  # a new set beside the old one
+    assert after["base_model_path"] != before["base_model_path"]  # and carries the new LoRA
+    registered = second.output_for_node("registered_model")
+    assert registered["version"] == 2 and registered["tags"]["teacher"] == "models:/sdpo-test/1"

@@ -139,3 +139,31 @@ def test_pyfunc_serves_greedy_text(sdpo_home, tiny_model_dir, lora_adapter_dir):
     # Explicit pins: MLflow's inferred requirements would import torchvision (not installed) and fail.
     requirements = Path(mlflow.pyfunc.get_model_dependencies(registered.model_uri)).read_text()
     assert "peft==" in requirements and "torchvision" not in requirements
+
+
+def test_next_round_builds_on_the_merged_champion(sdpo_home, tiny_model_dir, lora_adapter_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sdpo_platform.models import model_revision
+    from sdpo_platform.registry import round_model
+
+    configure_mlflow()
+    assert round_model(MODEL_NAME, str(tiny_model_dir)) == (str(tiny_model_dir), f"base:{tiny_model_dir}")  # no champion yet
+    registered = _log(lora_adapter_dir, tiny_model_dir)
+    promote(MODEL_NAME, registered.version, gate_passed=True)
+
+    spec, label = round_model(MODEL_NAME, str(tiny_model_dir))
+    assert label == f"models:/{MODEL_NAME}/1" and Path(spec).is_dir()
+    champion, _ = load_registered(f"models:/{MODEL_NAME}@champion")
+    merged = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32).eval()
+    input_ids = AutoTokenizer.from_pretrained(spec)(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids).logits, champion(input_ids).logits, atol=1e-5, rtol=0)
+    assert model_revision(spec) != model_revision(str(tiny_model_dir))  # so its targets form a new set
+
+    written = (Path(spec) / "config.json").stat().st_mtime_ns
+    assert round_model(MODEL_NAME, str(tiny_model_dir))[0] == spec  # merged once, then reused
+    assert (Path(spec) / "config.json").stat().st_mtime_ns == written
+    assert round_model(MODEL_NAME, str(tiny_model_dir), next_round_from="base")[0] == str(tiny_model_dir)
+    with pytest.raises(ValueError, match="next_round_from"):
+        round_model(MODEL_NAME, str(tiny_model_dir), next_round_from="latest")
