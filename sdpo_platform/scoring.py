@@ -151,7 +151,7 @@ def score_jobs(
 ) -> list[BranchScores]:
     """Scores for each job, in input order. Every job must have the same number of branches.
 
-    `token_budget` bounds each batch's padded tokens (see `resolve_token_budget` for None).
+    `token_budget` bounds each forward pass's padded tokens (see `length_batches`; `resolve_token_budget` for None).
     `top_k > 0` also returns, for branch `topk_branch` (the teacher in `targets`), the k most likely
     token ids per response position with their log-probs and the probability mass outside them.
     The model runs in eval mode under `torch.inference_mode` and its mode is restored after.
@@ -167,12 +167,12 @@ def score_jobs(
     try:
         with torch.inference_mode():
             budget = resolve_token_budget(token_budget, next(model.parameters()).device)
-            for batch in plan_batches(jobs, budget):
-                scored = _score_batch(model, [jobs[i] for i in batch], pad_id, budget, top_k, topk_branch)
-                for i, result in zip(batch, scored):
+            for group in plan_batches(jobs, budget):
+                scored = _score_group(model, [jobs[i] for i in group], pad_id, budget, top_k, topk_branch)
+                for i, result in zip(group, scored):
                     results[i] = result
-                done += len(batch)
-                tokens += sum(jobs[i].sequence_tokens() for i in batch)
+                done += len(group)
+                tokens += sum(jobs[i].sequence_tokens() for i in group)
                 if progress is not None:
                     progress(ScoringProgress(done, len(jobs), tokens, time.monotonic() - started))
     finally:
@@ -180,7 +180,7 @@ def score_jobs(
     return results
 
 
-def _score_batch(model, jobs: list[BranchJob], pad_id: int, token_budget: int, top_k: int, topk_branch: int) -> list[BranchScores]:
+def _score_group(model, jobs: list[BranchJob], pad_id: int, token_budget: int, top_k: int, topk_branch: int) -> list[BranchScores]:
     """Hidden states at the response-predicting positions of every (job, branch), then the head on those only."""
     states = _group_states(model, jobs, pad_id, token_budget)
     n_branches = len(jobs[0].prompts)
