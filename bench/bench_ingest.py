@@ -11,8 +11,8 @@ lines, timestamps over 30 days), then, each in its own process so peak RSS is pe
    (json.loads, the same PII patterns with `re` + Luhn, merge rule, filters, language heuristic,
    exact dedup, triples), so the ratio compares like with like in the same run.
 
-    python bench/bench_ingest.py --n 300000 --keep DIR   # the figures in docs/BENCHMARKS.md
-    python bench/bench_ingest.py --n 1000000 --keep DIR --skip-python   # 1M (see BENCHMARKS.md: not yet within 1 GB)
+    python bench/bench_ingest.py --n 100000 --keep DIR   # side-by-side ratio (figures in docs/BENCHMARKS.md)
+    python bench/bench_ingest.py --n 1000000 --keep DIR --skip-python   # 1M: conversations/s and peak RSS
 """
 
 from __future__ import annotations

@@ -83,38 +83,47 @@ class CleaningResult:
     examples: list[dict] = field(default_factory=list)  # a few kept conversations and one record per reason
 
 
-_PII_SUM = ", ".join(f"{kind}: sum(pii.{kind})::INTEGER" for kind in pii.KINDS)  # fixed identifiers
+_PII_SUM = ", ".join(f"{kind}: coalesce(sum(pii.{kind}), 0)::INTEGER" for kind in pii.KINDS)  # fixed identifiers
 
 _STEPS = [
-    # 1. The batch's raw records, parsed; the record's shape must be its file's format.
+    # 1. The batch's raw records, each parsed once (json_transform into the fields any format needs, values kept
+    #    as JSON so that their types can still be judged); the record's shape must be its file's format.
     """
     CREATE OR REPLACE TEMP TABLE clean_records AS
     WITH parsed AS (
         SELECT record_id, source_file, line_no, left(raw_text, 120) AS raw_preview, partition_date,
-               source_format AS file_format, read_error,
-               CASE WHEN read_error IS NULL AND json_valid(raw_text) THEN raw_text::JSON END AS doc
+               source_format AS file_format, read_error, raw_text,
+               read_error IS NULL AND json_valid(raw_text) AS valid,
+               CASE WHEN valid THEN json_transform(raw_text, '{"conversation": ["JSON"], "conversations": ["JSON"], "messages": ["JSON"],
+                   "chosen": "JSON", "transcript": "JSON", "text": "JSON", "id": "JSON", "conversation_id": "JSON",
+                   "conversation_hash": "JSON", "hashed_ip": "JSON", "user_id": "JSON", "user": "JSON"}') END AS doc
         FROM raw_records WHERE list_contains($parts::DATE[], partition_date)
     ),
-    shaped AS (
-        SELECT *,
-            CASE WHEN json_type(doc) <> 'OBJECT' THEN NULL
-                 WHEN file_format = 'wildchat' AND json_type(doc, '$.conversation') = 'ARRAY' THEN 'wildchat'
-                 WHEN file_format = 'sharegpt' AND json_type(doc, '$.conversations') = 'ARRAY' THEN 'sharegpt'
-                 WHEN file_format = 'openai' AND json_type(doc, '$.messages') = 'ARRAY' THEN 'openai'
-                 WHEN json_type(doc, '$.conversation') = 'ARRAY' THEN 'wildchat'
-                 WHEN json_type(doc, '$.conversations') = 'ARRAY' THEN 'sharegpt'
-                 WHEN json_type(doc, '$.messages') = 'ARRAY' THEN 'openai'
-                 WHEN regexp_matches(coalesce(doc->>'chosen', doc->>'transcript', doc->>'text', ''), '(^|\n\n)Human: ')
-                 THEN 'hh_rlhf' END AS source_format,
-            CASE WHEN json_type(doc) = 'OBJECT'
-                 THEN coalesce(doc->>'id', doc->>'conversation_id', doc->>'conversation_hash') END AS raw_source_id,
-            CASE WHEN json_type(doc) = 'OBJECT' THEN coalesce(doc->>'hashed_ip', doc->>'user_id', doc->>'user') END AS user_key,
-            json_type(doc) AS top_type,
-            CASE WHEN json_type(doc) = 'OBJECT' THEN json_keys(doc)[:12] END AS top_keys
+    typed AS (  -- a valid document that starts with '{' is an object: json_type (another parse) only for the rest
+        SELECT *, CASE WHEN valid THEN CASE WHEN starts_with(raw_text, '{') THEN 'OBJECT' ELSE json_type(raw_text) END END AS top_type
         FROM parsed
     ),
-    chunked AS (
+    shaped AS (  -- a list field is non-NULL exactly when the document holds a JSON array there
         SELECT *,
+            CASE WHEN top_type <> 'OBJECT' THEN NULL
+                 WHEN file_format = 'wildchat' AND doc.conversation IS NOT NULL THEN 'wildchat'
+                 WHEN file_format = 'sharegpt' AND doc.conversations IS NOT NULL THEN 'sharegpt'
+                 WHEN file_format = 'openai' AND doc.messages IS NOT NULL THEN 'openai'
+                 WHEN doc.conversation IS NOT NULL THEN 'wildchat'
+                 WHEN doc.conversations IS NOT NULL THEN 'sharegpt'
+                 WHEN doc.messages IS NOT NULL THEN 'openai'
+                 WHEN regexp_matches(coalesce(doc.chosen->>'$', doc.transcript->>'$', doc.text->>'$', ''), '(^|\n\n)Human: ')
+                 THEN 'hh_rlhf' END AS source_format,
+            CASE WHEN top_type = 'OBJECT' THEN coalesce(doc.id->>'$', doc.conversation_id->>'$', doc.conversation_hash->>'$') END AS raw_source_id,
+            CASE WHEN top_type = 'OBJECT' THEN coalesce(doc.hashed_ip->>'$', doc.user_id->>'$', doc.user->>'$') END AS user_key
+        FROM typed
+    ),
+    chunked AS (
+        SELECT * EXCLUDE (raw_text, valid, doc),
+            CASE source_format WHEN 'sharegpt' THEN doc.conversations WHEN 'openai' THEN doc.messages
+                               WHEN 'wildchat' THEN doc.conversation END AS items,  -- each item's JSON text
+            CASE WHEN source_format = 'hh_rlhf' THEN coalesce(doc.chosen->>'$', doc.transcript->>'$', doc.text->>'$') END AS transcript,
+            CASE WHEN top_type = 'OBJECT' AND source_format IS NULL THEN json_keys(raw_text)[:12] END AS top_keys,  -- for the detail
             CASE WHEN source_format = 'sharegpt' THEN nullif(regexp_extract(raw_source_id, '^(.+)_([0-9]+)$', 1), '') END AS chunk_base,
             CASE WHEN source_format = 'sharegpt' THEN try_cast(regexp_extract(raw_source_id, '^(.+)_([0-9]+)$', 2) AS INTEGER) END AS chunk_no
         FROM shaped
@@ -136,34 +145,45 @@ _STEPS = [
     """
     CREATE OR REPLACE TEMP TABLE clean_messages AS
     WITH json_items AS (
-        SELECT r.unit_id, r.record_id, r.chunk_no, m.key::INTEGER AS pos, m.type AS item_type,
-               CASE r.source_format WHEN 'sharegpt' THEN m.value->>'from' ELSE m.value->>'role' END AS raw_role,
-               CASE r.source_format WHEN 'sharegpt' THEN m.value->'value' ELSE m.value->'content' END AS content_json
-        FROM clean_records r,
-             json_each(CASE r.source_format WHEN 'sharegpt' THEN r.doc->'conversations'
-                                            WHEN 'openai' THEN r.doc->'messages'
-                                            ELSE r.doc->'conversation' END) m
-        WHERE r.source_format IN ('sharegpt', 'openai', 'wildchat') AND NOT r.repeated_chunk
+        SELECT unit_id, record_id, chunk_no, source_format, (i - 1)::INTEGER AS pos, item
+        FROM (SELECT unit_id, record_id, chunk_no, source_format, unnest(items) AS item, generate_subscripts(items, 1) AS i
+              FROM clean_records WHERE items IS NOT NULL AND NOT repeated_chunk)
+    ),
+    item_fields AS (  -- one parse per item; types from the first character of the JSON text, json_type only for the rare rest
+        SELECT *,
+            CASE WHEN item IS NULL THEN 'NULL' WHEN starts_with(item, '{') THEN 'OBJECT' ELSE json_type(item) END AS item_type,
+            json_transform(item, '{"role": "JSON", "from": "JSON", "content": "JSON", "value": "JSON"}') AS f
+        FROM json_items
+    ),
+    item_values AS (
+        SELECT unit_id, record_id, chunk_no, pos, item_type,
+            CASE source_format WHEN 'sharegpt' THEN f.from ELSE f.role END->>'$' AS raw_role,
+            CASE source_format WHEN 'sharegpt' THEN f.value ELSE f.content END AS content_json,
+            CASE WHEN content_json IS NULL  -- absent, or JSON null: only the item itself tells which
+                 THEN CASE source_format WHEN 'sharegpt' THEN json_type(item, '$.value') ELSE json_type(item, '$.content') END
+                 WHEN starts_with(content_json, '"') THEN 'VARCHAR'
+                 WHEN starts_with(content_json, '[') THEN 'ARRAY'
+                 ELSE json_type(content_json) END AS json_content_type
+        FROM item_fields
     ),
     json_messages AS (
         SELECT unit_id, record_id, chunk_no, pos, item_type, raw_role,
-            CASE json_type(content_json)
+            CASE json_content_type
                  WHEN 'VARCHAR' THEN 'VARCHAR'
                  WHEN 'ARRAY' THEN CASE WHEN list_bool_and(list_transform(json_extract(content_json, '$[*]'), lambda p:
                                             json_type(p) = 'VARCHAR'
                                             OR (json_type(p) = 'OBJECT' AND p->>'type' = 'text' AND json_type(p, '$.text') = 'VARCHAR')))
                                        THEN 'VARCHAR' ELSE 'ARRAY with a non-text part' END
-                 ELSE coalesce(json_type(content_json), 'missing') END AS content_type,
-            CASE json_type(content_json)
+                 ELSE coalesce(json_content_type, 'missing') END AS content_type,
+            CASE json_content_type
                  WHEN 'ARRAY' THEN array_to_string(list_transform(json_extract(content_json, '$[*]'), lambda p:
                                        CASE WHEN json_type(p) = 'VARCHAR' THEN p->>'$' ELSE p->>'text' END), chr(10))
                  ELSE content_json->>'$' END AS content
-        FROM json_items
+        FROM item_values
     ),
     hh_pieces AS (  -- transcript → pieces 'Role<US>text' split at the turn markers
         SELECT unit_id, record_id, chunk_no,
-               string_split(regexp_replace(coalesce(doc->>'chosen', doc->>'transcript', doc->>'text'),
-                                           '(^|\\n\\n)(Human|Assistant): ?', chr(30) || '\\2' || chr(31), 'g'), chr(30)) AS pieces
+               string_split(regexp_replace(transcript, '(^|\\n\\n)(Human|Assistant): ?', chr(30) || '\\2' || chr(31), 'g'), chr(30)) AS pieces
         FROM clean_records WHERE source_format = 'hh_rlhf'
     ),
     hh_messages AS (
@@ -182,70 +202,66 @@ _STEPS = [
              WHEN lower(trim(raw_role)) IN (SELECT unnest($assistant_roles::VARCHAR[])) THEN 'assistant'
              WHEN lower(trim(raw_role)) = 'system' THEN 'system' END AS role,
         clean_content AS content,
-        CASE WHEN content_type = 'VARCHAR' THEN sdpo_pii_counts(content, clean_content) END AS pii
+        -- counting placeholders costs 14 string passes: only where redaction changed the text (NULL = none)
+        CASE WHEN content_type = 'VARCHAR' AND clean_content <> content THEN sdpo_pii_counts(content, clean_content) END AS pii
     FROM redacted
     """,
-    "ALTER TABLE clean_records DROP COLUMN doc",  # parsed documents are not needed past this point: free them
-    # 2b. What later steps need from single messages, so that the message table can go early.
+    "ALTER TABLE clean_records DROP COLUMN items",  # parsed documents are not needed past this point: free them
+    "ALTER TABLE clean_records DROP COLUMN transcript",
+    """
+    CREATE OR REPLACE TEMP TABLE clean_dropped AS
+    SELECT record_id, pos FROM clean_messages
+    WHERE role IS NOT NULL AND content_type = 'VARCHAR' AND NOT regexp_matches(content, '\\S')
+    """,
+    # 3. One aggregate per conversation unit (the only regrouping of messages): what the checks need from single
+    #    messages, and the usable messages in order (unknown roles, bad content and blank messages left out).
     f"""
-    CREATE OR REPLACE TEMP TABLE clean_message_facts AS
+    CREATE OR REPLACE TEMP TABLE clean_unit_messages AS
     SELECT unit_id,
         arg_min(format('message {{}} has role {{}}', pos, coalesce(raw_role, 'NULL')), (chunk_no, pos))
             FILTER (WHERE item_type = 'OBJECT' AND role IS NULL) AS unknown_role,
         arg_min(format('message {{}} content is {{}}', pos,
                        CASE WHEN item_type <> 'OBJECT' THEN 'not an object: ' || item_type ELSE content_type END), (chunk_no, pos))
             FILTER (WHERE item_type <> 'OBJECT' OR (role IS NOT NULL AND content_type <> 'VARCHAR')) AS invalid_content,
-        {{{_PII_SUM}}} AS pii_counts
+        {{{_PII_SUM}}} AS pii_counts,
+        list({{'role': role, 'content': content}} ORDER BY chunk_no, pos)
+            FILTER (WHERE role IS NOT NULL AND content_type = 'VARCHAR' AND regexp_matches(content, '\\S')) AS usable
     FROM clean_messages GROUP BY unit_id
     """,
-    """
-    CREATE OR REPLACE TEMP TABLE clean_dropped AS
-    SELECT record_id, pos FROM clean_messages
-    WHERE role IS NOT NULL AND content_type = 'VARCHAR' AND NOT regexp_matches(content, '\\S')
-    """,
-    # 3. Drop blank messages and merge runs of the same role (runs counted over non-system messages).
-    """
-    CREATE OR REPLACE TEMP TABLE clean_merged AS
-    WITH kept AS (
-        SELECT unit_id, row_number() OVER (PARTITION BY unit_id ORDER BY chunk_no, pos) AS seq, role, content
-        FROM clean_messages
-        WHERE role IS NOT NULL AND content_type = 'VARCHAR' AND regexp_matches(content, '\\S')
-    ),
-    runs AS (
-        SELECT *, CASE WHEN role = 'system' THEN 'system:' || seq
-                       ELSE 'run:' || sum(new_run) OVER (PARTITION BY unit_id, role = 'system' ORDER BY seq) END AS run
-        FROM (SELECT *, (role IS DISTINCT FROM lag(role) OVER (PARTITION BY unit_id, role = 'system' ORDER BY seq))::INTEGER AS new_run
-              FROM kept)
-    )
-    SELECT unit_id, min(seq) AS seq, any_value(role) AS role, string_agg(content, chr(10) || chr(10) ORDER BY seq) AS content
-    FROM runs GROUP BY unit_id, run
-    """,
     "DROP TABLE clean_messages",
-    # 4. Per-conversation shape, lengths, language sample, content hash and near-duplicate key.
+    # 4. Merge runs of the same role, per row with list functions (no sort, no regrouping), then the
+    #    conversation's shape, lengths and language sample.
     """
     CREATE OR REPLACE TEMP TABLE clean_shapes AS
-    WITH grouped AS (  -- one ordered aggregate per conversation (each one buffers its rows per thread)
-        SELECT unit_id,
-            list({'role': role, 'content': content} ORDER BY role <> 'system', seq) AS messages,
-            count(*)::INTEGER AS n_messages,
-            count(*) FILTER (WHERE role <> 'system') AS n_turns,
-            sum(length(content))::BIGINT AS n_chars,
-            max(length(content)) AS longest
-        FROM clean_merged GROUP BY unit_id
+    WITH split AS (  -- runs are counted over the non-system messages; system messages move to the front
+        SELECT unit_id, pii_counts,
+            list_filter(usable, lambda m: m.role = 'system') AS system,
+            list_filter(usable, lambda m: m.role <> 'system') AS turns
+        FROM clean_unit_messages WHERE usable IS NOT NULL  -- no usable message: no shape ('empty_conversation')
     ),
-    with_turns AS (SELECT *, list_filter(messages, lambda m: m.role <> 'system') AS turns FROM grouped)
-    SELECT t.unit_id, t.messages, t.n_messages, t.n_turns, t.n_chars, t.longest,
-        t.turns[1].role AS first_role,
-        left(array_to_string(list_transform(t.turns, lambda m: m.content), chr(10)), $sample_chars) AS sample,
-        sha256(array_to_string(list_transform(t.messages, lambda m: m.role || chr(31) ||
-            replace(replace(replace(replace(lower(m.content), ' ', ''), chr(10), ''), chr(9), ''), chr(13), '')), chr(30))) AS content_hash,
-        sha256(regexp_replace(lower(left(coalesce(list_filter(t.turns, lambda m: m.role = 'user')[1].content, ''), $near_duplicate_chars)
-                                    || left(coalesce(list_filter(t.turns, lambda m: m.role = 'assistant')[1].content, ''), $near_duplicate_chars)),
-                              '[^\\pL]+', '', 'g')) AS near_key,
-        p.pii_counts
-    FROM with_turns t LEFT JOIN clean_message_facts p USING (unit_id)
+    run_starts AS (  -- 1-based positions in `turns` where a run of same-role messages starts
+        SELECT *, list_filter(range(1, len(turns) + 1), lambda i: i = 1 OR turns[i].role <> turns[i - 1].role) AS starts
+        FROM split
+    ),
+    merged AS (  -- each run becomes one message, its texts joined by a blank line, so user and assistant alternate
+        SELECT unit_id, pii_counts,
+            list_transform(range(1, len(starts) + 1), lambda k: {
+                'role': turns[starts[k]].role,
+                'content': array_to_string(list_transform(turns[starts[k]:coalesce(starts[k + 1] - 1, len(turns))],
+                                                          lambda m: m.content), chr(10) || chr(10))}) AS turns,
+            system
+        FROM run_starts
+    ),
+    with_messages AS (
+        SELECT *, system || turns AS messages, list_transform(system || turns, lambda m: length(m.content)) AS lengths FROM merged
+    )
+    SELECT unit_id, messages, len(messages)::INTEGER AS n_messages, len(turns) AS n_turns,
+        list_sum(lengths)::BIGINT AS n_chars, list_max(lengths) AS longest,
+        turns[1].role AS first_role,
+        left(array_to_string(list_transform(turns, lambda m: m.content), chr(10)), $sample_chars) AS sample,
+        pii_counts
+    FROM with_messages
     """,
-    "DROP TABLE clean_merged",
     # 5. Language of each conversation.
     """
     CREATE OR REPLACE TEMP TABLE clean_samples AS SELECT unit_id AS key, sample FROM clean_shapes
@@ -257,7 +273,7 @@ _STEPS = [
     # 6. The first failing reason per conversation unit (NULL = kept), with a detail a person can act on.
     """
     CREATE OR REPLACE TEMP TABLE clean_units AS
-    WITH message_checks AS (SELECT unit_id, unknown_role, invalid_content FROM clean_message_facts),
+    WITH message_checks AS (SELECT unit_id, unknown_role, invalid_content FROM clean_unit_messages),
     units AS (
         SELECT unit_id, any_value(source_format) AS source_format, any_value(source_id) AS source_id,
                any_value(partition_date) AS partition_date, arg_min(source_file, (chunk_no, line_no)) AS source_file,
@@ -267,7 +283,7 @@ _STEPS = [
         GROUP BY unit_id
     ),
     judged AS (
-        SELECT u.*, s.messages, s.n_messages, s.n_chars, s.content_hash, s.near_key, s.pii_counts, l.language,
+        SELECT u.*, s.n_messages, s.n_chars, s.pii_counts, l.language,
             CASE WHEN m.unknown_role IS NOT NULL THEN 'unknown_role'
                  WHEN m.invalid_content IS NOT NULL THEN 'invalid_content'
                  WHEN s.unit_id IS NULL THEN 'empty_conversation'
@@ -299,14 +315,30 @@ _STEPS = [
         SELECT source_format, source_id, min(conversation_id) AS conversation_id FROM conversations
         WHERE NOT list_contains($parts::DATE[], partition_date) AND source_id IS NOT NULL GROUP BY ALL
     ),
+    candidates AS (  -- dedup keys, hashed only for the conversations that passed every other check (hashing costs)
+        SELECT unit_id, partition_date, source_file, line_no, source_format, source_id,
+            sha256(array_to_string(list_transform(messages, lambda m: m.role || chr(31) ||
+                list_transform([replace(replace(lower(m.content), ' ', ''), chr(10), '')], lambda t:  -- tabs, CRs: rare, so tested first
+                    CASE WHEN contains(t, chr(9)) OR contains(t, chr(13)) THEN replace(replace(t, chr(9), ''), chr(13), '') ELSE t END)[1]),
+                chr(30))) AS content_hash,
+            sha256(regexp_replace(lower(left(coalesce(messages[list_position(roles, 'user')].content, ''), $near_duplicate_chars)
+                                        || left(coalesce(messages[list_position(roles, 'assistant')].content, ''), $near_duplicate_chars)),
+                                  '[^\\pL]+', '', 'g')) AS near_key
+        FROM (SELECT j.*, s.messages, list_transform(s.messages, lambda m: m.role) AS roles
+              FROM judged j JOIN clean_shapes s USING (unit_id) WHERE j.reason IS NULL)
+    ),
+    firsts AS (  -- the first candidate per content hash and per source id, on the narrow rows (no wide sort)
+        SELECT unit_id, content_hash, near_key,
+            first_value(unit_id) OVER (PARTITION BY content_hash ORDER BY partition_date, source_file, line_no, unit_id) AS first_of_hash,
+            first_value(unit_id) OVER (PARTITION BY source_format, source_id ORDER BY partition_date, source_file, line_no, unit_id) AS first_of_id
+        FROM candidates
+    ),
     ordered AS (
-        SELECT j.*, h.conversation_id AS same_hash_elsewhere, i.conversation_id AS same_id_elsewhere,
-            first_value(j.unit_id) OVER (PARTITION BY j.content_hash, j.reason IS NULL
-                                         ORDER BY j.partition_date, j.source_file, j.line_no, j.unit_id) AS first_of_hash,
-            first_value(j.unit_id) OVER (PARTITION BY j.source_format, j.source_id, j.reason IS NULL
-                                         ORDER BY j.partition_date, j.source_file, j.line_no, j.unit_id) AS first_of_id
+        SELECT j.*, f.content_hash, f.near_key, f.first_of_hash, f.first_of_id,
+            h.conversation_id AS same_hash_elsewhere, i.conversation_id AS same_id_elsewhere
         FROM judged j
-        LEFT JOIN elsewhere_hash h ON j.reason IS NULL AND h.content_hash = j.content_hash
+        LEFT JOIN firsts f USING (unit_id)
+        LEFT JOIN elsewhere_hash h ON j.reason IS NULL AND h.content_hash = f.content_hash
         LEFT JOIN elsewhere_id i ON j.reason IS NULL AND i.source_format = j.source_format AND i.source_id = j.source_id
     )
     SELECT * EXCLUDE (same_hash_elsewhere, same_id_elsewhere, first_of_hash, first_of_id) REPLACE (
@@ -323,6 +355,7 @@ _STEPS = [
         END AS detail)
     FROM ordered
     """,
+    "DROP TABLE clean_unit_messages",
     # 7. One verdict per raw record: its own read/parse problem, else its conversation's.
     """
     CREATE OR REPLACE TEMP TABLE clean_verdicts AS
@@ -347,7 +380,7 @@ _STEPS = [
     INSERT INTO conversations (conversation_id, record_id, source_file, line_no, source_id, source_format, language,
                                messages, n_messages, n_chars, content_hash, partition_date, record_ids, user_hash,
                                pii_counts, near_key, near_duplicate_of)
-    WITH kept AS (SELECT * FROM clean_units WHERE reason IS NULL),
+    WITH kept AS (SELECT u.*, s.messages FROM clean_units u JOIN clean_shapes s USING (unit_id) WHERE u.reason IS NULL),
     elsewhere_near AS (
         SELECT near_key, min(conversation_id) AS conversation_id FROM conversations GROUP BY near_key
     )
@@ -375,7 +408,7 @@ _STEPS = [
     """,
 ]
 
-_TEMP_TABLES = ["clean_records", "clean_messages", "clean_message_facts", "clean_dropped", "clean_merged", "clean_shapes",
+_TEMP_TABLES = ["clean_records", "clean_messages", "clean_unit_messages", "clean_dropped", "clean_shapes",
                 "clean_samples", "clean_languages", "clean_units", "clean_verdicts"]
 
 
@@ -432,10 +465,13 @@ def _summarize(con: duckdb.DuckDBPyConnection) -> CleaningResult:
     columns = ["status", "record_id", "source_file", "line_no", "source_format", "language", "n_messages", "detail", "preview"]
     examples = con.execute(
         """
+        WITH picked AS (  -- the few example rows first, so that only they are joined and redacted
+            SELECT * FROM clean_verdicts
+            QUALIFY row_number() OVER (PARTITION BY reason ORDER BY source_file, line_no) <= CASE WHEN reason IS NULL THEN 3 ELSE 1 END
+        )
         SELECT coalesce(v.reason, 'kept') AS status, v.record_id, v.source_file, v.line_no, u.source_format, v.language,
-               u.n_messages, sdpo_redact_pii(v.detail), left(u.messages[1].content, 160) AS preview
-        FROM clean_verdicts v LEFT JOIN clean_units u USING (unit_id)
-        QUALIFY row_number() OVER (PARTITION BY v.reason ORDER BY v.source_file, v.line_no) <= CASE WHEN v.reason IS NULL THEN 3 ELSE 1 END
+               u.n_messages, sdpo_redact_pii(v.detail), left(s.messages[1].content, 160) AS preview
+        FROM picked v LEFT JOIN clean_units u USING (unit_id) LEFT JOIN clean_shapes s USING (unit_id)
         ORDER BY v.reason NULLS FIRST, v.source_file, v.line_no
         """
     ).fetchall()

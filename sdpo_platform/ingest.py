@@ -153,19 +153,19 @@ def _ingest_one(con, path: Path, source_file: str, file_hash: str, partition_day
         if used_format is None:
             _quarantine_file(con, source_file, "unknown_format", _unknown_format_message(source_file, container.sample(_SNIFF_RECORDS)))
         params["format"] = used_format
-        con.execute("CREATE OR REPLACE TEMP TABLE ingest_batch (line_no BIGINT, raw_text VARCHAR, read_error VARCHAR)")
         if container.kind == "parquet":
-            _stage_parquet(con, container.path)
+            con.execute("CREATE OR REPLACE TEMP TABLE ingest_batch (record_id VARCHAR, line_no BIGINT, raw_text VARCHAR, read_error VARCHAR)")
+            _stage_parquet(con, container.path, source_file)
             new = _insert_staged(con, params)
+            con.execute("DROP TABLE IF EXISTS ingest_batch")
         else:
             new = 0
-            for batch in _batches(container.records(), cfg.batch_records):
-                con.execute("DELETE FROM ingest_batch")
-                con.register("ingest_arrow", batch)
-                con.execute("INSERT INTO ingest_batch SELECT * FROM ingest_arrow")
-                con.unregister("ingest_arrow")
-                new += _insert_staged(con, params)
-        con.execute("DROP TABLE IF EXISTS ingest_batch")
+            for batch in _batches(container.records(), cfg.batch_records, source_file):
+                con.register("ingest_batch", batch)  # the Arrow batch is read in place, not copied first
+                try:
+                    new += _insert_staged(con, params)
+                finally:
+                    con.unregister("ingest_batch")
         if container.truncated_after is not None:
             _quarantine_file(
                 con, source_file, "truncated_json_array",
@@ -193,32 +193,40 @@ def _unknown_format_message(source_file: str, sample: list[object]) -> str:
     )
 
 
-def _batches(records: Iterator[tuple[int, str, str | None]], size: int) -> Iterator[pa.Table]:
-    columns: tuple[list, list, list] = ([], [], [])
-    for record in records:
-        for column, value in zip(columns, record):
+def record_id(source_file: str, line_no: int, raw_text: str) -> str:
+    """sha256(source_file, line_no, raw_text), joined by U+001F: the same value as the SQL
+    `sha256(concat_ws(chr(31), source_file, line_no::VARCHAR, raw_text))` used for Parquet rows. Hashed here
+    while the line is at hand: hashlib uses the CPU's SHA instructions, several times faster than DuckDB's sha256."""
+    return hashlib.sha256(f"{source_file}\x1f{line_no}\x1f{raw_text}".encode("utf-8")).hexdigest()
+
+
+def _batches(records: Iterator[tuple[int, str, str | None]], size: int, source_file: str) -> Iterator[pa.Table]:
+    columns: tuple[list, list, list, list] = ([], [], [], [])
+    for line_no, raw_text, read_error in records:
+        for column, value in zip(columns, (record_id(source_file, line_no, raw_text), line_no, raw_text, read_error)):
             column.append(value)
         if len(columns[0]) >= size:
             yield _arrow(columns)
-            columns = ([], [], [])
+            columns = ([], [], [], [])
     if columns[0]:
         yield _arrow(columns)
 
 
-def _arrow(columns: tuple[list, list, list]) -> pa.Table:
-    return pa.table({"line_no": pa.array(columns[0], pa.int64()), "raw_text": pa.array(columns[1], pa.large_string()),
-                     "read_error": pa.array(columns[2], pa.string())})
+def _arrow(columns: tuple[list, list, list, list]) -> pa.Table:
+    return pa.table({"record_id": pa.array(columns[0], pa.string()), "line_no": pa.array(columns[1], pa.int64()),
+                     "raw_text": pa.array(columns[2], pa.large_string()), "read_error": pa.array(columns[3], pa.string())})
 
 
-def _stage_parquet(con, path: Path) -> None:
+def _stage_parquet(con, path: Path, source_file: str) -> None:
     """Parquet rows as JSON text, so that every container reaches cleaning in the same shape."""
     con.execute(
         """
         INSERT INTO ingest_batch
-        SELECT file_row_number + 1, json_remove(to_json(t), '$.file_row_number'), NULL
-        FROM read_parquet($path, file_row_number = true) t
+        SELECT sha256(concat_ws(chr(31), $source_file, line_no::VARCHAR, raw_text)), line_no, raw_text, NULL
+        FROM (SELECT file_row_number + 1 AS line_no, json_remove(to_json(t), '$.file_row_number') AS raw_text
+              FROM read_parquet($path, file_row_number = true) t)
         """,
-        {"path": str(path)},
+        {"path": str(path), "source_file": source_file},
     )
 
 
@@ -227,7 +235,7 @@ def _stage_parquet(con, path: Path) -> None:
 _INSERT_STAGED_SQL = """
     INSERT INTO raw_records (record_id, source_file, line_no, raw_text, partition_date, source_format,
                                        file_hash, read_error)
-    SELECT sha256(concat_ws(chr(31), $source_file, line_no::VARCHAR, raw_text)), $source_file, line_no, raw_text,
+    SELECT record_id, $source_file, line_no, raw_text,
            coalesce($partition::DATE, CASE WHEN day BETWEEN DATE '2000-01-01' AND DATE '2100-01-01' THEN day END,
                     $file_day::DATE),
            $format, $file_hash, read_error

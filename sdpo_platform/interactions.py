@@ -63,60 +63,49 @@ class InteractionResult:
 
 
 _STEPS = [
-    # Non-system messages of each conversation, numbered k = 0, 1, ... in order.
-    """
-    CREATE OR REPLACE TEMP TABLE turns AS
-    SELECT conversation_id, partition_date, turn_index, role, content,
-           row_number() OVER (PARTITION BY conversation_id ORDER BY turn_index) - 1 AS k
-    FROM (
-        SELECT c.conversation_id, c.partition_date, (m.i - 1)::INTEGER AS turn_index, m.message.role AS role, m.message.content AS content
-        FROM conversations c, unnest(c.messages) WITH ORDINALITY AS m(message, i)
-        WHERE list_contains($parts::DATE[], c.partition_date)
-    )
-    WHERE role <> 'system'
-    """,
-    # y = an assistant turn whose next non-system turn is the user's: o.
-    """
-    CREATE OR REPLACE TEMP TABLE responses AS
-    SELECT * FROM (
-        SELECT conversation_id, partition_date, turn_index, k, role, content AS response,
-               lead(role) OVER w AS next_role, lead(content) OVER w AS followup
-        FROM turns WINDOW w AS (PARTITION BY conversation_id ORDER BY k)
-    )
-    WHERE role = 'assistant' AND next_role = 'user'
-    """,
-    # x = the last max_context_messages turns before y, trimmed to start at the first user turn.
-    """
-    CREATE OR REPLACE TEMP TABLE contexts AS
-    WITH window_turns AS (
-        SELECT r.conversation_id, r.turn_index, t.k, t.role, t.content,
-               min(t.k) FILTER (WHERE t.role = 'user') OVER (PARTITION BY r.conversation_id, r.turn_index) AS first_user_k
-        FROM responses r JOIN turns t
-          ON t.conversation_id = r.conversation_id AND t.k < r.k AND t.k >= r.k - $max_context_messages
-    )
-    SELECT conversation_id, turn_index, list({'role': role, 'content': content} ORDER BY k) AS context
-    FROM window_turns WHERE k >= first_user_k
-    GROUP BY conversation_id, turn_index
-    """,
     "DELETE FROM interactions WHERE list_contains($parts::DATE[], partition_date)",
+    # Triples straight from each conversation's message list: list functions per row, no unnest of every
+    # message, no windows over them and no join back (what made this stage cost as much as cleaning).
     """
     INSERT INTO interactions (interaction_id, conversation_id, turn_index, context, response, followup,
                               informative, informative_reason, split, partition_date)
+    WITH conversation_turns AS (  -- the non-system messages, each with its 0-based position in `messages`
+        SELECT conversation_id, partition_date,
+            list_filter(list_transform(messages, lambda m, i: {'role': m.role, 'content': m.content, 'turn_index': (i - 1)::INTEGER}),
+                        lambda t: t.role <> 'system') AS turns
+        FROM conversations WHERE list_contains($parts::DATE[], partition_date)
+    ),
+    responses AS (  -- y = turns[k] from the assistant whose next turn, o = turns[k + 1], is the user's
+        SELECT conversation_id, partition_date, turns,
+            unnest(list_filter(range(1, len(turns)), lambda k: turns[k].role = 'assistant' AND turns[k + 1].role = 'user')) AS k
+        FROM conversation_turns
+    ),
+    windows AS (  -- x = the last max_context_messages turns before y ...
+        SELECT conversation_id, partition_date, turns[k].turn_index AS turn_index, turns[k].content AS response,
+            turns[k + 1].content AS followup, turns[greatest(1, k - $max_context_messages):k - 1] AS recent
+        FROM responses
+    ),
+    triples AS (  -- ... from its first user turn on (no user turn among them: no triple)
+        SELECT * EXCLUDE (recent, first_user),
+            list_transform(recent[first_user:], lambda t: {'role': t.role, 'content': t.content}) AS context
+        FROM (SELECT *, list_position(list_transform(recent, lambda t: t.role), 'user') AS first_user FROM windows)
+        WHERE first_user IS NOT NULL
+    ),
+    judged AS (
+        SELECT *,
+            CASE WHEN length(trim(followup)) < $min_followup_chars THEN 'too_short'
+                 WHEN regexp_matches(normalized, $ack_pattern) THEN 'acknowledgement'
+                 WHEN regexp_matches(normalized, $feedback_pattern) THEN 'feedback'
+                 ELSE 'other' END AS reason
+        FROM (SELECT *, trim(regexp_replace(regexp_replace(lower(followup), '[^\\pL\\pN\\s]+', ' ', 'g'), '\\s+', ' ', 'g')) AS normalized
+              FROM triples)
+    )
     SELECT conversation_id || ':' || turn_index, conversation_id, turn_index, context, response, followup,
            reason IN ('feedback', 'other'), reason,
            CASE WHEN (md5_number(conversation_id) % 1000000) / 1000000.0 < $validation_fraction
                 THEN 'validation' ELSE 'train' END,
            partition_date
-    FROM (
-        SELECT r.*, c.context,
-            CASE WHEN length(trim(r.followup)) < $min_followup_chars THEN 'too_short'
-                 WHEN regexp_matches(normalized, $ack_pattern) THEN 'acknowledgement'
-                 WHEN regexp_matches(normalized, $feedback_pattern) THEN 'feedback'
-                 ELSE 'other' END AS reason
-        FROM (SELECT *, trim(regexp_replace(regexp_replace(lower(followup), '[^\\pL\\pN\\s]+', ' ', 'g'), '\\s+', ' ', 'g')) AS normalized
-              FROM responses) r
-        JOIN contexts c USING (conversation_id, turn_index)
-    )
+    FROM judged
     """,
     "DELETE FROM quarantine WHERE stage = $stage AND list_contains($parts::DATE[], partition_date)",
     """
@@ -129,7 +118,7 @@ _STEPS = [
     """,
 ]
 
-_TEMP_TABLES = ["turns", "responses", "contexts"]
+_TEMP_TABLES: list[str] = []  # the stage needs no intermediate tables
 
 
 def extract_interactions(con: duckdb.DuckDBPyConnection, cfg: InteractionConfig | None = None,

