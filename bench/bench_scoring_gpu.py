@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from bench_scoring import naive_scores  # noqa: E402  (the same naive way as the CPU benchmark)
+from sdpo_platform.scoring import GPU_TOKEN_BUDGET, BranchJob, score_jobs  # noqa: E402
 
 # Shapes of public checkpoints (config.json), random-initialised here.
 CONFIGS = {
@@ -129,7 +130,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", required=True, help="jobs exported by bench_scoring.py --export-jobs")
     parser.add_argument("--models", nargs="+", default=["qwen2.5-0.5b", "llama-3.2-3b"], choices=sorted(CONFIGS))
-    parser.add_argument("--budgets", type=int, nargs="+", default=[16384], help="engine token budgets to time")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[GPU_TOKEN_BUDGET], help="engine token budgets to time (default: the GPU auto budget)")
     parser.add_argument("--exact-model", default="qwen2.5-0.5b", choices=sorted(CONFIGS) + [""], help="float32 exactness check model ('' skips)")
     parser.add_argument("--exact-n", type=int, default=48, help="interactions in the float32 exactness check")
     parser.add_argument("--device", default="cuda")
@@ -137,8 +138,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-
-    from sdpo_platform.scoring import BranchJob, score_jobs
 
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 in the exactness check
     device = torch.device(args.device)
