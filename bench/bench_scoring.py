@@ -2,17 +2,20 @@
 
 Naive = per interaction, two full forwards (student prompt + response, teacher prompt + response), full
 logits and a float32 log-softmax at every position, then the response positions picked out.
-Engine = `sdpo_platform.targets.compute_targets` (shared prefix once, branch suffixes, LM head only at
-response positions, token-budget batches, teacher top-k included as configured).
+Engine = `sdpo_platform.targets.compute_targets` (a prefix tree over the chunk's sequences run once: the
+teacher/student shared prefix, and a conversation's earlier turns inside its later ones; LM head only at
+response positions; token-budget batches; teacher top-k included as configured).
 
 The interactions are real ShareGPT conversations run through the platform's own ingest → cleaning →
-interaction extraction on a temporary warehouse, so contexts have their natural lengths (prompts cut
-at `targets.max_prompt_tokens`, responses at `targets.max_response_tokens`, the platform defaults).
+interaction extraction on a temporary warehouse, taken in the order the platform scores them (whole
+conversations, as `select_for_scoring` groups them into shards). Prompts are cut at
+`targets.max_prompt_tokens`, responses at `targets.max_response_tokens`, contexts at the interaction
+stage's `max_context_messages` (the platform defaults, or the flags below).
 
     python bench/bench_scoring.py --n 256 --threads 1     # figures in docs/BENCHMARKS.md
 
-The methods run interleaved in chunks (order rotated) so both see the same load on a shared machine;
-`--threads 1` makes the CPU seconds a robust measure of work.
+The methods run interleaved in chunks of whole conversations (order rotated) so both see the same load
+on a shared machine; `--threads 1` makes the CPU seconds a robust measure of work.
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def real_interactions(n: int, records: int):
-    """`n` informative ShareGPT interactions (both splits), extracted by the platform into a temp warehouse."""
+def real_interactions(n: int, records: int, max_context_messages: int | None = None):
+    """The first `n` informative ShareGPT interactions (both splits) in the order the platform scores them
+    (whole conversations, turns in order), extracted by the platform into a temp warehouse."""
     from sdpo_platform import warehouse
     from sdpo_platform.cleaning import build_conversations
-    from sdpo_platform.config import TargetsConfig
+    from sdpo_platform.config import InteractionConfig, TargetsConfig
     from sdpo_platform.ingest import ingest_inbox
     from sdpo_platform.interactions import extract_interactions
     from sdpo_platform.sharegpt import write_sharegpt_slice
@@ -45,7 +49,8 @@ def real_interactions(n: int, records: int):
         try:
             ingest_inbox(con, inbox)
             build_conversations(con)
-            extract_interactions(con)
+            window = {} if max_context_messages is None else {"max_context_messages": max_context_messages}
+            extract_interactions(con, InteractionConfig(**window))
             frame = con.sql("SELECT * FROM interactions ORDER BY interaction_id").df()
         finally:
             con.close()
@@ -75,6 +80,16 @@ def export_jobs(path: Path, jobs, tokenizer, cfg) -> None:
     print(f"wrote {len(jobs)} jobs to {path}")
 
 
+def conversation_chunks(conversation_ids: list[str], size: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges of at least `size` rows that never split a conversation (rows grouped by it)."""
+    chunks, start = [], 0
+    for stop in range(1, len(conversation_ids) + 1):
+        if stop == len(conversation_ids) or (stop - start >= size and conversation_ids[stop] != conversation_ids[stop - 1]):
+            chunks.append((start, stop))
+            start = stop
+    return chunks
+
+
 def naive_scores(model, jobs, device="cpu"):
     """Two full forwards per interaction, float32 log-softmax over every position and the whole vocabulary."""
     import torch
@@ -96,13 +111,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=256, help="interactions scored by each method")
     parser.add_argument("--records", type=int, default=600, help="ShareGPT records read to find them")
-    parser.add_argument("--chunk", type=int, default=8, help="interactions per interleaving round")
+    parser.add_argument("--chunk", type=int, default=8, help="interactions per interleaving round (whole conversations, at least this many)")
     parser.add_argument("--budgets", type=int, nargs="*", default=[], help="extra engine runs with these targets.batch_token_budget values (the default run uses auto)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default); 1 makes CPU seconds robust to a busy machine")
     parser.add_argument("--model-root", default=str(REPO / ".sdpo"), help="data root holding (or receiving) the converted default model")
     parser.add_argument("--export-jobs", metavar="PATH", help="write the tokenized jobs (JSON, gzip if .gz) for bench_scoring_gpu.py and exit")
     parser.add_argument("--max-prompt-tokens", type=int, help="override targets.max_prompt_tokens (default: the platform's)")
     parser.add_argument("--max-response-tokens", type=int, help="override targets.max_response_tokens (default: the platform's)")
+    parser.add_argument("--max-context-messages", type=int, help="override interactions.max_context_messages (default: the platform's)")
     args = parser.parse_args()
 
     import numpy as np
@@ -111,11 +127,12 @@ def main() -> None:
 
     from sdpo_platform.config import TargetsConfig
     from sdpo_platform.models import load_model
+    from sdpo_platform.prefix_tree import build_prefix_tree
     from sdpo_platform.targets import compute_targets, encode_interactions
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    interactions = real_interactions(args.n, args.records)
+    interactions = real_interactions(args.n, args.records, args.max_context_messages)
     model, tokenizer = load_model("default", root=Path(args.model_root), device="cpu")
     overrides = {"max_prompt_tokens": args.max_prompt_tokens, "max_response_tokens": args.max_response_tokens}
     cfg = TargetsConfig(**{k: v for k, v in overrides.items() if v is not None})
@@ -123,11 +140,17 @@ def main() -> None:
     if args.export_jobs:
         export_jobs(Path(args.export_jobs), jobs, tokenizer, cfg)
         return
+    chunks = conversation_chunks(list(interactions["conversation_id"]), args.chunk)
     tokens = sum(j.sequence_tokens() for j in jobs)
     shared = sum(j.shared_prefix_length() for j in jobs)
+    pairwise = tokens - shared  # teacher/student prefix sharing alone
+    tree = sum(
+        build_prefix_tree([list(p) + j.response_ids[:-1] for j in jobs[a:b] for p in j.prompts]).tokens() for a, b in chunks
+    )
     response = sum(len(j.response_ids) for j in jobs)
-    print(f"{args.n} interactions, {tokens} sequence tokens (teacher + student), {response} response tokens per branch, "
-          f"shared prefix {shared / len(jobs):.0f} tokens/interaction; torch threads {torch.get_num_threads()}", flush=True)
+    print(f"{args.n} interactions from {interactions['conversation_id'].nunique()} conversations, {tokens} sequence tokens "
+          f"(teacher + student), {response} response tokens per branch; tokens run: teacher/student sharing alone "
+          f"{pairwise}, prefix tree {tree} ({tokens / tree:.2f}x fewer than naive); torch threads {torch.get_num_threads()}", flush=True)
 
     # Interleaved in chunks, rotating the order, so that both methods see the same load on a shared machine.
     budgets = [None] + args.budgets
@@ -136,19 +159,19 @@ def main() -> None:
     cpu = dict.fromkeys(methods, 0.0)
     engine_rows = {b: [] for b in budgets}
     naive = []
-    for chunk, start in enumerate(range(0, args.n, args.chunk)):
-        part = interactions.iloc[start : start + args.chunk].reset_index(drop=True)
+    for chunk, (start, stop) in enumerate(chunks):
+        part = interactions.iloc[start:stop].reset_index(drop=True)
         for k in range(len(methods)):
             method = methods[(chunk + k) % len(methods)]
             t0, c0 = time.perf_counter(), time.process_time()
             if method == "naive":
-                naive += naive_scores(model, jobs[start : start + args.chunk])
+                naive += naive_scores(model, jobs[start:stop])
             else:
                 budget = None if method == "engine-None" else int(method.split("-")[1])
                 engine_rows[budget].append(compute_targets(model, tokenizer, part, cfg.model_copy(update={"batch_token_budget": budget}), "bench"))
             wall[method] += time.perf_counter() - t0
             cpu[method] += time.process_time() - c0
-        print(f"  {min(start + args.chunk, args.n)}/{args.n}: " + ", ".join(f"{m} {wall[m]:.0f}s wall {cpu[m]:.0f}s CPU" for m in methods), flush=True)
+        print(f"  {stop}/{args.n}: " + ", ".join(f"{m} {wall[m]:.0f}s wall {cpu[m]:.0f}s CPU" for m in methods), flush=True)
     naive_s = wall["naive"]
     engines = {b: (pd.concat(engine_rows[b], ignore_index=True), wall[f"engine-{b}"]) for b in budgets}
 
@@ -163,7 +186,7 @@ def main() -> None:
             for row_lp, branch in ((row.student_logprobs, branches[0]), (row.teacher_logprobs, branches[1]))
         )
         print(
-            f"| engine, budget {budget or 'auto'} (shared prefix, head at response only, top-k {cfg.top_k}) | {engine_s:.1f} | {cpu[f'engine-{budget}']:.1f} "
+            f"| engine, budget {budget or 'auto'} (prefix tree, head at response only, top-k {cfg.top_k}) | {engine_s:.1f} | {cpu[f'engine-{budget}']:.1f} "
             f"| {tokens / engine_s:.0f} | {args.n / engine_s:.2f} | {naive_s / engine_s:.2f}x | {cpu['naive'] / cpu[f'engine-{budget}']:.2f}x | {diff:.1e} |"
         )
 

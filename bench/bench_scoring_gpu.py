@@ -11,7 +11,8 @@ from the default tokenizer (vocabulary 49,152), valid inputs for any of these la
 Per model, in one process on one GPU (bf16, SDPA attention):
 - naive: per interaction two full forwards (student prompt + response, teacher prompt + response), logits
   and a float32 log-softmax at every position, the response positions picked out;
-- engine: `sdpo_platform.scoring.score_jobs` (shared prefix once, length-sorted padded batches under a token
+- engine: `sdpo_platform.scoring.score_jobs` (each group's prefix tree run once: the teacher/student shared
+  prefix, and a conversation's earlier turns inside its later ones; length-sorted padded batches under a token
   budget, head + float32 log-softmax only at response positions, teacher top-k 20).
 Both exclude tokenization (the ids are given). MFU = the FLOPs a method needs (matmuls 2 x params per
 token, attention 4 x layers x heads x head_dim x context per token, LM head where it is applied; padding
@@ -33,7 +34,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from bench_scoring import naive_scores  # noqa: E402  (the same naive way as the CPU benchmark)
-from sdpo_platform.scoring import GPU_TOKEN_BUDGET, BranchJob, score_jobs  # noqa: E402
+from sdpo_platform.prefix_tree import build_prefix_tree  # noqa: E402
+from sdpo_platform.scoring import GPU_TOKEN_BUDGET, BranchJob, plan_batches, score_jobs  # noqa: E402
 
 # Shapes of public checkpoints (config.json), random-initialised here.
 CONFIGS = {
@@ -88,11 +90,13 @@ class FlopCounter:
     def naive(self, job) -> float:
         return sum(self.tokens(0, len(p) + len(job.response_ids)) + (len(p) + len(job.response_ids)) * self.head_per_position for p in job.prompts)
 
-    def engine(self, job) -> float:
-        n = job.shared_prefix_length()
-        flops = self.tokens(0, n)
-        for prompt in job.prompts:
-            flops += self.tokens(n, len(prompt) + len(job.response_ids)) + len(job.response_ids) * self.head_per_position
+    def engine(self, jobs, budget: int) -> float:
+        """What the engine runs: each node of each group's prefix tree once, the head at response positions."""
+        flops = 0.0
+        for group in plan_batches(jobs, budget):
+            tree = build_prefix_tree([list(p) + list(jobs[i].response_ids[:-1]) for i in group for p in jobs[i].prompts])
+            flops += sum(self.tokens(s, e) for s, e in zip(tree.start, tree.end))
+            flops += sum(len(jobs[i].prompts) * len(jobs[i].response_ids) for i in group) * self.head_per_position
         return flops
 
 
@@ -181,7 +185,6 @@ def main() -> None:
         model = build_model(name, device, torch.bfloat16)
         flops = FlopCounter(model.config)
         naive_flops = sum(flops.naive(j) for j in jobs)
-        engine_flops = sum(flops.engine(j) for j in jobs)
         naive_scores(model, jobs[:4], device)  # warm-up: kernels, allocator
         naive, naive_s = timed(lambda: naive_scores(model, jobs, device), sync)
         if on_gpu:
@@ -194,6 +197,7 @@ def main() -> None:
             score_jobs(model, jobs[:32], pad_id, token_budget=budget, top_k=20)  # warm-up
             engine, engine_s = timed(lambda: score_jobs(model, jobs, pad_id, token_budget=budget, top_k=20), sync)
             worst, mean = max_diff(engine, naive)
+            engine_flops = flops.engine(jobs, budget)
             emit({"model": name, "method": "engine", "budget": budget, "wall_s": engine_s,
                   "tokens_per_s": sequence_tokens / engine_s, "speedup_vs_naive": naive_s / engine_s, "flops": engine_flops,
                   "mfu_datasheet": datasheet and engine_flops / engine_s / datasheet,

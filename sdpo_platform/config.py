@@ -67,9 +67,9 @@ class TargetsConfig(Section):
     max_validation: int = Field(32, description="Most validation-split interactions scored (the evaluation set).")
     batch_token_budget: int | None = Field(
         None,
-        description="Padded tokens per scoring forward pass (length-sorted; a branch pass counts the cached prefix its rows attend "
-        "to); the prefix KV cache held at once is at most twice this. null = auto: one interaction at a time on CPU (batching does "
-        "not pay there, padding does cost), 65536 on a GPU (lower it if the GPU runs out of memory).",
+        description="Padded tokens per scoring forward pass (one level of the prefix tree, length-sorted, counting the cached prefix "
+        "its rows attend to); the prompt KV cache a group holds is at most twice this. null = auto: each tree node alone on CPU "
+        "(batching does not pay there, padding does cost), 65536 on a GPU (lower it if the GPU runs out of memory).",
     )
     neutral_followup: str | None = Field(None, description="If set, also score y under the template with this follow-up (e.g. 'OK.') for the neutral_followup baseline.")
     top_k: int = Field(20, description="Also store the teacher's k most likely tokens per response position (ids, log-probs, tail mass) for a top-k loss; 0 turns it off.")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from sdpo_platform.prefix_tree import common_prefix_length
+
 Message = dict[str, str]
 
 # Bumped whenever encode_interaction's output changes for the same inputs, so stored target shards are
@@ -100,11 +102,3 @@ def encode_interaction(
         teacher_prompt_ids=teacher[-max_prompt_tokens:],
         response_ids=response_ids,
     )
-
-
-def common_prefix_length(*sequences: list[int]) -> int:
-    """Number of leading ids all sequences share."""
-    n, limit = 0, min(len(s) for s in sequences)
-    while n < limit and all(s[n] == sequences[0][n] for s in sequences[1:]):
-        n += 1
-    return n

@@ -1,18 +1,19 @@
-"""The scoring engine: log π of each response token after several prompts that share a prefix.
+"""The scoring engine: log π of each response token after several prompts, running shared tokens once.
 
-Teacher and student prompts are the same tokens up to where the hindsight block is inserted into the
-last user turn, so the engine runs that common prefix once, copies its KV cache into one row per
-branch (student, teacher, optionally the neutral-follow-up teacher) and runs only the branch
-suffixes plus the response. The LM head and the float32 log-softmax are applied only at the positions
-that predict response tokens, in chunks, so no float32 [batch, seq, vocab] tensor ever exists.
+Scoring needs, per interaction, the response after the student prompt and after each teacher prompt.
+Those sequences share a lot: teacher and student agree up to where the hindsight block enters the last
+user turn, and while the context window still holds a conversation's first message, turn k's prompt +
+response is the start of turn k+1's prompt. The engine builds a prefix tree over every sequence of a
+group (`prefix_tree`, by token equality) and runs each tree node once on top of its parent's KV cache,
+level by level; a sequence that is a prefix of another costs nothing beyond reading its positions. The
+LM head and the float32 log-softmax are applied only at the positions that predict response tokens, in
+chunks, so no float32 [batch, seq, vocab] tensor ever exists.
 
-Two passes per group of jobs, each batched under a token budget (rows × longest row) and sorted by its
-own length, so little compute goes to padding even when prefix and suffix lengths disagree: the prefixes
-(right-padded, plain causal mask: a real token never sees the padding after it), then every (job,
-branch) suffix on top of its job's cached prefix, the cached prefixes zero-padded to a common width and
-masked, each row's position ids continuing from its own prefix length. Every row is exact, whatever its
-batch neighbours. On a CPU (budget 0: batching does not pay there, padding does cost) every pass runs a
-single row, with no padding at all.
+Each level is batched under a token budget (rows × (longest cached prefix + longest node)) and sorted by
+node length, so little compute goes to padding: nodes are right-padded (a real token never sees the
+padding after it), their parents' caches zero-padded to a common width and masked, position ids
+continuing from each node's own start. Every row is exact, whatever its batch neighbours. On a CPU
+(budget 0: batching does not pay there, padding does cost) every node runs alone, with no padding.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from sdpo_platform.hindsight import common_prefix_length
+from sdpo_platform.prefix_tree import PrefixTree, build_prefix_tree, common_prefix_length
 
-GPU_TOKEN_BUDGET = 65536  # auto budget on accelerators; on CPU each interaction runs alone (no padding)
-PREFIX_CACHE_BUDGETS = 2  # prefix tokens whose KV cache a group holds, in token budgets (16 GB for a 3B Llama at 65k)
+GPU_TOKEN_BUDGET = 65536  # auto budget on accelerators; on CPU each tree node runs alone (no padding)
+PREFIX_CACHE_BUDGETS = 2  # prompt tokens whose KV cache a group may hold, in token budgets (16 GB for a 3B Llama at 65k)
+CPU_GROUP_TOKENS = 16384  # the same bound with budget 0 (CPU): ~750 MB of SmolLM2-135M cache at most
 MIN_FILL = 0.8  # a pass starts a new batch rather than spend more than 20% of its tokens on padding
 # float32 logits held at once by the LM head: 64 MB on CPU (256 positions of SmolLM2's 49k vocabulary),
 # 1 GiB on accelerators (~1,700 positions of a 152k vocabulary), where larger matmuls pay.
@@ -42,9 +44,8 @@ class BranchJob:
     response_ids: list[int]
 
     def shared_prefix_length(self) -> int:
-        """Longest common prefix of all prompts, leaving ≥ 1 prompt token per branch (its last hidden
-        state predicts the first response token)."""
-        return min(common_prefix_length(*self.prompts), min(len(p) for p in self.prompts) - 1)
+        """Leading prompt ids all branches share (run once by the engine, whatever else it shares)."""
+        return common_prefix_length(*self.prompts)
 
     def sequence_tokens(self) -> int:
         """Tokens a one-sequence-at-a-time scorer would run: every prompt plus the response, per branch."""
@@ -96,24 +97,28 @@ def resolve_token_budget(token_budget: int | None, device: torch.device) -> int:
 
 
 def plan_batches(jobs: list[BranchJob], token_budget: int) -> list[list[int]]:
-    """Job indices in length-sorted groups scored together. A group's shared prefixes, whose KV cache is
-    held while its branches run, add up to at most `PREFIX_CACHE_BUDGETS` token budgets.
+    """Job indices in groups scored together, one prefix tree per group.
 
-    Within a group the prefix pass and the branch pass are batched separately, each sorted by its own
-    length (see `_group_states`), so padding stays small even when prefix and suffix lengths disagree.
-    A budget of 0 scores each job alone.
+    Jobs are ordered by their first prompt, so the turns of a conversation, and any jobs that start
+    alike, sit next to each other. A group closes when its first prompts, counting only the ids each
+    does not share with the one before it, would pass `PREFIX_CACHE_BUDGETS` token budgets
+    (`CPU_GROUP_TOKENS` when the budget is 0, on CPU). That bounds the KV cache the tree holds at once:
+    only nodes with children keep theirs, and those lie within the first prompts (the student's, which
+    a conversation's later turns extend), apart from the shared start of the other branches.
     """
-    prefix = [j.shared_prefix_length() for j in jobs]
-    order = sorted(range(len(jobs)), key=lambda i: (prefix[i], jobs[i].sequence_tokens()))
+    order = sorted(range(len(jobs)), key=lambda i: jobs[i].prompts[0])
+    cap = token_budget * PREFIX_CACHE_BUDGETS if token_budget > 0 else CPU_GROUP_TOKENS
     groups: list[list[int]] = []
     held = 0
-    for i in order:
-        if groups and token_budget > 0 and held + prefix[i] <= token_budget * PREFIX_CACHE_BUDGETS:
+    for k, i in enumerate(order):
+        prompt = jobs[i].prompts[0]
+        new = len(prompt) - (common_prefix_length(prompt, jobs[order[k - 1]].prompts[0]) if k else 0)
+        if groups and held + new <= cap:
             groups[-1].append(i)
-            held += prefix[i]
+            held += new
         else:
             groups.append([i])
-            held = prefix[i]
+            held = len(prompt)
     return groups
 
 
@@ -206,78 +211,98 @@ def _score_group(model, jobs: list[BranchJob], pad_id: int, token_budget: int, t
 def _group_states(model, jobs: list[BranchJob], pad_id: int, token_budget: int) -> torch.Tensor:
     """Hidden states predicting each response token, rows in (job, branch, token) order.
 
-    Pass 1 runs the shared prefixes, batched by prefix length, and keeps each job's KV cache. Pass 2 runs
-    every (job, branch) suffix + response, batched by suffix length, on top of its job's cached prefix.
-    Inputs are assembled on the host and moved once per pass.
+    A (job, branch) sequence is the prompt + the response without its last token (which predicts
+    nothing); it reads positions len(prompt) - 1 onwards. The prefix tree's nodes run level by level,
+    batched under the budget, each on top of its parent's KV cache. A node keeps the hidden states from
+    the first position any sequence through it reads, and its full cache only until its children ran.
     """
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
-    decoder = model.get_decoder()
-    prefix_lengths = [j.shared_prefix_length() for j in jobs]
+    sequences = [list(p) + list(job.response_ids[:-1]) for job in jobs for p in job.prompts]
+    reads_from = [len(p) - 1 for job in jobs for p in job.prompts]
+    tree = build_prefix_tree(sequences)
+    keep_from: list[int | None] = [None] * len(tree)
+    for q, first in enumerate(reads_from):
+        for node in tree.path(tree.leaf[q]):
+            if tree.end[node] > first:
+                read = max(tree.start[node], first)
+                keep_from[node] = read if keep_from[node] is None else min(keep_from[node], read)
 
-    prefix_cache: list[list[tuple[torch.Tensor, torch.Tensor]] | None] = [None] * len(jobs)
-    with_prefix = [i for i, n in enumerate(prefix_lengths) if n > 0]
-    for batch in length_batches([prefix_lengths[i] for i in with_prefix], token_budget):
-        members = [with_prefix[k] for k in batch]
-        width = max(prefix_lengths[i] for i in members)
-        ids = torch.full((len(members), width), pad_id, dtype=torch.long)
-        for row, i in enumerate(members):
-            ids[row, : prefix_lengths[i]] = torch.tensor(jobs[i].prompts[0][: prefix_lengths[i]])
-        cache = DynamicCache(config=model.config)
-        decoder(input_ids=ids.to(device), cache=cache, use_cache=True)  # causal: a real token never sees the pads after it
-        for row, i in enumerate(members):
-            n = prefix_lengths[i]
-            prefix_cache[i] = [(layer.keys[row : row + 1, :, :n], layer.values[row : row + 1, :, :n]) for layer in cache.layers]
+    has_children = tree.has_children()
+    caches: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # node → KV cache of positions [0, end)
+    kept: dict[int, torch.Tensor] = {}  # node → hidden states of positions [keep_from, end)
+    for level in range(1, max(tree.level) + 1):
+        nodes = [n for n in range(len(tree)) if tree.level[n] == level]
+        lengths = [tree.end[n] - tree.start[n] for n in nodes]
+        for batch in length_batches(lengths, token_budget, cached=[tree.start[n] for n in nodes]):
+            members = [nodes[k] for k in batch]
+            hidden, new_caches = _run_nodes(model, tree, sequences, members, caches, pad_id, device, [has_children[n] for n in members])
+            for row, node in enumerate(members):
+                if keep_from[node] is not None:
+                    kept[node] = hidden[row, keep_from[node] - tree.start[node] : tree.end[node] - tree.start[node]].clone()
+                if new_caches[row] is not None:
+                    caches[node] = new_caches[row]
+        caches = {n: c for n, c in caches.items() if tree.level[n] == level}  # the previous level's children all ran
 
-    branches = [(i, b) for i, job in enumerate(jobs) for b in range(len(job.prompts))]
-    suffixes = [list(jobs[i].prompts[b][prefix_lengths[i] :]) + list(jobs[i].response_ids) for i, b in branches]
-    states: list[torch.Tensor | None] = [None] * len(branches)
-    for batch in length_batches([len(s) for s in suffixes], token_budget, cached=[prefix_lengths[i] for i, _ in branches]):
-        owners = [branches[r][0] for r in batch]
-        width = max(prefix_lengths[i] for i in owners)
-        suffix_width = max(len(suffixes[r]) for r in batch)
-        ids = torch.full((len(batch), suffix_width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width + suffix_width), dtype=torch.long)
-        positions = torch.zeros((len(batch), suffix_width), dtype=torch.long)
-        for row, (r, i) in enumerate(zip(batch, owners)):
-            ids[row, : len(suffixes[r])] = torch.tensor(suffixes[r])
-            mask[row, : prefix_lengths[i]] = 1  # prefix pad slots (shorter prefixes) stay masked
-            mask[row, width : width + len(suffixes[r])] = 1
-            positions[row] = prefix_lengths[i] + torch.arange(suffix_width)
-        cache = _stacked_prefix_cache(model, [prefix_cache[i] for i in owners], width) if width > 0 else None
-        hidden = decoder(
-            input_ids=ids.to(device),
-            # right-padded suffixes need no mask (causal); prefixes shorter than `width` do
-            attention_mask=mask.to(device) if any(prefix_lengths[i] < width for i in owners) else None,
-            position_ids=positions.to(device),
-            cache=cache,
-            use_cache=cache is not None,
-        ).last_hidden_state
-        for row, r in enumerate(batch):
-            i, b = branches[r]
-            tail = len(jobs[i].prompts[b]) - prefix_lengths[i]
-            states[r] = hidden[row, tail - 1 : tail - 1 + len(jobs[i].response_ids)]
+    states = []
+    for q, first in enumerate(reads_from):
+        for node in tree.path(tree.leaf[q]):
+            if tree.end[node] > first:
+                states.append(kept[node][max(tree.start[node], first) - keep_from[node] :])
     return torch.cat(states)
 
 
-def _stacked_prefix_cache(model, caches: list, width: int):
-    """One DynamicCache with each row's prefix keys/values, zero-padded to `width` (the mask hides the
-    padding; a row without a shared prefix is all padding)."""
+def _run_nodes(model, tree: PrefixTree, sequences, members: list[int], caches: dict, pad_id: int, device, keep: list[bool]):
+    """One forward pass over some nodes of a level, each after its parent's cache. Returns the hidden
+    states [rows, longest node, hidden] and, for the rows in `keep`, the node's full KV cache."""
     from transformers import DynamicCache
 
-    present = [c for c in caches if c is not None]
-    if len(caches) == 1 and present[0][0][0].shape[2] == width:
-        return DynamicCache(ddp_cache_data=present[0], config=model.config)  # updates concatenate: never mutated
+    starts = [tree.start[n] for n in members]
+    sizes = [tree.end[n] - tree.start[n] for n in members]
+    width, node_width = max(starts), max(sizes)
+    ids = torch.full((len(members), node_width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(members), width + node_width), dtype=torch.long)
+    for row, node in enumerate(members):
+        ids[row, : sizes[row]] = torch.tensor(sequences[tree.source[node]][starts[row] : tree.end[node]])
+        mask[row, : starts[row]] = 1  # parent cache pad slots (shorter parents) stay masked
+        mask[row, width : width + sizes[row]] = 1
+    positions = torch.tensor(starts)[:, None] + torch.arange(node_width)
+    if width > 0:
+        cache = _stacked_cache(model, [caches[tree.parent[n]] for n in members], width)
+    else:
+        cache = DynamicCache(config=model.config) if any(keep) else None
+    hidden = model.get_decoder()(
+        input_ids=ids.to(device),
+        # right-padded nodes need no mask (causal); parent caches shorter than `width` do
+        attention_mask=mask.to(device) if min(starts) < width else None,
+        position_ids=positions.to(device),
+        cache=cache,
+        use_cache=cache is not None,
+    ).last_hidden_state
+    full = [None] * len(members)
+    for row in (r for r in range(len(members)) if keep[r]):
+        if len(members) == 1:
+            full[row] = [(layer.keys, layer.values) for layer in cache.layers]
+        else:
+            real = [*range(starts[row]), *range(width, width + sizes[row])]
+            index = torch.tensor(real, device=device)
+            full[row] = [(layer.keys[row : row + 1, :, index], layer.values[row : row + 1, :, index]) for layer in cache.layers]
+    return hidden, full
+
+
+def _stacked_cache(model, caches: list, width: int):
+    """One DynamicCache with each row's parent keys/values, zero-padded to `width` (the mask hides it)."""
+    from transformers import DynamicCache
+
+    if len(caches) == 1 and caches[0][0][0].shape[2] == width:
+        return DynamicCache(ddp_cache_data=caches[0], config=model.config)  # updates concatenate: never mutated
     layers = []
-    for layer in range(len(present[0])):
-        shape = present[0][layer][0].shape
-        keys = present[0][layer][0].new_zeros((len(caches), shape[1], width, shape[3]))
+    for layer in range(len(caches[0])):
+        shape = caches[0][layer][0].shape
+        keys = caches[0][layer][0].new_zeros((len(caches), shape[1], width, shape[3]))
         values = torch.zeros_like(keys)
         for row, cache in enumerate(caches):
-            if cache is not None:
-                k, v = cache[layer]
-                keys[row, :, : k.shape[2]], values[row, :, : v.shape[2]] = k[0], v[0]
+            k, v = cache[layer]
+            keys[row, :, : k.shape[2]], values[row, :, : v.shape[2]] = k[0], v[0]
         layers.append((keys, values))
     return DynamicCache(ddp_cache_data=layers, config=model.config)
 

@@ -138,12 +138,22 @@ def select_for_scoring(interactions_df: pd.DataFrame, cfg: TargetsConfig) -> pd.
     """Informative rows, at most `cfg.max_train` train and `cfg.max_validation` validation rows.
 
     Rows are chosen by the md5 of their interaction id, so the choice is deterministic, does not
-    depend on input order, and a grown table keeps most of an earlier selection.
+    depend on input order, and a grown table keeps most of an earlier selection. The chosen rows come
+    back grouped by conversation (in conversation-hash order, turns ascending), so a conversation's turns
+    land in the same shard, where the scoring engine runs the tokens they share once.
     """
     missing = [c for c in ("interaction_id", "split", "informative") if c not in interactions_df.columns]
     if missing:
         raise ValueError(f"interactions lack columns {missing}")
-    keys = interactions_df[["interaction_id", "split", "informative"]]
+    keys = pd.DataFrame(
+        {
+            "interaction_id": interactions_df["interaction_id"],
+            "split": interactions_df["split"],
+            "informative": interactions_df["informative"],
+            "conversation_id": interactions_df.get("conversation_id", interactions_df["interaction_id"]),
+            "turn_index": interactions_df.get("turn_index", 0),
+        }
+    )
     con = duckdb.connect()
     try:
         con.register("interaction_keys", keys)
@@ -154,7 +164,7 @@ def select_for_scoring(interactions_df: pd.DataFrame, cfg: TargetsConfig) -> pd.
             WHERE informative
             QUALIFY row_number() OVER (PARTITION BY split ORDER BY md5(interaction_id), interaction_id)
                     <= CASE split WHEN 'train' THEN $max_train WHEN 'validation' THEN $max_validation ELSE 0 END
-            ORDER BY split, md5(interaction_id), interaction_id
+            ORDER BY split, md5(conversation_id), conversation_id, turn_index, interaction_id
             """,
             {"max_train": cfg.max_train, "max_validation": cfg.max_validation},
         ).df()

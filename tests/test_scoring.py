@@ -1,4 +1,4 @@
-"""The prefix-sharing engine equals one-sequence-at-a-time full forwards, whatever the batching."""
+"""The prefix-tree engine equals one-sequence-at-a-time full forwards, whatever the batching and sharing."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sdpo_platform.config import TargetsConfig
 from sdpo_platform.hindsight import encode_interaction
 from sdpo_platform.logprobs import response_logprobs
-from sdpo_platform.scoring import MIN_FILL, PREFIX_CACHE_BUDGETS, BranchJob, length_batches, plan_batches, score_jobs
+from sdpo_platform.prefix_tree import build_prefix_tree
+from sdpo_platform.scoring import CPU_GROUP_TOKENS, MIN_FILL, PREFIX_CACHE_BUDGETS, BranchJob, length_batches, plan_batches, score_jobs
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def test_no_common_prefix_and_prompt_that_is_a_prefix_of_another(tiny, budget):
         BranchJob(([5, 6, 7], [5, 6, 7, 9, 9]), [12]),  # student prompt is a prefix of the teacher's
         BranchJob(([5, 6, 7, 3], [5, 6, 7, 3]), [13, 14, 15]),  # identical prompts
     ]
-    assert [j.shared_prefix_length() for j in jobs] == [0, 2, 3]
+    assert [j.shared_prefix_length() for j in jobs] == [0, 3, 4]
     scores = score_jobs(model, jobs, tok.pad_token_id, token_budget=budget)
     for job, got in zip(jobs, scores):
         for branch, expected in zip(got.logprobs, reference(model, job)):
@@ -83,16 +84,74 @@ def test_topk_is_the_teachers_most_likely_tokens_with_tail_mass(tiny):
         assert (got.topk_logprobs[:, 0] >= got.logprobs[1] - 1e-6).all()  # the top-1 is at least the sampled token
 
 
-def test_groups_cover_every_job_once_and_bound_the_tokens_held(tiny):
+def conversation_jobs(tok, turns: int, conversations: int = 2) -> list[BranchJob]:
+    """Every interaction of a few multi-turn conversations, context window wide enough to keep the first
+    message: turn k's prompt + response starts turn k+1's prompt."""
+    cfg = TargetsConfig()
+    jobs = []
+    for c in range(conversations):
+        messages = []
+        for t in range(turns + 1):
+            messages.append({"role": "user", "content": f"Conversation {c}, question {t}: " + "why? " * t})
+            messages.append({"role": "assistant", "content": f"Answer {t}. " + "Because. " * (t + c)})
+        for t in range(turns):
+            context, response, followup = messages[: 2 * t + 1], messages[2 * t + 1]["content"], messages[2 * t + 2]["content"]
+            enc = encode_interaction(tok, context, response, followup, cfg.template, 10_000, 64)
+            jobs.append(BranchJob((enc.student_prompt_ids, enc.teacher_prompt_ids), enc.response_ids))
+    return jobs
+
+
+@pytest.mark.parametrize("budget", [0, 1, 300, 100_000])
+def test_turns_of_a_conversation_share_their_tokens_and_stay_exact(tiny, budget):
+    model, tok = tiny
+    jobs = conversation_jobs(tok, turns=4)
+    sequences = [list(p) + j.response_ids[:-1] for j in jobs for p in j.prompts]
+    student = sequences[0::2]
+    assert student[1][: len(student[0])] == student[0]  # turn 1's student sequence starts turn 2's: really shared
+    tree = build_prefix_tree(sequences)
+    per_job_sharing = sum(j.shared_prefix_length() + sum(len(s) - j.shared_prefix_length() for s in sequences[2 * k : 2 * k + 2]) for k, j in enumerate(jobs))
+    assert tree.tokens() < 0.75 * per_job_sharing  # the tree runs far less than teacher/student sharing alone
+    scores = score_jobs(model, jobs, tok.pad_token_id, token_budget=budget)
+    for job, got in zip(jobs, scores):
+        for branch, expected in zip(got.logprobs, reference(model, job)):
+            np.testing.assert_allclose(branch, expected, atol=1e-4)
+
+
+def test_groups_cover_every_job_once_keep_conversations_together_and_bound_the_tokens_held(tiny):
     _, tok = tiny
-    jobs = hindsight_jobs(tok, 12)
+    jobs = hindsight_jobs(tok, 12) + conversation_jobs(tok, turns=3, conversations=3)
     budget = 60
     groups = plan_batches(jobs, budget)
-    assert sorted(i for g in groups for i in g) == list(range(12))
+    assert sorted(i for g in groups for i in g) == list(range(len(jobs)))
     assert any(len(g) > 1 for g in groups)
-    for group in groups:
-        assert len(group) == 1 or sum(jobs[i].shared_prefix_length() for i in group) <= budget * PREFIX_CACHE_BUDGETS
-    assert all(len(g) == 1 for g in plan_batches(jobs, 0))  # budget 0: every job alone
+    for group in groups:  # a group's prompts, counted once where neighbours share them, fit the cap
+        prompts = sorted(jobs[i].prompts[0] for i in group)
+        unique = len(prompts[0]) + sum(len(b) - next((n for n, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))) for a, b in zip(prompts, prompts[1:]))
+        assert len(group) == 1 or unique <= budget * PREFIX_CACHE_BUDGETS
+    on_cpu = plan_batches(jobs, 0)  # budget 0 (CPU): groups bounded by CPU_GROUP_TOKENS, here one
+    assert len(on_cpu) == 1 and sum(len(p) for j in jobs for p in j.prompts) < CPU_GROUP_TOKENS
+    conversation = list(range(12, 15))  # the three turns of the first conversation are scored together
+    assert any(set(conversation) <= set(g) for g in plan_batches(jobs, 400))
+
+
+def test_prefix_tree_rebuilds_every_sequence_and_counts_each_shared_token_once():
+    rng = np.random.default_rng(0)
+    base = [list(rng.integers(0, 5, size=rng.integers(0, 12))) for _ in range(15)]
+    sequences = base + [b + [7, 7] for b in base[:5]] + [base[3][:4], base[3], []]  # extensions, prefixes, duplicates, empty
+    tree = build_prefix_tree(sequences)
+    for q, seq in enumerate(sequences):
+        path = tree.path(tree.leaf[q])
+        rebuilt = [t for n in path for t in sequences[tree.source[n]][tree.start[n] : tree.end[n]]]
+        assert rebuilt == seq and tree.end[tree.leaf[q]] == len(seq)
+        assert [tree.level[n] for n in path] == list(range(1, len(path) + 1))
+    trie: dict = {}
+    for seq in sequences:  # a naive token-per-node trie: its node count is the tokens to run
+        node = trie
+        for t in seq:
+            node = node.setdefault(t, {})
+    count = lambda node: sum(1 + count(child) for child in node.values())  # noqa: E731
+    assert tree.tokens() == count(trie)
+    assert all(tree.start[n] == tree.end[tree.parent[n]] < tree.end[n] for n in range(1, len(tree)))
 
 
 def test_length_batches_are_sorted_and_fit_the_budget():

@@ -140,6 +140,20 @@ def test_select_for_scoring_is_capped_informative_and_order_free():
     row = chosen.iloc[0]
     assert row.context == [{"role": "user", "content": row.interaction_id[1:-2]}]  # rows travel intact
 
+    turns = pd.DataFrame(  # 5 conversations of 6 turns each, everything chosen: turns stay together, in order
+        {
+            "interaction_id": [f"conv{c}:{t}" for t in (9, 1, 11, 3, 5, 7) for c in range(5)],
+            "conversation_id": [f"conv{c}" for _ in range(6) for c in range(5)],
+            "turn_index": [t for t in (9, 1, 11, 3, 5, 7) for _ in range(5)],
+            "split": "train",
+            "informative": True,
+        }
+    )
+    grouped = select_for_scoring(turns, TargetsConfig(max_train=100))
+    runs = grouped["conversation_id"].ne(grouped["conversation_id"].shift()).sum()
+    assert len(grouped) == 30 and runs == 5
+    assert all(list(g["turn_index"]) == [1, 3, 5, 7, 9, 11] for _, g in grouped.groupby("conversation_id"))
+
 
 def shard_mtimes(folder) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in sorted(folder.glob("shard-*.parquet"))}
