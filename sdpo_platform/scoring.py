@@ -102,9 +102,9 @@ def plan_batches(jobs: list[BranchJob], token_budget: int) -> list[list[int]]:
     Jobs are ordered by their first prompt, so the turns of a conversation, and any jobs that start
     alike, sit next to each other. A group closes when its first prompts, counting only the ids each
     does not share with the one before it, would pass `PREFIX_CACHE_BUDGETS` token budgets
-    (`CPU_GROUP_TOKENS` when the budget is 0, on CPU). That bounds the KV cache the tree holds at once:
-    only nodes with children keep theirs, and those lie within the first prompts (the student's, which
-    a conversation's later turns extend), apart from the shared start of the other branches.
+    (`CPU_GROUP_TOKENS` when the budget is 0, on CPU). That is about the most KV cache the tree holds
+    at once: only nodes with children keep theirs, and those lie within the first prompts (the
+    student's, which a conversation's later turns extend), apart from the shared start of the others.
     """
     order = sorted(range(len(jobs)), key=lambda i: jobs[i].prompts[0])
     cap = token_budget * PREFIX_CACHE_BUDGETS if token_budget > 0 else CPU_GROUP_TOKENS
