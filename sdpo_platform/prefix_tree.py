@@ -99,3 +99,41 @@ def build_prefix_tree(sequences: list[list[int]]) -> PrefixTree:
         level[node] = level[parent[node]] + 1
     start = [0] + [depth[parent[n]] for n in range(1, len(depth))]
     return PrefixTree(parent=parent, start=start, end=depth, source=source, level=level, leaf=leaf)
+
+
+@dataclass(frozen=True)
+class Chains:
+    """The tree cut into chains, each run as one forward pass: from a node, follow the child with the
+    most tokens below it down to a leaf (heavy-path decomposition). A conversation's turns become one
+    long chain (its latest student sequence) with the teacher branches hanging off it, so a scorer makes
+    few long passes instead of one per node, and the chains nest only O(log nodes) deep."""
+
+    nodes: list[list[int]]  # per chain, tree nodes top-down
+    parent: list[int]  # per chain: the chain holding its first node's parent (-1 for the root)
+    level: list[int]  # 1 + the parent chain's level: a chain runs after its parent's level
+    chain_of: list[int]  # per tree node (the root: -1)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+
+def heavy_chains(tree: PrefixTree) -> Chains:
+    """Cut `tree` into chains along its heaviest paths (see `Chains`)."""
+    weight = [e - s for s, e in zip(tree.start, tree.end)]
+    heavy = [-1] * len(tree)
+    for node in sorted(range(1, len(tree)), key=lambda n: -tree.end[n]):  # children before parents
+        parent = tree.parent[node]
+        weight[parent] += weight[node]
+        if heavy[parent] < 0 or weight[node] > weight[heavy[parent]]:
+            heavy[parent] = node
+    heads = sorted((n for n in range(1, len(tree)) if tree.parent[n] == 0 or heavy[tree.parent[n]] != n), key=lambda n: tree.end[n])
+    nodes, parent, level, chain_of = [], [], [], [-1] * len(tree)
+    for head in heads:  # by depth: a head's parent chain already exists
+        chain, node = [], head
+        while node >= 0:
+            chain.append(node)
+            chain_of[node] = len(nodes)
+            node = heavy[node]
+        above = chain_of[tree.parent[head]] if tree.parent[head] > 0 else -1
+        nodes.append(chain), parent.append(above), level.append(level[above] + 1 if above >= 0 else 1)
+    return Chains(nodes=nodes, parent=parent, level=level, chain_of=chain_of)

@@ -4,16 +4,18 @@ Scoring needs, per interaction, the response after the student prompt and after 
 Those sequences share a lot: teacher and student agree up to where the hindsight block enters the last
 user turn, and while the context window still holds a conversation's first message, turn k's prompt +
 response is the start of turn k+1's prompt. The engine builds a prefix tree over every sequence of a
-group (`prefix_tree`, by token equality) and runs each tree node once on top of its parent's KV cache,
-level by level; a sequence that is a prefix of another costs nothing beyond reading its positions. The
-LM head and the float32 log-softmax are applied only at the positions that predict response tokens, in
-chunks, so no float32 [batch, seq, vocab] tensor ever exists.
+group (`prefix_tree`, by token equality), cuts it into chains along its heaviest paths (a conversation's
+latest student sequence, with the teacher branches hanging off it), and runs each chain once, level by
+level, on top of its parent chain's KV cache up to where it branches off; a sequence that is a prefix of
+another costs nothing beyond reading its positions. The LM head and the float32 log-softmax are applied
+only at the positions that predict response tokens, in chunks, so no float32 [batch, seq, vocab] tensor
+ever exists.
 
-Each level is batched under a token budget (rows × (longest cached prefix + longest node)) and sorted by
-node length, so little compute goes to padding: nodes are right-padded (a real token never sees the
-padding after it), their parents' caches zero-padded to a common width and masked, position ids
-continuing from each node's own start. Every row is exact, whatever its batch neighbours. On a CPU
-(budget 0: batching does not pay there, padding does cost) every node runs alone, with no padding.
+Each level is batched under a token budget (rows × (longest cached prefix + longest chain)) and sorted by
+chain length, so little compute goes to padding: chains are right-padded (a real token never sees the
+padding after it), their cached prefixes zero-padded to a common width and masked, position ids
+continuing from each chain's own start. Every row is exact, whatever its batch neighbours. On a CPU
+(budget 0: batching does not pay there, padding does cost) every chain runs alone, with no padding.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from sdpo_platform.prefix_tree import PrefixTree, build_prefix_tree, common_prefix_length
+from sdpo_platform.prefix_tree import build_prefix_tree, common_prefix_length, heavy_chains
 
-GPU_TOKEN_BUDGET = 65536  # auto budget on accelerators; on CPU each tree node runs alone (no padding)
+GPU_TOKEN_BUDGET = 65536  # auto budget on accelerators; on CPU each chain runs alone (no padding)
 PREFIX_CACHE_BUDGETS = 2  # prompt tokens whose KV cache a group may hold, in token budgets (16 GB for a 3B Llama at 65k)
 CPU_GROUP_TOKENS = 16384  # the same bound with budget 0 (CPU): ~750 MB of SmolLM2-135M cache at most
 MIN_FILL = 0.8  # a pass starts a new batch rather than spend more than 20% of its tokens on padding
@@ -212,97 +214,113 @@ def _group_states(model, jobs: list[BranchJob], pad_id: int, token_budget: int) 
     """Hidden states predicting each response token, rows in (job, branch, token) order.
 
     A (job, branch) sequence is the prompt + the response without its last token (which predicts
-    nothing); it reads positions len(prompt) - 1 onwards. The prefix tree's nodes run level by level,
-    batched under the budget, each on top of its parent's KV cache. A node keeps the hidden states from
-    the first position any sequence through it reads, and its full cache only until its children ran.
+    nothing); it reads positions len(prompt) - 1 onwards. The prefix tree is cut into chains
+    (`heavy_chains`), which run level by level, batched under the budget, each on top of its parent
+    chain's KV cache up to where it branches off. A chain keeps the hidden states from the first
+    position any sequence through it reads, and its KV cache only until its child chains ran.
     """
     device = next(model.parameters()).device
     sequences = [list(p) + list(job.response_ids[:-1]) for job in jobs for p in job.prompts]
     reads_from = [len(p) - 1 for job in jobs for p in job.prompts]
     tree = build_prefix_tree(sequences)
-    keep_from: list[int | None] = [None] * len(tree)
+    chains = heavy_chains(tree)
+    start = [tree.start[c[0]] for c in chains.nodes]
+    end = [tree.end[c[-1]] for c in chains.nodes]
+    keep_from: list[int | None] = [None] * len(chains)
     for q, first in enumerate(reads_from):
         for node in tree.path(tree.leaf[q]):
             if tree.end[node] > first:
-                read = max(tree.start[node], first)
-                keep_from[node] = read if keep_from[node] is None else min(keep_from[node], read)
+                c, read = chains.chain_of[node], max(tree.start[node], first)
+                keep_from[c] = read if keep_from[c] is None else min(keep_from[c], read)
 
-    has_children = tree.has_children()
-    caches: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # node → KV cache of positions [0, end)
-    kept: dict[int, torch.Tensor] = {}  # node → hidden states of positions [keep_from, end)
-    for level in range(1, max(tree.level) + 1):
-        nodes = [n for n in range(len(tree)) if tree.level[n] == level]
-        lengths = [tree.end[n] - tree.start[n] for n in nodes]
-        for batch in length_batches(lengths, token_budget, cached=[tree.start[n] for n in nodes]):
-            members = [nodes[k] for k in batch]
-            hidden, new_caches = _run_nodes(model, tree, sequences, members, caches, pad_id, device, [has_children[n] for n in members])
-            for row, node in enumerate(members):
-                if keep_from[node] is not None:
-                    kept[node] = hidden[row, keep_from[node] - tree.start[node] : tree.end[node] - tree.start[node]].clone()
+    has_children = [False] * len(chains)
+    for parent in chains.parent:
+        if parent >= 0:
+            has_children[parent] = True
+    caches: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # chain → KV cache of positions [0, end)
+    kept: dict[int, torch.Tensor] = {}  # chain → hidden states of positions [keep_from, end)
+    for level in range(1, max(chains.level, default=0) + 1):
+        members = [c for c in range(len(chains)) if chains.level[c] == level]
+        for batch in length_batches([end[c] - start[c] for c in members], token_budget, cached=[start[c] for c in members]):
+            rows = [members[k] for k in batch]
+            tokens = [sequences[tree.source[chains.nodes[c][-1]]][start[c] : end[c]] for c in rows]
+            parents = [_cache_prefix(caches[chains.parent[c]], start[c]) if chains.parent[c] >= 0 else None for c in rows]
+            hidden, new_caches = _run_rows(model, tokens, [start[c] for c in rows], parents, pad_id, device, [has_children[c] for c in rows])
+            for row, c in enumerate(rows):
+                if keep_from[c] is not None:
+                    kept[c] = hidden[row, keep_from[c] - start[c] : end[c] - start[c]].clone()
                 if new_caches[row] is not None:
-                    caches[node] = new_caches[row]
-        caches = {n: c for n, c in caches.items() if tree.level[n] == level}  # the previous level's children all ran
+                    caches[c] = new_caches[row]
+        caches = {c: cache for c, cache in caches.items() if chains.level[c] == level}  # the previous level's children all ran
 
     states = []
     for q, first in enumerate(reads_from):
         for node in tree.path(tree.leaf[q]):
             if tree.end[node] > first:
-                states.append(kept[node][max(tree.start[node], first) - keep_from[node] :])
+                c = chains.chain_of[node]
+                states.append(kept[c][max(tree.start[node], first) - keep_from[c] : tree.end[node] - keep_from[c]])
     return torch.cat(states)
 
 
-def _run_nodes(model, tree: PrefixTree, sequences, members: list[int], caches: dict, pad_id: int, device, keep: list[bool]):
-    """One forward pass over some nodes of a level, each after its parent's cache. Returns the hidden
-    states [rows, longest node, hidden] and, for the rows in `keep`, the node's full KV cache."""
+def _cache_prefix(cache: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The keys/values of the first `length` positions (views: nothing is copied)."""
+    return [(k[:, :, :length], v[:, :, :length]) for k, v in cache]
+
+
+def _run_rows(model, tokens: list[list[int]], starts: list[int], parents: list, pad_id: int, device, keep: list[bool]):
+    """One forward pass over rows of tokens, row i at positions starts[i].. after its cached prefix
+    parents[i] (None: nothing before it). Returns the hidden states [rows, longest row, hidden] and,
+    for the rows in `keep`, the full KV cache of positions [0, start + len(row))."""
     from transformers import DynamicCache
 
-    starts = [tree.start[n] for n in members]
-    sizes = [tree.end[n] - tree.start[n] for n in members]
-    width, node_width = max(starts), max(sizes)
-    ids = torch.full((len(members), node_width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(members), width + node_width), dtype=torch.long)
-    for row, node in enumerate(members):
-        ids[row, : sizes[row]] = torch.tensor(sequences[tree.source[node]][starts[row] : tree.end[node]])
-        mask[row, : starts[row]] = 1  # parent cache pad slots (shorter parents) stay masked
+    sizes = [len(t) for t in tokens]
+    width, row_width = max(starts), max(sizes)
+    ids = torch.full((len(tokens), row_width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(tokens), width + row_width), dtype=torch.long)
+    for row, row_tokens in enumerate(tokens):
+        ids[row, : sizes[row]] = torch.tensor(row_tokens)
+        mask[row, : starts[row]] = 1  # cache pad slots (shorter prefixes) stay masked
         mask[row, width : width + sizes[row]] = 1
-    positions = torch.tensor(starts)[:, None] + torch.arange(node_width)
+    positions = torch.tensor(starts)[:, None] + torch.arange(row_width)
     if width > 0:
-        cache = _stacked_cache(model, [caches[tree.parent[n]] for n in members], width)
+        cache = _stacked_cache(model, parents, width)
     else:
         cache = DynamicCache(config=model.config) if any(keep) else None
     hidden = model.get_decoder()(
         input_ids=ids.to(device),
-        # right-padded nodes need no mask (causal); parent caches shorter than `width` do
+        # right-padded rows need no mask (causal); cached prefixes shorter than `width` do
         attention_mask=mask.to(device) if min(starts) < width else None,
         position_ids=positions.to(device),
         cache=cache,
         use_cache=cache is not None,
     ).last_hidden_state
-    full = [None] * len(members)
-    for row in (r for r in range(len(members)) if keep[r]):
-        if len(members) == 1:
-            full[row] = [(layer.keys, layer.values) for layer in cache.layers]
+    full = [None] * len(tokens)
+    for row in (r for r in range(len(tokens)) if keep[r]):
+        if starts[row] == width:  # its prefix fills the cache width: one contiguous slice
+            full[row] = [(layer.keys[row : row + 1, :, : width + sizes[row]], layer.values[row : row + 1, :, : width + sizes[row]]) for layer in cache.layers]
         else:
-            real = [*range(starts[row]), *range(width, width + sizes[row])]
-            index = torch.tensor(real, device=device)
-            full[row] = [(layer.keys[row : row + 1, :, index], layer.values[row : row + 1, :, index]) for layer in cache.layers]
+            real = torch.tensor([*range(starts[row]), *range(width, width + sizes[row])], device=device)
+            full[row] = [(layer.keys[row : row + 1, :, real], layer.values[row : row + 1, :, real]) for layer in cache.layers]
     return hidden, full
 
 
 def _stacked_cache(model, caches: list, width: int):
-    """One DynamicCache with each row's parent keys/values, zero-padded to `width` (the mask hides it)."""
+    """One DynamicCache with each row's cached keys/values, zero-padded to `width` (the mask hides it);
+    a row without a cache (None) is all padding."""
     from transformers import DynamicCache
 
     if len(caches) == 1 and caches[0][0][0].shape[2] == width:
         return DynamicCache(ddp_cache_data=caches[0], config=model.config)  # updates concatenate: never mutated
+    present = next(c for c in caches if c is not None)
     layers = []
-    for layer in range(len(caches[0])):
-        shape = caches[0][layer][0].shape
-        keys = caches[0][layer][0].new_zeros((len(caches), shape[1], width, shape[3]))
+    for layer in range(len(present)):
+        shape = present[layer][0].shape
+        keys = present[layer][0].new_zeros((len(caches), shape[1], width, shape[3]))
         values = torch.zeros_like(keys)
         for row, cache in enumerate(caches):
-            k, v = cache[layer]
-            keys[row, :, : k.shape[2]], values[row, :, : v.shape[2]] = k[0], v[0]
+            if cache is not None:
+                k, v = cache[layer]
+                keys[row, :, : k.shape[2]], values[row, :, : v.shape[2]] = k[0], v[0]
         layers.append((keys, values))
     return DynamicCache(ddp_cache_data=layers, config=model.config)
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sdpo_platform.config import TargetsConfig
 from sdpo_platform.hindsight import encode_interaction
 from sdpo_platform.logprobs import response_logprobs
-from sdpo_platform.prefix_tree import build_prefix_tree
+from sdpo_platform.prefix_tree import build_prefix_tree, heavy_chains
 from sdpo_platform.scoring import CPU_GROUP_TOKENS, MIN_FILL, PREFIX_CACHE_BUDGETS, BranchJob, length_batches, plan_batches, score_jobs
 
 
@@ -152,6 +152,16 @@ def test_prefix_tree_rebuilds_every_sequence_and_counts_each_shared_token_once()
     count = lambda node: sum(1 + count(child) for child in node.values())  # noqa: E731
     assert tree.tokens() == count(trie)
     assert all(tree.start[n] == tree.end[tree.parent[n]] < tree.end[n] for n in range(1, len(tree)))
+
+    chains = heavy_chains(tree)  # every node in one chain; a chain is a path; it hangs off its parent chain
+    assert sorted(n for c in chains.nodes for n in c) == list(range(1, len(tree)))
+    for c, nodes in enumerate(chains.nodes):
+        assert all(tree.parent[b] == a for a, b in zip(nodes, nodes[1:])) and nodes[-1] not in tree.parent  # ends at a leaf
+        above = tree.parent[nodes[0]]
+        assert chains.parent[c] == (chains.chain_of[above] if above else -1)
+        assert chains.level[c] == (chains.level[chains.parent[c]] + 1 if chains.parent[c] >= 0 else 1)
+    assert max(chains.level) <= 1 + np.log2(tree.tokens())  # heaviest paths: a light edge halves the tokens below
+    assert len(chains) < len(tree) - 1  # fewer passes than nodes
 
 
 def test_length_batches_are_sorted_and_fit_the_budget():
