@@ -11,8 +11,11 @@ record-level quarantine row carrying the *first* failing reason, in this order:
   starts_with_assistant → too_few_messages → message_too_long → conversation_too_long → language →
   duplicate → duplicate_id
 
-so `raw records = records in kept conversations + quarantined records`. Dropped blank messages get a
-message-level row ('empty_message', `level = 'message'`, `message_index`) that does not count as a record.
+so `raw records = records in kept conversations + quarantined records`. The work follows the same order:
+PII redaction, merging, lengths and language are only computed for records that passed the rules before
+them (none of these can change an earlier rule's verdict), so most rejected records never pay for them.
+Dropped blank messages get a message-level row ('empty_message', `level = 'message'`, `message_index`)
+that does not count as a record.
 
 Formats (the file's, from ingestion, when a record has that shape, else the record's own shape; a
 record of no known shape is `unknown_schema`): ShareGPT
@@ -83,7 +86,21 @@ class CleaningResult:
     examples: list[dict] = field(default_factory=list)  # a few kept conversations and one record per reason
 
 
-_PII_SUM = ", ".join(f"{kind}: coalesce(sum(pii.{kind}), 0)::INTEGER" for kind in pii.KINDS)  # fixed identifiers
+# placeholder counts per kind, summed over a unit's messages (`per_message`: one pii_counts struct each, or NULL)
+_PII_SUM = "{" + ", ".join(f"{kind}: coalesce(list_sum(list_transform(per_message, lambda c: c.{kind})), 0)::INTEGER"
+                           for kind in pii.KINDS) + "}"  # fixed identifiers
+
+
+def _merged_sql(usable: str) -> str:
+    """SQL turning the list column `usable` ({role, content} in order) into the stored messages: system messages
+    first, then each run of same-role turns joined by a blank line. `usable` is a fixed column name."""
+    turns = f"list_filter({usable}, lambda m: m.role <> 'system')"
+    return f"""list_filter({usable}, lambda m: m.role = 'system') || list_transform([{turns}], lambda turns:
+        list_transform([list_filter(range(1, len(turns) + 1), lambda i: i = 1 OR turns[i].role <> turns[i - 1].role)], lambda starts:
+            list_transform(range(1, len(starts) + 1), lambda k: {{
+                'role': turns[starts[k]].role,
+                'content': array_to_string(list_transform(turns[starts[k]:coalesce(starts[k + 1] - 1, len(turns))],
+                                                          lambda m: m.content), chr(10) || chr(10))}}))[1])[1]"""
 
 _STEPS = [
     # 1. The batch's raw records, each parsed once (json_transform into the fields any format needs, values kept
@@ -97,7 +114,7 @@ _STEPS = [
                CASE WHEN valid THEN json_transform(raw_text, '{"conversation": ["JSON"], "conversations": ["JSON"], "messages": ["JSON"],
                    "chosen": "JSON", "transcript": "JSON", "text": "JSON", "id": "JSON", "conversation_id": "JSON",
                    "conversation_hash": "JSON", "hashed_ip": "JSON", "user_id": "JSON", "user": "JSON"}') END AS doc
-        FROM raw_records WHERE list_contains($parts::DATE[], partition_date)
+        FROM raw_records WHERE partition_date BETWEEN $first_day::DATE AND $last_day::DATE AND list_contains($parts::DATE[], partition_date)
     ),
     typed AS (  -- a valid document that starts with '{' is an object: json_type (another parse) only for the rest
         SELECT *, CASE WHEN valid THEN CASE WHEN starts_with(raw_text, '{') THEN 'OBJECT' ELSE json_type(raw_text) END END AS top_type
@@ -141,7 +158,7 @@ _STEPS = [
         coalesce(u.repeated_chunk, false) AS repeated_chunk
     FROM chunked c LEFT JOIN chunk_units u USING (record_id)
     """,
-    # 2. One row per source message: role normalized (NULL = unknown), content checked and PII-redacted.
+    # 2. One row per source message: role normalized (NULL = unknown), content type checked.
     """
     CREATE OR REPLACE TEMP TABLE clean_messages AS
     WITH json_items AS (
@@ -193,18 +210,13 @@ _STEPS = [
         FROM (SELECT unit_id, record_id, chunk_no, unnest(pieces) AS piece, generate_subscripts(pieces, 1) AS i FROM hh_pieces)
         WHERE i > 1  -- the text before the first marker (normally empty)
     ),
-    unified AS (SELECT * FROM json_messages UNION ALL SELECT * FROM hh_messages),
-    redacted AS (
-        SELECT *, CASE WHEN content_type = 'VARCHAR' THEN sdpo_redact_pii(content) END AS clean_content FROM unified
-    )
+    unified AS (SELECT * FROM json_messages UNION ALL SELECT * FROM hh_messages)
     SELECT unit_id, record_id, chunk_no, pos, item_type, raw_role, content_type,
         CASE WHEN lower(trim(raw_role)) IN (SELECT unnest($user_roles::VARCHAR[])) THEN 'user'
              WHEN lower(trim(raw_role)) IN (SELECT unnest($assistant_roles::VARCHAR[])) THEN 'assistant'
              WHEN lower(trim(raw_role)) = 'system' THEN 'system' END AS role,
-        clean_content AS content,
-        -- counting placeholders costs 14 string passes: only where redaction changed the text (NULL = none)
-        CASE WHEN content_type = 'VARCHAR' AND clean_content <> content THEN sdpo_pii_counts(content, clean_content) END AS pii
-    FROM redacted
+        CASE WHEN content_type = 'VARCHAR' THEN content END AS content  -- not redacted yet: see step 4
+    FROM unified
     """,
     "ALTER TABLE clean_records DROP COLUMN items",  # parsed documents are not needed past this point: free them
     "ALTER TABLE clean_records DROP COLUMN transcript",
@@ -223,48 +235,75 @@ _STEPS = [
         arg_min(format('message {{}} content is {{}}', pos,
                        CASE WHEN item_type <> 'OBJECT' THEN 'not an object: ' || item_type ELSE content_type END), (chunk_no, pos))
             FILTER (WHERE item_type <> 'OBJECT' OR (role IS NOT NULL AND content_type <> 'VARCHAR')) AS invalid_content,
-        {{{_PII_SUM}}} AS pii_counts,
-        list({{'role': role, 'content': content}} ORDER BY chunk_no, pos)
-            FILTER (WHERE role IS NOT NULL AND content_type = 'VARCHAR' AND regexp_matches(content, '\\S')) AS usable
+        -- in (chunk, position) order: collected unordered, then sorted per unit by that key (unique within a unit,
+        -- so the text never takes part), which costs far less than an ordered aggregate
+        list_transform(list_sort(list({{'key': {{'chunk': chunk_no, 'pos': pos}}, 'role': role, 'content': content}})
+                                     FILTER (WHERE role IS NOT NULL AND content_type = 'VARCHAR' AND regexp_matches(content, '\\S'))),
+                       lambda m: {{'role': m.role, 'content': m.content}}) AS usable
     FROM clean_messages GROUP BY unit_id
     """,
     "DROP TABLE clean_messages",
-    # 4. Merge runs of the same role, per row with list functions (no sort, no regrouping), then the
-    #    conversation's shape, lengths and language sample.
+    # 4. The shape of every unit from its roles alone (no text is touched): what the structural rules need.
+    #    Reasons are recorded in a fixed order (module docstring), so a unit that fails one of these rules gets
+    #    that reason whatever its text holds: redaction, merging, lengths and language are only computed for the
+    #    others ("well formed"). Redaction cannot change these rules' outcome: a placeholder is never blank and
+    #    blank text holds no PII, so the usable messages and their roles are the same before and after it.
     """
-    CREATE OR REPLACE TEMP TABLE clean_shapes AS
-    WITH split AS (  -- runs are counted over the non-system messages; system messages move to the front
-        SELECT unit_id, pii_counts,
-            list_filter(usable, lambda m: m.role = 'system') AS system,
-            list_filter(usable, lambda m: m.role <> 'system') AS turns
-        FROM clean_unit_messages WHERE usable IS NOT NULL  -- no usable message: no shape ('empty_conversation')
+    CREATE OR REPLACE TEMP TABLE clean_structure AS
+    WITH roles AS (
+        SELECT unit_id, unknown_role, invalid_content, usable,
+            list_transform(list_filter(usable, lambda m: m.role <> 'system'), lambda m: m.role) AS turn_roles,
+            len(list_filter(usable, lambda m: m.role = 'system')) AS n_system
+        FROM clean_unit_messages
     ),
-    run_starts AS (  -- 1-based positions in `turns` where a run of same-role messages starts
-        SELECT *, list_filter(range(1, len(turns) + 1), lambda i: i = 1 OR turns[i].role <> turns[i - 1].role) AS starts
-        FROM split
+    runs AS (  -- consecutive same-role turns merge into one message: the turns left = the runs
+        SELECT *, len(list_filter(range(1, len(turn_roles) + 1), lambda i: i = 1 OR turn_roles[i] <> turn_roles[i - 1])) AS n_turns
+        FROM roles
     ),
-    merged AS (  -- each run becomes one message, its texts joined by a blank line, so user and assistant alternate
-        SELECT unit_id, pii_counts,
-            list_transform(range(1, len(starts) + 1), lambda k: {
-                'role': turns[starts[k]].role,
-                'content': array_to_string(list_transform(turns[starts[k]:coalesce(starts[k + 1] - 1, len(turns))],
-                                                          lambda m: m.content), chr(10) || chr(10))}) AS turns,
-            system
-        FROM run_starts
-    ),
-    with_messages AS (
-        SELECT *, system || turns AS messages, list_transform(system || turns, lambda m: length(m.content)) AS lengths FROM merged
+    checked AS (
+        SELECT *, unknown_role IS NULL AND invalid_content IS NULL AND usable IS NOT NULL
+                  AND coalesce(turn_roles[1], '') <> 'assistant' AND n_turns >= $min_messages AS well_formed
+        FROM runs
     )
-    SELECT unit_id, messages, len(messages)::INTEGER AS n_messages, len(turns) AS n_turns,
-        list_sum(lengths)::BIGINT AS n_chars, list_max(lengths) AS longest,
-        turns[1].role AS first_role,
-        left(array_to_string(list_transform(turns, lambda m: m.content), chr(10)), $sample_chars) AS sample,
-        pii_counts
-    FROM with_messages
+    SELECT unit_id, unknown_role, invalid_content, usable IS NOT NULL AS has_usable, well_formed,
+        CASE WHEN usable IS NOT NULL THEN (n_system + n_turns)::INTEGER END AS n_messages, n_turns,
+        turn_roles[1] AS first_role,
+        n_system > 0 OR n_turns < len(turn_roles) AS needs_merge,  -- else the messages are already in their stored order and shape
+        CASE WHEN NOT well_formed THEN usable END AS raw_usable  -- the others' source text, for the examples only
+    FROM checked
     """,
-    # 5. Language of each conversation.
+    # 4b. Well-formed units only: PII redacted in every message (typed placeholders, counts per kind), runs of the
+    #     same role merged per row with list functions (no sort, no regrouping), lengths.
+    f"""
+    CREATE OR REPLACE TEMP TABLE clean_shapes AS
+    WITH redacted AS (
+        SELECT unit_id, needs_merge, usable AS raw_usable, list_transform(usable, lambda m: sdpo_redact_pii(m.content)) AS texts
+        FROM clean_unit_messages JOIN clean_structure USING (unit_id) WHERE well_formed
+    ),
+    counted AS (  -- counting placeholders costs 14 string passes: only where redaction changed a text
+        SELECT unit_id, needs_merge,
+            list_transform(raw_usable, lambda m, i: {{'role': m.role, 'content': texts[i]}}) AS usable,
+            CASE WHEN list_transform(raw_usable, lambda m: m.content) <> texts
+                 THEN list_transform(raw_usable, lambda m, i: sdpo_pii_counts(m.content, texts[i])) END AS per_message
+        FROM redacted
+    ),
+    merged AS (
+        SELECT unit_id, {_PII_SUM} AS pii_counts, CASE WHEN needs_merge THEN {_merged_sql("usable")} ELSE usable END AS messages
+        FROM counted
+    )
+    SELECT unit_id, messages, list_transform(messages, lambda m: length(m.content)) AS lengths,
+        list_sum(lengths)::BIGINT AS n_chars, list_max(lengths) AS longest, pii_counts
+    FROM merged
+    """,
+    "DROP TABLE clean_unit_messages",
+    # 5. Language, of the units that passed every rule before it, from the first characters of their
+    #    (non-system) messages.
     """
-    CREATE OR REPLACE TEMP TABLE clean_samples AS SELECT unit_id AS key, sample FROM clean_shapes
+    CREATE OR REPLACE TEMP TABLE clean_samples AS
+    SELECT unit_id AS key,  -- each message cut first: the sample's first characters only come from theirs
+        left(array_to_string(list_transform(list_filter(messages, lambda m: m.role <> 'system'), lambda m: left(m.content, $sample_chars)),
+                             chr(10)), $sample_chars) AS sample
+    FROM clean_shapes WHERE longest <= $max_message_chars AND n_chars <= $max_conversation_chars
     """,
     f"""
     CREATE OR REPLACE TEMP TABLE clean_languages AS
@@ -273,8 +312,7 @@ _STEPS = [
     # 6. The first failing reason per conversation unit (NULL = kept), with a detail a person can act on.
     """
     CREATE OR REPLACE TEMP TABLE clean_units AS
-    WITH message_checks AS (SELECT unit_id, unknown_role, invalid_content FROM clean_unit_messages),
-    units AS (
+    WITH units AS (
         SELECT unit_id, any_value(source_format) AS source_format, any_value(source_id) AS source_id,
                any_value(partition_date) AS partition_date, arg_min(source_file, (chunk_no, line_no)) AS source_file,
                min(line_no) AS line_no, list(record_id ORDER BY chunk_no, line_no) AS record_ids,
@@ -283,39 +321,31 @@ _STEPS = [
         GROUP BY unit_id
     ),
     judged AS (
-        SELECT u.*, s.n_messages, s.n_chars, s.pii_counts, l.language,
+        SELECT u.*, m.n_messages, s.n_chars, s.pii_counts, l.language,
             CASE WHEN m.unknown_role IS NOT NULL THEN 'unknown_role'
                  WHEN m.invalid_content IS NOT NULL THEN 'invalid_content'
-                 WHEN s.unit_id IS NULL THEN 'empty_conversation'
-                 WHEN s.first_role = 'assistant' THEN 'starts_with_assistant'
-                 WHEN s.n_turns < $min_messages THEN 'too_few_messages'
+                 WHEN NOT coalesce(m.has_usable, false) THEN 'empty_conversation'
+                 WHEN m.first_role = 'assistant' THEN 'starts_with_assistant'
+                 WHEN m.n_turns < $min_messages THEN 'too_few_messages'
                  WHEN s.longest > $max_message_chars THEN 'message_too_long'
                  WHEN s.n_chars > $max_conversation_chars THEN 'conversation_too_long'
                  WHEN len($languages::VARCHAR[]) > 0 AND NOT list_contains($languages::VARCHAR[], l.language) THEN 'language'
             END AS reason,
             CASE WHEN m.unknown_role IS NOT NULL THEN m.unknown_role
                  WHEN m.invalid_content IS NOT NULL THEN m.invalid_content
-                 WHEN s.unit_id IS NULL THEN 'no non-blank messages'
-                 WHEN s.first_role = 'assistant' THEN 'first non-system message is from the assistant'
-                 WHEN s.n_turns < $min_messages THEN format('{} user/assistant messages after merging < {}', s.n_turns, $min_messages)
+                 WHEN NOT coalesce(m.has_usable, false) THEN 'no non-blank messages'
+                 WHEN m.first_role = 'assistant' THEN 'first non-system message is from the assistant'
+                 WHEN m.n_turns < $min_messages THEN format('{} user/assistant messages after merging < {}', m.n_turns, $min_messages)
                  WHEN s.longest > $max_message_chars THEN format('longest message {} chars > {}', s.longest, $max_message_chars)
                  WHEN s.n_chars > $max_conversation_chars THEN format('{} chars > {}', s.n_chars, $max_conversation_chars)
                  ELSE 'detected language ' || l.language
             END AS detail
         FROM units u
-        LEFT JOIN message_checks m USING (unit_id)
+        LEFT JOIN clean_structure m USING (unit_id)
         LEFT JOIN clean_shapes s USING (unit_id)
         LEFT JOIN clean_languages l USING (unit_id)
     ),
-    elsewhere_hash AS (
-        SELECT content_hash, min(conversation_id) AS conversation_id FROM conversations
-        WHERE NOT list_contains($parts::DATE[], partition_date) GROUP BY content_hash
-    ),
-    elsewhere_id AS (
-        SELECT source_format, source_id, min(conversation_id) AS conversation_id FROM conversations
-        WHERE NOT list_contains($parts::DATE[], partition_date) AND source_id IS NOT NULL GROUP BY ALL
-    ),
-    candidates AS (  -- dedup keys, hashed only for the conversations that passed every other check (hashing costs)
+    candidates AS MATERIALIZED (  -- dedup keys, hashed only for the conversations that passed every other check (hashing costs)
         SELECT unit_id, partition_date, source_file, line_no, source_format, source_id,
             sha256(array_to_string(list_transform(messages, lambda m: m.role || chr(31) ||
                 list_transform([replace(replace(lower(m.content), ' ', ''), chr(10), '')], lambda t:  -- tabs, CRs: rare, so tested first
@@ -326,6 +356,16 @@ _STEPS = [
                                   '[^\\pL]+', '', 'g')) AS near_key
         FROM (SELECT j.*, s.messages, list_transform(s.messages, lambda m: m.role) AS roles
               FROM judged j JOIN clean_shapes s USING (unit_id) WHERE j.reason IS NULL)
+    ),
+    elsewhere_hash AS (  -- only the candidates' keys are looked up: the warehouse's other partitions are not regrouped
+        SELECT content_hash, min(conversation_id) AS conversation_id FROM conversations
+        WHERE NOT list_contains($parts::DATE[], partition_date) AND content_hash IN (SELECT content_hash FROM candidates)
+        GROUP BY content_hash
+    ),
+    elsewhere_id AS (
+        SELECT source_format, source_id, min(conversation_id) AS conversation_id FROM conversations
+        WHERE NOT list_contains($parts::DATE[], partition_date) AND source_id IN (SELECT source_id FROM candidates)
+        GROUP BY ALL
     ),
     firsts AS (  -- the first candidate per content hash and per source id, on the narrow rows (no wide sort)
         SELECT unit_id, content_hash, near_key,
@@ -355,7 +395,6 @@ _STEPS = [
         END AS detail)
     FROM ordered
     """,
-    "DROP TABLE clean_unit_messages",
     # 7. One verdict per raw record: its own read/parse problem, else its conversation's.
     """
     CREATE OR REPLACE TEMP TABLE clean_verdicts AS
@@ -375,14 +414,15 @@ _STEPS = [
         u.language
     FROM clean_records r LEFT JOIN clean_units u USING (unit_id)
     """,
-    "DELETE FROM conversations WHERE list_contains($parts::DATE[], partition_date)",
+    "DELETE FROM conversations WHERE partition_date BETWEEN $first_day::DATE AND $last_day::DATE AND list_contains($parts::DATE[], partition_date)",
     """
     INSERT INTO conversations (conversation_id, record_id, source_file, line_no, source_id, source_format, language,
                                messages, n_messages, n_chars, content_hash, partition_date, record_ids, user_hash,
                                pii_counts, near_key, near_duplicate_of)
     WITH kept AS (SELECT u.*, s.messages FROM clean_units u JOIN clean_shapes s USING (unit_id) WHERE u.reason IS NULL),
     elsewhere_near AS (
-        SELECT near_key, min(conversation_id) AS conversation_id FROM conversations GROUP BY near_key
+        SELECT near_key, min(conversation_id) AS conversation_id FROM conversations
+        WHERE near_key IN (SELECT near_key FROM kept) GROUP BY near_key
     )
     SELECT k.unit_id, k.unit_id, k.source_file, k.line_no, k.source_id, k.source_format, k.language,
            k.messages, k.n_messages, k.n_chars, k.content_hash, k.partition_date, k.record_ids,
@@ -394,7 +434,7 @@ _STEPS = [
                            k.unit_id))
     FROM kept k LEFT JOIN elsewhere_near e USING (near_key)
     """,
-    "DELETE FROM quarantine WHERE stage = $stage AND list_contains($parts::DATE[], partition_date)",
+    "DELETE FROM quarantine WHERE stage = $stage AND partition_date BETWEEN $first_day::DATE AND $last_day::DATE AND list_contains($parts::DATE[], partition_date)",
     """
     INSERT INTO quarantine (record_id, stage, reason, detail, source_file, line_no, partition_date, level)
     SELECT record_id, $stage, reason, sdpo_redact_pii(detail), source_file, line_no, partition_date, 'record'
@@ -408,8 +448,8 @@ _STEPS = [
     """,
 ]
 
-_TEMP_TABLES = ["clean_records", "clean_messages", "clean_unit_messages", "clean_dropped", "clean_shapes",
-                "clean_samples", "clean_languages", "clean_units", "clean_verdicts"]
+_TEMP_TABLES = ["clean_records", "clean_messages", "clean_unit_messages", "clean_dropped", "clean_structure", "clean_shapes",
+                "clean_samples", "clean_languages", "clean_units", "clean_verdicts", "clean_examples", "clean_example_samples"]
 
 
 def build_conversations(con: duckdb.DuckDBPyConnection, cfg: CleaningConfig | None = None,
@@ -436,7 +476,9 @@ def build_conversations(con: duckdb.DuckDBPyConnection, cfg: CleaningConfig | No
     }
     total = CleaningResult(partitions=partitions)
     for batch in partition_batches(con, "raw_records", partitions, cfg.batch_records):
-        part = run_steps(con, _STEPS, {**params, "parts": batch}, _TEMP_TABLES, _summarize)
+        # the day range lets scans skip row groups by their zone maps (raw records are stored clustered by day)
+        scope = {"parts": batch, "first_day": batch[0], "last_day": batch[-1]}
+        part = run_steps(con, _STEPS, {**params, **scope}, _TEMP_TABLES, lambda c: _summarize(c, params))
         _accumulate(total, part)
     return total
 
@@ -453,7 +495,7 @@ def _accumulate(total: CleaningResult, part: CleaningResult) -> None:
     total.languages = dict(sorted(total.languages.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def _summarize(con: duckdb.DuckDBPyConnection) -> CleaningResult:
+def _summarize(con: duckdb.DuckDBPyConnection, params: dict) -> CleaningResult:
     by_reason = dict(con.execute(
         "SELECT reason, count(*) FROM clean_verdicts WHERE reason IS NOT NULL GROUP BY reason ORDER BY count(*) DESC, reason"
     ).fetchall())
@@ -462,18 +504,41 @@ def _summarize(con: duckdb.DuckDBPyConnection) -> CleaningResult:
            WHERE language IS NOT NULL AND (reason IS NULL OR reason IN ('language', 'duplicate', 'duplicate_id'))
            GROUP BY language ORDER BY count(*) DESC, language"""
     ).fetchall())
-    columns = ["status", "record_id", "source_file", "line_no", "source_format", "language", "n_messages", "detail", "preview"]
-    examples = con.execute(
-        """
-        WITH picked AS (  -- the few example rows first, so that only they are joined and redacted
+    # The few example rows, with what a person looks at: their messages (redacted and merged here for the
+    # units whose rejection came before that work) and their language (detected here for the same reason).
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE clean_examples AS
+        WITH picked AS (
             SELECT * FROM clean_verdicts
             QUALIFY row_number() OVER (PARTITION BY reason ORDER BY source_file, line_no) <= CASE WHEN reason IS NULL THEN 3 ELSE 1 END
+        ),
+        unformed AS (
+            SELECT unit_id, list_transform(raw_usable, lambda m: {{'role': m.role, 'content': sdpo_redact_pii(m.content)}}) AS usable
+            FROM clean_structure WHERE raw_usable IS NOT NULL AND unit_id IN (SELECT unit_id FROM picked)
         )
-        SELECT coalesce(v.reason, 'kept') AS status, v.record_id, v.source_file, v.line_no, u.source_format, v.language,
-               u.n_messages, sdpo_redact_pii(v.detail), left(s.messages[1].content, 160) AS preview
+        SELECT v.*, u.source_format, u.n_messages, coalesce(s.messages, CASE WHEN f.usable IS NOT NULL THEN {_merged_sql("f.usable")} END) AS messages
         FROM picked v LEFT JOIN clean_units u USING (unit_id) LEFT JOIN clean_shapes s USING (unit_id)
-        ORDER BY v.reason NULLS FIRST, v.source_file, v.line_no
+        LEFT JOIN unformed f USING (unit_id)
         """
+    ).fetchall()
+    con.execute(
+        """
+        CREATE OR REPLACE TEMP TABLE clean_example_samples AS
+        SELECT DISTINCT unit_id AS key,
+            left(array_to_string(list_transform(list_filter(messages, lambda m: m.role <> 'system'), lambda m: m.content), chr(10)),
+                 $sample_chars) AS sample
+        FROM clean_examples WHERE language IS NULL AND messages IS NOT NULL
+        """, {"sample_chars": params["sample_chars"]}
+    ).fetchall()
+    columns = ["status", "record_id", "source_file", "line_no", "source_format", "language", "n_messages", "detail", "preview"]
+    examples = con.execute(
+        f"""
+        SELECT coalesce(v.reason, 'kept') AS status, v.record_id, v.source_file, v.line_no, v.source_format,
+               coalesce(v.language, l.language), v.n_messages, sdpo_redact_pii(v.detail), left(v.messages[1].content, 160) AS preview
+        FROM clean_examples v LEFT JOIN ({language.language_sql("clean_example_samples")}) l ON l.key = v.unit_id
+        ORDER BY v.reason NULLS FIRST, v.source_file, v.line_no
+        """, {"min_stopword_share": params["min_stopword_share"]}
     ).fetchall()
     raw, records_kept = con.execute(
         "SELECT count(*), count(*) FILTER (WHERE reason IS NULL) FROM clean_verdicts"

@@ -159,21 +159,29 @@ class Container:
 
     def records(self) -> Iterator[tuple[int, str, str | None]]:
         """(line_no, raw_text, read_error) per record."""
+        for line_no, data, read_error in self.byte_records():
+            yield (line_no, *(decoded(data) if read_error is None else (data.decode("utf-8"), read_error)))
+
+    def byte_records(self) -> Iterator[tuple[int, bytes, str | None]]:
+        """(line_no, data, read_error) per record, as bytes: what ingestion streams. When `read_error` is None the
+        bytes are the record as read and their UTF-8 is *not* checked yet (`decoded`, or a whole batch at once:
+        far cheaper than line by line); otherwise they are valid UTF-8 (a preview of an oversized record)."""
         if self.kind == "jsonl":
             yield from self._jsonl_records()
         elif self.kind == "json_array":
             with io.TextIOWrapper(self._binary(), encoding="utf-8-sig") as stream:
                 reader = JsonArrayReader(stream)
                 for index, text in enumerate(reader.texts(), start=1):
-                    yield (index, *self._sized(text))
+                    text, read_error = self._sized(text)
+                    yield index, text.encode("utf-8"), read_error
                 if not reader.complete:
                     self.truncated_after = reader.records
         elif self.kind == "json_document":
             with self._binary() as stream:
                 data = stream.read(self.max_record_bytes + 1)
-            yield (1, *self._decoded(data))
+            yield 1, *self._limited(data)
 
-    def _jsonl_records(self) -> Iterator[tuple[int, str, str | None]]:
+    def _jsonl_records(self) -> Iterator[tuple[int, bytes, str | None]]:
         limit = self.max_record_bytes
         with self._binary() as stream:
             line_no = 0
@@ -182,22 +190,19 @@ class Container:
                 if len(line) > limit and not line.endswith(b"\n"):
                     while (rest := stream.readline(1 << 20)) and not rest.endswith(b"\n"):
                         pass  # skip the rest of an oversized line without holding it
-                    yield line_no, line[:_PREVIEW_CHARS].decode("utf-8", "replace"), "record_too_large"
+                    yield line_no, _preview(line), "record_too_large"
                     continue
                 if line_no == 1 and line.startswith(b"\xef\xbb\xbf"):
                     line = line[3:]
                 line = line.rstrip(b"\r\n")
-                if not line.strip():
+                if not line or line.isspace():  # blank (the same test as `not line.strip()`, without copying the line)
                     continue
-                yield (line_no, *self._decoded(line))
+                yield line_no, *self._limited(line)
 
-    def _decoded(self, data: bytes) -> tuple[str, str | None]:
+    def _limited(self, data: bytes) -> tuple[bytes, str | None]:
         if len(data) > self.max_record_bytes:
-            return data[:_PREVIEW_CHARS].decode("utf-8", "replace"), "record_too_large"
-        try:
-            return data.decode("utf-8"), None
-        except UnicodeDecodeError:
-            return data.decode("utf-8", "replace"), "invalid_utf8"
+            return _preview(data), "record_too_large"
+        return data, None
 
     def _sized(self, text: str) -> tuple[str, str | None]:
         if len(text) > self.max_record_bytes:
@@ -233,6 +238,19 @@ class Container:
                     parsed.append(json.loads(text))
         self.truncated_after = None  # set again by the real pass
         return parsed
+
+
+def decoded(data: bytes) -> tuple[str, str | None]:
+    """A record's text; a record that is not UTF-8 is kept with its bad bytes replaced (U+FFFD), flagged 'invalid_utf8'."""
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return data.decode("utf-8", "replace"), "invalid_utf8"
+
+
+def _preview(data: bytes) -> bytes:
+    """The first 4 KiB of an oversized record, as valid UTF-8."""
+    return data[:_PREVIEW_CHARS].decode("utf-8", "replace").encode("utf-8")
 
 
 @contextlib.contextmanager

@@ -63,7 +63,7 @@ class InteractionResult:
 
 
 _STEPS = [
-    "DELETE FROM interactions WHERE list_contains($parts::DATE[], partition_date)",
+    "DELETE FROM interactions WHERE partition_date BETWEEN $first_day::DATE AND $last_day::DATE AND list_contains($parts::DATE[], partition_date)",
     # Triples straight from each conversation's message list: list functions per row, no unnest of every
     # message, no windows over them and no join back (what made this stage cost as much as cleaning).
     """
@@ -73,7 +73,7 @@ _STEPS = [
         SELECT conversation_id, partition_date,
             list_filter(list_transform(messages, lambda m, i: {'role': m.role, 'content': m.content, 'turn_index': (i - 1)::INTEGER}),
                         lambda t: t.role <> 'system') AS turns
-        FROM conversations WHERE list_contains($parts::DATE[], partition_date)
+        FROM conversations WHERE partition_date BETWEEN $first_day::DATE AND $last_day::DATE AND list_contains($parts::DATE[], partition_date)
     ),
     responses AS (  -- y = turns[k] from the assistant whose next turn, o = turns[k + 1], is the user's
         SELECT conversation_id, partition_date, turns,
@@ -107,14 +107,17 @@ _STEPS = [
            partition_date
     FROM judged
     """,
-    "DELETE FROM quarantine WHERE stage = $stage AND list_contains($parts::DATE[], partition_date)",
+    "DELETE FROM quarantine WHERE stage = $stage AND partition_date BETWEEN $first_day::DATE AND $last_day::DATE AND list_contains($parts::DATE[], partition_date)",
     """
     INSERT INTO quarantine (record_id, stage, reason, detail, source_file, line_no, partition_date, level)
     SELECT c.record_id, $stage, 'no_interactions',
            format('{} messages, no assistant turn followed by a user turn', c.n_messages), c.source_file, c.line_no,
            c.partition_date, 'record'
-    FROM conversations c ANTI JOIN interactions i USING (conversation_id)
-    WHERE list_contains($parts::DATE[], c.partition_date)
+    FROM conversations c
+    ANTI JOIN (SELECT conversation_id FROM interactions  -- a triple's partition is its conversation's
+               WHERE partition_date BETWEEN $first_day::DATE AND $last_day::DATE AND list_contains($parts::DATE[], partition_date)) i
+        USING (conversation_id)
+    WHERE c.partition_date BETWEEN $first_day::DATE AND $last_day::DATE AND list_contains($parts::DATE[], c.partition_date)
     """,
 ]
 
@@ -141,7 +144,8 @@ def extract_interactions(con: duckdb.DuckDBPyConnection, cfg: InteractionConfig 
     }
     total = InteractionResult(partitions=partitions)
     for batch in partition_batches(con, "conversations", partitions, cfg.batch_conversations):
-        part = run_steps(con, _STEPS, {**params, "parts": batch}, _TEMP_TABLES, lambda c, b=batch: _summarize(c, b))
+        scope = {"parts": batch, "first_day": batch[0], "last_day": batch[-1]}  # the range lets scans skip row groups
+        part = run_steps(con, _STEPS, {**params, **scope}, _TEMP_TABLES, lambda c, b=batch: _summarize(c, b))
         for name in ("conversations", "total", "informative", "train", "validation"):
             setattr(total, name, getattr(total, name) + getattr(part, name))
         for key, value in part.by_reason.items():

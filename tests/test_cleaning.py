@@ -81,6 +81,7 @@ def test_bad_records_land_in_quarantine_with_their_first_failing_reason(con, tmp
         json.dumps(openai(("user", ENGLISH), ("assistant", "Paris."), ("user", "Why is that so?"))),  # 11 kept
         json.dumps(openai(("user", ENGLISH.upper()), ("assistant", "  Paris. "), ("user", "why is   that so?"))),  # 12 duplicate
         json.dumps([1, 2, 3]),                                                                 # 13
+        json.dumps({"messages": []}),                                                          # 14 no message at all
     ]
     ingest_lines(con, tmp_path, lines)
 
@@ -89,9 +90,9 @@ def test_bad_records_land_in_quarantine_with_their_first_failing_reason(con, tmp
     assert verdicts(con) == {
         1: "invalid_json", 2: "unknown_schema", 3: "unknown_role", 4: "invalid_content", 5: "invalid_content",
         6: "empty_conversation", 7: "starts_with_assistant", 8: "too_few_messages", 9: "message_too_long",
-        10: "language", 11: "kept", 12: "duplicate", 13: "unknown_schema",
+        10: "language", 11: "kept", 12: "duplicate", 13: "unknown_schema", 14: "empty_conversation",
     }
-    assert result.raw_records == result.kept + result.quarantined == 13
+    assert result.raw_records == result.kept + result.quarantined == 14
     assert result.by_reason["unknown_schema"] == 2 and result.by_reason["invalid_content"] == 2
     assert result.languages["de"] == 1
     detail = con.execute("SELECT detail FROM quarantine WHERE line_no = 3").fetchall()[0][0]
