@@ -29,7 +29,6 @@ class PrefixTree:
     start: list[int]  # = end[parent]
     end: list[int]
     source: list[int]  # one sequence passing through the node
-    level: list[int]  # nodes from the root (root 0): a node runs after its parent's level
     leaf: list[int]  # per sequence: the node where it ends (identical sequences share one)
 
     def __len__(self) -> int:
@@ -42,12 +41,6 @@ class PrefixTree:
             nodes.append(node)
             node = self.parent[node]
         return nodes[::-1]
-
-    def has_children(self) -> list[bool]:
-        children = [False] * len(self)
-        for p in self.parent[1:]:
-            children[p] = True
-        return children
 
     def tokens(self) -> int:
         """Tokens a tree-walking scorer runs: each shared run once."""
@@ -94,11 +87,8 @@ def build_prefix_tree(sequences: list[list[int]]) -> PrefixTree:
         closed = stack.pop()
         parent[closed] = stack[-1]
 
-    level = [0] * len(depth)
-    for node in sorted(range(1, len(depth)), key=lambda n: depth[n]):  # parents are shallower than children
-        level[node] = level[parent[node]] + 1
     start = [0] + [depth[parent[n]] for n in range(1, len(depth))]
-    return PrefixTree(parent=parent, start=start, end=depth, source=source, level=level, leaf=leaf)
+    return PrefixTree(parent=parent, start=start, end=depth, source=source, leaf=leaf)
 
 
 @dataclass(frozen=True)

@@ -305,22 +305,19 @@ def _run_rows(model, tokens: list[list[int]], starts: list[int], parents: list, 
 
 
 def _stacked_cache(model, caches: list, width: int):
-    """One DynamicCache with each row's cached keys/values, zero-padded to `width` (the mask hides it);
-    a row without a cache (None) is all padding."""
+    """One DynamicCache with each row's cached keys/values, zero-padded to `width` (the mask hides it)."""
     from transformers import DynamicCache
 
     if len(caches) == 1 and caches[0][0][0].shape[2] == width:
         return DynamicCache(ddp_cache_data=caches[0], config=model.config)  # updates concatenate: never mutated
-    present = next(c for c in caches if c is not None)
     layers = []
-    for layer in range(len(present)):
-        shape = present[layer][0].shape
-        keys = present[layer][0].new_zeros((len(caches), shape[1], width, shape[3]))
+    for layer in range(len(caches[0])):
+        shape = caches[0][layer][0].shape
+        keys = caches[0][layer][0].new_zeros((len(caches), shape[1], width, shape[3]))
         values = torch.zeros_like(keys)
         for row, cache in enumerate(caches):
-            if cache is not None:
-                k, v = cache[layer]
-                keys[row, :, : k.shape[2]], values[row, :, : v.shape[2]] = k[0], v[0]
+            k, v = cache[layer]
+            keys[row, :, : k.shape[2]], values[row, :, : v.shape[2]] = k[0], v[0]
         layers.append((keys, values))
     return DynamicCache(ddp_cache_data=layers, config=model.config)
 
