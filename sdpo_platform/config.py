@@ -68,7 +68,7 @@ class TargetsConfig(Section):
     batch_token_budget: int | None = Field(
         None,
         description="Padded tokens per scoring forward pass (one level of the prefix tree, length-sorted, counting the cached prefix "
-        "its rows attend to); the prompt KV cache a group holds is at most twice this. null = auto: each tree node alone on CPU "
+        "its rows attend to); the prompt KV cache a group holds is at most twice this. null = auto: each chain of the tree alone on CPU "
         "(batching does not pay there, padding does cost), 65536 on a GPU (lower it if the GPU runs out of memory).",
     )
     neutral_followup: str | None = Field(None, description="If set, also score y under the template with this follow-up (e.g. 'OK.') for the neutral_followup baseline.")
