@@ -52,7 +52,7 @@ class CleaningConfig(Section):
 
 class InteractionConfig(Section):
     max_context_messages: int = Field(5, description="x keeps at most this many trailing messages, starting with a user turn.")
-    validation_fraction: float = Field(0.2, description="Share of conversations (by hash) in the validation split.")
+    validation_fraction: float = Field(0.2, description="Share of conversations in the validation split, by a hash of their near-duplicate key (near-duplicates share a side).")
     min_followup_chars: int = Field(2, description="Follow-ups shorter than this are flagged uninformative.")
     batch_conversations: int = Field(
         100_000, description="Conversations turned into triples per transaction (whole partitions at a time): bounds memory."

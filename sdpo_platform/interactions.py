@@ -7,8 +7,11 @@ Every assistant message followed by a user message yields one triple:
   then trimmed so that x starts with a user turn. Cleaning merged same-role runs, so x alternates and
   ends with the user turn that y answers.
 
-`interaction_id = conversation_id || ':' || turn_index`. The split is a hash bucket of conversation_id
-(md5, so stable across DuckDB versions): a conversation never straddles train and validation.
+`interaction_id = conversation_id || ':' || turn_index`. The split is an md5 bucket (stable across
+DuckDB versions) of the conversation's near-duplicate key (`cleaning.py`), not of its id: a
+conversation never straddles train and validation, neither do a conversation and its near-duplicates
+(a prompt re-sent in another file or partition), and the split depends only on content, so the same
+logs split the same way wherever the files or the data root live.
 
 Informativeness is a first rule-based flag (a later stage refines it): a follow-up is uninformative if it
 is a bare acknowledgement ("thanks!", "OK, great.") once lower-cased and stripped of punctuation, or
@@ -70,18 +73,18 @@ _STEPS = [
     INSERT INTO interactions (interaction_id, conversation_id, turn_index, context, response, followup,
                               informative, informative_reason, split, partition_date)
     WITH conversation_turns AS (  -- the non-system messages, each with its 0-based position in `messages`
-        SELECT conversation_id, partition_date,
+        SELECT conversation_id, partition_date, coalesce(near_key, conversation_id) AS split_key,
             list_filter(list_transform(messages, lambda m, i: {'role': m.role, 'content': m.content, 'turn_index': (i - 1)::INTEGER}),
                         lambda t: t.role <> 'system') AS turns
         FROM conversations WHERE partition_date BETWEEN $first_day::DATE AND $last_day::DATE AND list_contains($parts::DATE[], partition_date)
     ),
     responses AS (  -- y = turns[k] from the assistant whose next turn, o = turns[k + 1], is the user's
-        SELECT conversation_id, partition_date, turns,
+        SELECT conversation_id, partition_date, split_key, turns,
             unnest(list_filter(range(1, len(turns)), lambda k: turns[k].role = 'assistant' AND turns[k + 1].role = 'user')) AS k
         FROM conversation_turns
     ),
     windows AS (  -- x = the last max_context_messages turns before y ...
-        SELECT conversation_id, partition_date, turns[k].turn_index AS turn_index, turns[k].content AS response,
+        SELECT conversation_id, partition_date, split_key, turns[k].turn_index AS turn_index, turns[k].content AS response,
             turns[k + 1].content AS followup, turns[greatest(1, k - $max_context_messages):k - 1] AS recent
         FROM responses
     ),
@@ -102,7 +105,7 @@ _STEPS = [
     )
     SELECT conversation_id || ':' || turn_index, conversation_id, turn_index, context, response, followup,
            reason IN ('feedback', 'other'), reason,
-           CASE WHEN (md5_number(conversation_id) % 1000000) / 1000000.0 < $validation_fraction
+           CASE WHEN (md5_number(split_key) % 1000000) / 1000000.0 < $validation_fraction
                 THEN 'validation' ELSE 'train' END,
            partition_date
     FROM judged

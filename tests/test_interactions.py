@@ -97,9 +97,14 @@ def test_informativeness_flags_bare_acknowledgements_and_short_followups(con, tm
     assert result.by_reason["acknowledgement"] == 3
 
 
+def _letters(i: int) -> str:
+    """A tag that differs in letters, which the near-duplicate key keeps (digits it drops)."""
+    return "".join(chr(ord("a") + d) for d in (i // 26 // 26, i // 26 % 26, i % 26))
+
+
 def test_split_keeps_each_conversation_on_one_side_and_is_stable(con, tmp_path):
     chat = [("user", "u1"), ("assistant", "a1"), ("user", "u2"), ("assistant", "a2"), ("user", "u3")]
-    load(con, tmp_path, [[(role, f"{text} #{i}") for role, text in chat] for i in range(40)])
+    load(con, tmp_path, [[(role, f"{text} {_letters(i)}") for role, text in chat] for i in range(40)])
 
     first = extract_interactions(con, InteractionConfig(validation_fraction=0.5))
     splits = con.execute("SELECT interaction_id, split FROM interactions ORDER BY 1").fetchall()
@@ -112,6 +117,36 @@ def test_split_keeps_each_conversation_on_one_side_and_is_stable(con, tmp_path):
     assert first.total == second.total == 80 and first.train + first.validation == 80
     assert 0 < first.validation < 80  # both sides populated at 50%
     assert con.execute("SELECT interaction_id, split FROM interactions ORDER BY 1").fetchall() == splits
+
+
+def test_split_depends_on_content_not_on_where_the_file_lives(tmp_path, monkeypatch):
+    """Conversation ids hash the source path; the split must not, or moving the inbox reshuffles it."""
+    chats = [[("user", f"question {_letters(i)}"), ("assistant", f"answer {_letters(i)}"), ("user", "why")] for i in range(30)]
+    by_content = []
+    for place in ("here", "somewhere/else"):
+        (tmp_path / place).mkdir(parents=True)
+        monkeypatch.setenv("SDPO_HOME", str(tmp_path / place / "home"))
+        with connect() as con:
+            load(con, tmp_path / place, chats)
+            extract_interactions(con, InteractionConfig(validation_fraction=0.5))
+            by_content.append(sorted(con.execute("SELECT response, split FROM interactions").fetchall()))
+    assert len(by_content[0]) == 30 and by_content[0] == by_content[1]
+    assert {split for _, split in by_content[0]} == {"train", "validation"}
+
+
+def test_near_duplicates_share_a_side_of_the_split(con, tmp_path):
+    """A prompt re-sent with other casing, digits or punctuation must not leak across train/validation."""
+    originals = [[("user", f"Explain {_letters(i)} please"), ("assistant", f"Here is {_letters(i)}."), ("user", "Shorter.")]
+                 for i in range(30)]
+    resent = [[("user", f"EXPLAIN {_letters(i)} PLEASE!! ({i})"), ("assistant", f"here is {_letters(i)}"), ("user", "no, longer")]
+              for i in range(30)]
+    load(con, tmp_path, originals + resent)
+    extract_interactions(con, InteractionConfig(validation_fraction=0.5))
+    pairs = con.execute("""
+        SELECT count(DISTINCT c.conversation_id), count(DISTINCT c.near_duplicate_of), count(DISTINCT i.split)
+        FROM conversations c JOIN interactions i USING (conversation_id) GROUP BY c.near_key""").fetchall()
+    assert pairs == [(2, 1, 1)] * 30  # each original and its re-send: flagged, and on one side
+    assert set(dict(con.execute("SELECT split, count(*) FROM interactions GROUP BY 1").fetchall())) == {"train", "validation"}
 
 
 def test_only_the_given_partitions_are_rebuilt(con, tmp_path):
