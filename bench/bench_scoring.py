@@ -42,8 +42,8 @@ def real_interactions(n: int, records: int, max_context_messages: int | None = N
     from sdpo_platform.sharegpt import write_sharegpt_slice
     from sdpo_platform.targets import select_for_scoring
 
-    # Record ids (hence conversation ids, splits and the scoring order) hash the source file's path: a fixed
-    # path keeps the chosen interactions the same from run to run.
+    # Record ids (hence conversation and interaction ids, and which interactions are chosen) hash the source
+    # file's path: a fixed path keeps the chosen interactions the same from run to run.
     inbox = REPO / ".bench" / f"sharegpt-{records}"
     if not (inbox / "sharegpt.jsonl").exists():
         write_sharegpt_slice(inbox / "sharegpt.jsonl", records)
