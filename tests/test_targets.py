@@ -155,6 +155,31 @@ def test_select_for_scoring_is_capped_informative_and_order_free():
     assert all(list(g["turn_index"]) == [1, 3, 5, 7, 9, 11] for _, g in grouped.groupby("conversation_id"))
 
 
+
+def test_selection_follows_content_not_ids():
+    """The same logs read from two places get other ids (ids hash the source path) but the same choice."""
+    def frame(prefix: str) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "interaction_id": [f"{prefix}{i:03d}:1" for i in range(60)],
+                "conversation_id": [f"{prefix}{i:03d}" for i in range(60)],
+                "turn_index": 1,
+                "split": "train",
+                "informative": True,
+                "context": [[{"role": "user", "content": f"question {i}"}] for i in range(60)],
+                "response": [f"answer {i}" for i in range(60)],
+                "followup": [f"follow-up {i}" for i in range(60)],
+            }
+        )
+
+    cfg = TargetsConfig(max_train=10)
+    here = select_for_scoring(frame("here/"), cfg)
+    there = select_for_scoring(frame("elsewhere/"), cfg)
+    assert len(here) == 10
+    assert sorted(here["response"]) == sorted(there["response"])
+    assert sorted(here["interaction_id"].str.slice(5)) == sorted(there["interaction_id"].str.slice(10))
+
+
 def shard_mtimes(folder) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in sorted(folder.glob("shard-*.parquet"))}
 
