@@ -26,10 +26,13 @@ def merge(*reports: QualityReport) -> QualityReport:
     )
 
 
-def _reconciled_and_valid(totals: pd.DataFrame, rows: pd.DataFrame, row_expectations: list, suite: str) -> QualityReport:
-    """`totals.unaccounted` must be 0 (nothing lost between stages), and every row must pass."""
+def _reconciled_and_valid(totals: pd.DataFrame, rows: pd.DataFrame, row_expectations: list, suite: str,
+                          zero_columns: tuple[str, ...] = ("unaccounted",)) -> QualityReport:
+    """Per partition, every `zero_columns` count of `totals` must be 0 (`unaccounted`: nothing lost
+    between stages), and every row must pass."""
+    E = expect()
     reconciled = validate(
-        totals, [expect().ExpectColumnValuesToBeBetween(column="unaccounted", min_value=0, max_value=0)], f"{suite}_reconcile"
+        totals, [E.ExpectColumnValuesToBeBetween(column=c, min_value=0, max_value=0) for c in zero_columns], f"{suite}_reconcile"
     )
     return merge(reconciled, validate(rows, row_expectations, suite))
 
@@ -57,21 +60,32 @@ def _scope(partitions: list[str] | None) -> dict:
     return {"all": partitions is None, "parts": [str(p) for p in partitions or []]}
 
 
+# Records that could not be read at all. They carry no timestamp, so they sit on their file's arrival day,
+# which for logs of other days holds nothing else: such a day is not a day of conversations that all failed.
+UNREADABLE_REASONS = ("invalid_json", "invalid_utf8", "record_too_large")
+
+
 def check_conversations(con: duckdb.DuckDBPyConnection, cfg: CleaningConfig, partitions: list[str] | None = None) -> QualityReport:
-    """Per partition, raw = records in kept conversations + quarantined records (nothing lost), and every
-    kept conversation satisfies the cleaning filters. `partitions` (ISO days) limits the check; None = all."""
+    """Per partition, raw = records in kept conversations + quarantined records (nothing lost), a partition
+    with readable records keeps at least one conversation (a day that all fails is a broken format or
+    rule, not data), and every kept conversation satisfies the cleaning filters. `partitions` (ISO days)
+    limits the check; None = all."""
     totals = con.execute(
         f"""
         WITH raw AS (SELECT partition_date, count(*) AS n FROM raw_records WHERE {_SCOPE} GROUP BY 1),
         kept AS (SELECT partition_date, sum(coalesce(len(record_ids), 1)) AS n FROM conversations WHERE {_SCOPE} GROUP BY 1),
-        rejected AS (SELECT partition_date, count(DISTINCT record_id) AS n FROM quarantine
+        rejected AS (SELECT partition_date, count(DISTINCT record_id) AS n,
+                            count(DISTINCT record_id) FILTER (WHERE list_contains($unreadable, reason)) AS unreadable
+                     FROM quarantine
                      WHERE stage = 'conversations' AND coalesce(level, 'record') = 'record' AND {_SCOPE} GROUP BY 1)
         SELECT partition_date, coalesce(raw.n, 0) AS raw_records, coalesce(kept.n, 0) AS records_kept,
-               coalesce(rejected.n, 0) AS quarantined,
-               coalesce(raw.n, 0) - coalesce(kept.n, 0) - coalesce(rejected.n, 0) AS unaccounted
+               coalesce(rejected.n, 0) AS quarantined, coalesce(rejected.unreadable, 0) AS unreadable,
+               coalesce(raw.n, 0) - coalesce(kept.n, 0) - coalesce(rejected.n, 0) AS unaccounted,
+               (coalesce(kept.n, 0) = 0 AND coalesce(raw.n, 0) > coalesce(rejected.unreadable, 0))::INTEGER
+                   AS readable_but_none_kept
         FROM raw FULL JOIN kept USING (partition_date) FULL JOIN rejected USING (partition_date)
         """,
-        _scope(partitions),
+        {**_scope(partitions), "unreadable": list(UNREADABLE_REASONS)},
     ).df()
     rows = con.execute(
         f"""
@@ -89,7 +103,6 @@ def check_conversations(con: duckdb.DuckDBPyConnection, cfg: CleaningConfig, par
         totals,
         rows,
         [
-            E.ExpectTableRowCountToBeBetween(min_value=1),
             E.ExpectColumnValuesToBeUnique(column="conversation_id"),
             E.ExpectColumnValuesToBeBetween(column="n_turns", min_value=cfg.min_messages),
             E.ExpectColumnValuesToBeBetween(column="longest_message", max_value=cfg.max_message_chars),
@@ -98,6 +111,7 @@ def check_conversations(con: duckdb.DuckDBPyConnection, cfg: CleaningConfig, par
             E.ExpectColumnValuesToBeInSet(column="no_empty_message", value_set=[True]),
         ],
         "conversations",
+        zero_columns=("unaccounted", "readable_but_none_kept"),
     )
 
 
@@ -131,8 +145,7 @@ def check_interactions(con: duckdb.DuckDBPyConnection, partitions: list[str] | N
     return _reconciled_and_valid(
         totals,
         rows,
-        [
-            E.ExpectTableRowCountToBeBetween(min_value=1),
+        [  # no row-count rule: every kept conversation has a triple, so an empty day fails the reconciliation
             E.ExpectColumnValuesToBeUnique(column="interaction_id"),
             E.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "validation"]),
             E.ExpectColumnValuesToBeBetween(column="response_chars", min_value=1),

@@ -47,3 +47,32 @@ def test_partition_override_and_failing_partition_exit_code(sdpo_home, capsys):
 def test_missing_file_is_a_clear_error(sdpo_home, capsys):
     assert main(["ingest", str(sdpo_home / "nope.jsonl")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_unreadable_lines_alone_do_not_fail_their_arrival_day(sdpo_home, capsys):
+    """Broken lines carry no timestamp, so they sit on the file's arrival day; a day holding only them is
+    not a day whose conversations all failed. A day whose readable records all fail still fails."""
+    from tests.lineage_fixtures import arrived_on
+    from tests.test_formats import wildchat_row
+
+    logs = sdpo_home / "logs"
+    logs.mkdir()
+    good = logs / "wildchat.jsonl"
+    rows = [json.dumps(wildchat_row(i, day="2024-03-05")) for i in range(4)]
+    good.write_text("\n".join([*rows[:2], '{"conversation": [truncated', *rows[2:], "\xff not json"]) + "\n")
+    arrived_on(good, "2024-03-09")
+    assert main(["ingest", str(good)]) == 0
+    outcome = json.loads(capsys.readouterr().out)
+    assert outcome["partitions"] == ["2024-03-05", "2024-03-09"]
+    assert all(v == "passed" for day in outcome["checks"].values() for v in day.values()), outcome["checks"]
+    stats = _stats(capsys)
+    assert stats["conversations_kept"] == 4 and stats["quarantine_by_reason"] == {"invalid_json": 2}
+
+    spanish = logs / "spanish.jsonl"  # readable, dated, and every record rejected: that day must fail
+    row = wildchat_row(0, day="2024-03-06")
+    row["conversation"] = [{**m, "content": "Hola, ¿cómo estás? Quiero saber más sobre el tiempo de hoy en la ciudad."}
+                           for m in row["conversation"]]
+    spanish.write_text(json.dumps(row) + "\n")
+    assert main(["ingest", str(spanish)]) == 1
+    outcome = json.loads(capsys.readouterr().out)
+    assert "readable_but_none_kept" in outcome["checks"]["2024-03-06"]["conversations"]
