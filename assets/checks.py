@@ -25,7 +25,8 @@ def _gated(con, stage: str, partition: str, report) -> dg.AssetCheckResult:
 
 @dg.asset_check(asset=lineage.conversations, blocking=True)
 def conversations_reconcile(context: dg.AssetCheckExecutionContext, settings: SdpoSettings, warehouse: Warehouse) -> dg.AssetCheckResult:
-    """raw = kept + quarantined in the partition, and every kept conversation satisfies the cleaning filters."""
+    """raw = kept + quarantined in the partition, readable records keep at least one conversation, and every kept
+    conversation satisfies the cleaning filters."""
     day = context.partition_key
     with warehouse.connect() as con:
         return _gated(con, "conversations", day, checks.check_conversations(con, settings.platform().cleaning, [day]))
