@@ -42,19 +42,3 @@ def histogram_chart(buckets: list[dict], title: str, width: int = 30) -> dg.Meta
     lines = [f"**{title}**", "", "| bucket | count | |", "|---|---:|---|"]
     lines += [f"| {b['bucket']} | {b['count']} | {'█' * round(width * b['count'] / peak)} |" for b in buckets]
     return dg.MetadataValue.md("\n".join(lines))
-
-
-def fraction_logger(log, label: str, every: float = 0.1):
-    """A `progress(done, total)` callback that logs about every `every` of the work, with rate and ETA."""
-    import time
-
-    started, reported = time.monotonic(), [-1]
-
-    def progress(done: int, total: int) -> None:
-        step = int(done / max(total, 1) / every)
-        if step > reported[0] or done == total:
-            reported[0] = step
-            rate = done / max(time.monotonic() - started, 1e-9)
-            log(f"{label}: {done}/{total}, {rate:.1f}/s, ETA {(total - done) / max(rate, 1e-9):.0f}s")
-
-    return progress

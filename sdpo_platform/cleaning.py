@@ -64,6 +64,7 @@ import duckdb
 
 from sdpo_platform import language, pii
 from sdpo_platform.config import CleaningConfig
+from sdpo_platform.progress import Progress
 from sdpo_platform.warehouse import fetch_scalar, partition_batches, run_steps, stage_partitions
 
 STAGE = "conversations"
@@ -453,8 +454,9 @@ _TEMP_TABLES = ["clean_records", "clean_messages", "clean_unit_messages", "clean
 
 
 def build_conversations(con: duckdb.DuckDBPyConnection, cfg: CleaningConfig | None = None,
-                        partitions: list[str] | None = None) -> CleaningResult:
-    """Rebuild `conversations` and the stage's quarantine rows for `partitions` (ISO days; None = all)."""
+                        partitions: list[str] | None = None, progress: Progress | None = None) -> CleaningResult:
+    """Rebuild `conversations` and the stage's quarantine rows for `partitions` (ISO days; None = all).
+    `progress(records done, records total)` is called after each batch of days."""
     cfg = cfg or CleaningConfig()
     if partitions is None:
         partitions = stage_partitions(con, [("raw_records", "true"), ("conversations", "true"),
@@ -475,11 +477,16 @@ def build_conversations(con: duckdb.DuckDBPyConnection, cfg: CleaningConfig | No
         "near_duplicate_chars": cfg.near_duplicate_chars,
     }
     total = CleaningResult(partitions=partitions)
-    for batch in partition_batches(con, "raw_records", partitions, cfg.batch_records):
+    batches = partition_batches(con, "raw_records", partitions, cfg.batch_records)
+    records_total, records_done = sum(rows for _, rows in batches), 0
+    for batch, rows in batches:
         # the day range lets scans skip row groups by their zone maps (raw records are stored clustered by day)
         scope = {"parts": batch, "first_day": batch[0], "last_day": batch[-1]}
         part = run_steps(con, _STEPS, {**params, **scope}, _TEMP_TABLES, lambda c: _summarize(c, params))
         _accumulate(total, part)
+        records_done += rows
+        if progress is not None:
+            progress(records_done, records_total)
     return total
 
 

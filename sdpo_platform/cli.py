@@ -67,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _stderr(line: str) -> None:
+    """Progress goes to stderr, so stdout stays one JSON document."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def _ingest(args) -> int:
     """Exit 0 when every file was read and every touched partition passed its checks, else 1 (after
     doing everything it could: one bad file never stops the others)."""
@@ -79,7 +84,7 @@ def _ingest(args) -> int:
         print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
         return 2
     with connect() as con:
-        outcome = ingest_and_clean(con, args.paths, PlatformConfig.load(), args.partition, args.format)
+        outcome = ingest_and_clean(con, args.paths, PlatformConfig.load(), args.partition, args.format, log=_stderr)
     for error in outcome["errors"]:
         print(f"error: {error}", file=sys.stderr)
     print(json.dumps(outcome, indent=2))

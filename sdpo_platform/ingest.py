@@ -52,6 +52,7 @@ from sdpo_platform.formats import (
     detect_format,
     open_container,
 )
+from sdpo_platform.progress import Progress
 from sdpo_platform.warehouse import ROW_GROUP_ROWS, fetch_scalar
 
 __all__ = ["IngestResult", "JsonArrayReader", "ingest_files", "ingest_inbox", "STAGE"]
@@ -75,72 +76,86 @@ class IngestResult:
 
 
 def ingest_inbox(con: duckdb.DuckDBPyConnection, inbox_dir: str | Path, partition: dt.date | str | None = None,
-                 format: str | None = None, cfg: IngestConfig | None = None) -> IngestResult:
+                 format: str | None = None, cfg: IngestConfig | None = None, progress: Progress | None = None) -> IngestResult:
     """Ingest every non-hidden file under `inbox_dir` (recursively, in path order)."""
     inbox_dir = Path(inbox_dir)
     paths = sorted(
         p for p in inbox_dir.rglob("*")
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(inbox_dir).parts)
     )
-    return ingest_files(con, paths, partition=partition, format=format, cfg=cfg)
+    return ingest_files(con, paths, partition=partition, format=format, cfg=cfg, progress=progress)
 
 
 def ingest_files(con: duckdb.DuckDBPyConnection, paths: Iterable[str | Path], partition: dt.date | str | None = None,
-                 format: str | None = None, cfg: IngestConfig | None = None) -> IngestResult:
+                 format: str | None = None, cfg: IngestConfig | None = None, progress: Progress | None = None) -> IngestResult:
     """Ingest the given files; bad files are quarantined and listed in `errors`, never raised.
 
     `format` forces the record format for every file (else detected per file); `partition` forces the
     partition day of every record (else the record's own timestamp, else the file's mtime day).
+    `progress(bytes done, bytes total)` is called after each file (skipped and rejected ones included).
     """
     if format is not None and format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
     cfg = cfg or IngestConfig()
     partition_day = dt.date.fromisoformat(partition) if isinstance(partition, str) else partition
     result, touched = IngestResult(), set()
-    for path in paths:
-        path = Path(path).expanduser().resolve()
-        source_file = str(path)
-        result.files += 1
+    paths = [Path(path).expanduser().resolve() for path in paths]
+    sizes = [path.stat().st_size if path.is_file() else 0 for path in paths]
+    bytes_total, bytes_done = sum(sizes), 0
+    for path, size in zip(paths, sizes):
         try:
-            digest = file_hash(path)
-        except OSError as error:
-            _reject(con, result, source_file, "unreadable_file", f"{source_file}: {type(error).__name__}: {error}")
-            continue
-        previous = con.execute(
-            "SELECT file_hash, source_format FROM source_files WHERE source_file = ?", [source_file]).fetchall()
-        if previous and previous[0][0] == digest and format in (None, previous[0][1]):
-            result.files_unchanged += 1
-            continue
-        con.begin()  # a file is ingested whole or not at all (its replacement included)
-        try:
-            if previous:
-                touched |= _remove_file_rows(con, source_file)
-                result.files_replaced += 1
-            outcome = _ingest_one(con, path, source_file, digest, partition_day, format, cfg)
-        except (OSError, UnicodeDecodeError, EOFError, RecursionError, duckdb.Error, pa.ArrowException) as error:
-            con.rollback()
-            _reject(con, result, source_file, "unreadable_file", f"{source_file}: {type(error).__name__}: {error}")
-            continue
-        except UnknownFormatError as error:
-            con.rollback()
-            _reject(con, result, source_file, "unknown_format", str(error))
-            continue
-        except BaseException:
-            con.rollback()
-            raise
-        con.commit()
-        new, used_format, days = outcome
-        if used_format is None and new:
-            result.errors.append(f"unknown_format: {source_file}: no record looks like {', '.join(FORMATS)}; "
-                                 "its records are kept and quarantined by cleaning (pass format= to force one)")
-        result.by_file[source_file] = new
-        result.records_new += new
-        if used_format:
-            result.formats[source_file] = used_format
-        touched |= days
+            _ingest_path(con, path, partition_day, format, cfg, result, touched)
+        finally:
+            bytes_done += size
+            if progress is not None:
+                progress(bytes_done, bytes_total)
     result.partitions = sorted(str(day) for day in touched)
     result.records_total = fetch_scalar(con, "SELECT count(*) FROM raw_records")
     return result
+
+
+def _ingest_path(con, path: Path, partition_day: dt.date | None, format: str | None, cfg: IngestConfig,
+                 result: IngestResult, touched: set) -> None:
+    """One file, whole or not at all, into `result` and the set of `touched` days; never raises for bad input."""
+    source_file = str(path)
+    result.files += 1
+    try:
+        digest = file_hash(path)
+    except OSError as error:
+        _reject(con, result, source_file, "unreadable_file", f"{source_file}: {type(error).__name__}: {error}")
+        return
+    previous = con.execute(
+        "SELECT file_hash, source_format FROM source_files WHERE source_file = ?", [source_file]).fetchall()
+    if previous and previous[0][0] == digest and format in (None, previous[0][1]):
+        result.files_unchanged += 1
+        return
+    con.begin()  # a file is ingested whole or not at all (its replacement included)
+    try:
+        if previous:
+            touched |= _remove_file_rows(con, source_file)
+            result.files_replaced += 1
+        outcome = _ingest_one(con, path, source_file, digest, partition_day, format, cfg)
+    except (OSError, UnicodeDecodeError, EOFError, RecursionError, duckdb.Error, pa.ArrowException) as error:
+        con.rollback()
+        _reject(con, result, source_file, "unreadable_file", f"{source_file}: {type(error).__name__}: {error}")
+        return
+    except UnknownFormatError as error:
+        con.rollback()
+        _reject(con, result, source_file, "unknown_format", str(error))
+        return
+    except BaseException:
+        con.rollback()
+        raise
+    con.commit()
+    new, used_format, days = outcome
+    if used_format is None and new:
+        result.errors.append(f"unknown_format: {source_file}: no record looks like {', '.join(FORMATS)}; "
+                             "its records are kept and quarantined by cleaning (pass format= to force one)")
+    result.by_file[source_file] = new
+    result.records_new += new
+    if used_format:
+        result.formats[source_file] = used_format
+    touched |= days
 
 
 def _ingest_one(con, path: Path, source_file: str, file_hash: str, partition_day: dt.date | None,

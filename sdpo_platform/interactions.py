@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import duckdb
 
 from sdpo_platform.config import InteractionConfig
+from sdpo_platform.progress import Progress
 from sdpo_platform.warehouse import fetch_scalar, partition_batches, run_steps, stage_partitions
 
 STAGE = "interactions"
@@ -128,8 +129,9 @@ _TEMP_TABLES: list[str] = []  # the stage needs no intermediate tables
 
 
 def extract_interactions(con: duckdb.DuckDBPyConnection, cfg: InteractionConfig | None = None,
-                         partitions: list[str] | None = None) -> InteractionResult:
-    """Rebuild `interactions` (and the stage's quarantine rows) for `partitions` (ISO days; None = all)."""
+                         partitions: list[str] | None = None, progress: Progress | None = None) -> InteractionResult:
+    """Rebuild `interactions` (and the stage's quarantine rows) for `partitions` (ISO days; None = all).
+    `progress(conversations done, conversations total)` is called after each batch of days."""
     cfg = cfg or InteractionConfig()
     if cfg.max_context_messages < 1:
         raise ValueError("max_context_messages must be at least 1 (x must hold the user turn y answers)")
@@ -146,7 +148,9 @@ def extract_interactions(con: duckdb.DuckDBPyConnection, cfg: InteractionConfig 
         "feedback_pattern": FEEDBACK_PATTERN,
     }
     total = InteractionResult(partitions=partitions)
-    for batch in partition_batches(con, "conversations", partitions, cfg.batch_conversations):
+    batches = partition_batches(con, "conversations", partitions, cfg.batch_conversations)
+    conversations_total, conversations_done = sum(rows for _, rows in batches), 0
+    for batch, rows in batches:
         scope = {"parts": batch, "first_day": batch[0], "last_day": batch[-1]}  # the range lets scans skip row groups
         part = run_steps(con, _STEPS, {**params, **scope}, _TEMP_TABLES, lambda c, b=batch: _summarize(c, b))
         for name in ("conversations", "total", "informative", "train", "validation"):
@@ -155,6 +159,9 @@ def extract_interactions(con: duckdb.DuckDBPyConnection, cfg: InteractionConfig 
             total.by_reason[key] = total.by_reason.get(key, 0) + value
         seen = {row["informative_reason"] for row in total.examples}
         total.examples += [row for row in part.examples if row["informative_reason"] not in seen]
+        conversations_done += rows
+        if progress is not None:
+            progress(conversations_done, conversations_total)
     total.by_reason = dict(sorted(total.by_reason.items(), key=lambda kv: (-kv[1], kv[0])))
     return total
 

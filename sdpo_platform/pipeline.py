@@ -4,6 +4,7 @@ quality suites as the assets, and the same partition verdicts, so a shell ingest
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import duckdb
 
@@ -13,18 +14,24 @@ from sdpo_platform.config import PlatformConfig
 from sdpo_platform.gating import record_check
 from sdpo_platform.ingest import ingest_files
 from sdpo_platform.interactions import extract_interactions
+from sdpo_platform.progress import fraction_logger
 
 
 def ingest_and_clean(con: duckdb.DuckDBPyConnection, paths: list[str | Path], cfg: PlatformConfig,
-                     partition: str | None = None, format: str | None = None) -> dict:
+                     partition: str | None = None, format: str | None = None, log: Callable[[str], None] | None = None) -> dict:
     """raw → conversations → interactions for the partitions `paths` touch; returns what happened,
-    including each partition's check verdicts (a failed one is recorded and blocks training)."""
-    ingested = ingest_files(con, paths, partition=partition, format=format, cfg=cfg.ingest)
+    including each partition's check verdicts (a failed one is recorded and blocks training).
+    `log` receives progress lines (done/total, rate, ETA) of each stage."""
+
+    def progress(label: str, unit: str, scale: float = 1.0):
+        return None if log is None else fraction_logger(log, label, unit, scale)
+
+    ingested = ingest_files(con, paths, partition=partition, format=format, cfg=cfg.ingest, progress=progress("ingest", "MB", 1e6))
     days = ingested.partitions
     verdicts = {}
     if days:
-        cleaned = build_conversations(con, cfg.cleaning, partitions=days)
-        extracted = extract_interactions(con, cfg.interactions, partitions=days)
+        cleaned = build_conversations(con, cfg.cleaning, partitions=days, progress=progress("conversations", "records"))
+        extracted = extract_interactions(con, cfg.interactions, partitions=days, progress=progress("interactions", "conversations"))
         for day in days:
             for stage, report in (
                 ("conversations", checks.check_conversations(con, cfg.cleaning, [day])),

@@ -131,8 +131,9 @@ def stage_partitions(con: duckdb.DuckDBPyConnection, tables: list[tuple[str, str
     return sorted(str(day) for day in days)
 
 
-def partition_batches(con: duckdb.DuckDBPyConnection, table: str, partitions: list[str], batch_rows: int) -> list[list[str]]:
-    """Whole partitions grouped so that each group holds about `batch_rows` rows of `table` (fixed name)."""
+def partition_batches(con: duckdb.DuckDBPyConnection, table: str, partitions: list[str], batch_rows: int) -> list[tuple[list[str], int]]:
+    """Whole partitions grouped so that each group holds about `batch_rows` rows of `table` (fixed name):
+    (days, rows of `table` on them) per group, the rows for progress reports."""
     sizes = dict(con.execute(
         f"SELECT partition_date::VARCHAR, count(*) FROM {table} WHERE list_contains($parts::DATE[], partition_date) GROUP BY 1",
         {"parts": partitions},
@@ -141,12 +142,12 @@ def partition_batches(con: duckdb.DuckDBPyConnection, table: str, partitions: li
     for day in partitions:
         size = sizes.get(day, 0)
         if current and filled + size > batch_rows:
-            batches.append(current)
+            batches.append((current, filled))
             current, filled = [], 0
         current.append(day)
         filled += size
     if current:
-        batches.append(current)
+        batches.append((current, filled))
     return batches
 
 

@@ -1,6 +1,7 @@
 """`sdpo ingest` and `sdpo stats --json` from the shell: counts reconcile, bad files are named, reruns add nothing."""
 
 import json
+from pathlib import Path
 
 from sdpo_platform.cli import main
 from tests.lineage_fixtures import FIXTURE_DAY, write_garbage_inbox, write_inbox
@@ -16,8 +17,14 @@ def test_ingest_then_stats_reconcile_and_rerun_is_idempotent(sdpo_home, capsys):
     expected = write_inbox(sdpo_home / "logs")
     files = sorted(str(p) for p in (sdpo_home / "logs").iterdir())
     assert main(["ingest", *files]) == 0
-    outcome = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    outcome = json.loads(captured.out)
     assert outcome["partitions"] == [FIXTURE_DAY]
+    progress = [line.split(" (")[0] for line in captured.err.splitlines()]  # e.g. "conversations: 12/12 records"
+    megabytes = sum(Path(f).stat().st_size for f in files) / 1e6
+    assert [line for line in progress if line.startswith("ingest: ")][-1] == f"ingest: {megabytes:.1f}/{megabytes:.1f} MB"
+    assert f"conversations: {expected['raw_records']}/{expected['raw_records']} records" in progress
+    assert f"interactions: {outcome['conversations_kept']}/{outcome['conversations_kept']} conversations" in progress
     assert outcome["checks"][FIXTURE_DAY] == {"conversations": "passed", "conversations_pii": "passed", "interactions": "passed"}
 
     stats = _stats(capsys)

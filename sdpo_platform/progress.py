@@ -1,0 +1,27 @@
+"""Progress of long stages as `progress(done, total)` callbacks, so the library stays silent and callers
+(the shell, Dagster's logger) decide where the lines go."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+Progress = Callable[[int, int], None]
+
+
+def fraction_logger(log: Callable[[str], None], label: str, unit: str = "", scale: float = 1.0, every: float = 0.1) -> Progress:
+    """A `progress(done, total)` callback that writes a line to `log` about every `every` of the work and
+    at the end: done/total (divided by `scale`, in `unit`), the rate and the ETA."""
+    started, reported = time.monotonic(), [-1]
+    suffix = f" {unit}" if unit else ""
+    digits = 0 if scale == 1 else 1  # counts whole, scaled sizes (MB) to a tenth
+
+    def progress(done: int, total: int) -> None:
+        step = int(done / max(total, 1) / every)
+        if step > reported[0] or done == total:
+            reported[0] = step
+            rate = done / max(time.monotonic() - started, 1e-9)
+            log(f"{label}: {done / scale:,.{digits}f}/{total / scale:,.{digits}f}{suffix} ({done / max(total, 1):.0%}), "
+                f"{rate / scale:,.1f}{suffix}/s, ETA {(total - done) / max(rate, 1e-9):.0f}s")
+
+    return progress
