@@ -2,8 +2,8 @@
 
 A sensor (or any scheduler) keeps the `stamps` it saw last; `changed_files` compares, and
 `pending_partitions` says which daily partitions need a run — the days of the files' records (read by
-the real ingestion code into an in-memory warehouse, so detection and ingestion never disagree) plus
-the days a changed file's old rows lived in.
+ingestion's own readers and day rule, `ingest.record_days`, so detection and ingestion never disagree,
+without storing the records) plus the days a changed file's old rows lived in.
 """
 
 from __future__ import annotations
@@ -44,8 +44,7 @@ def pending_partitions(paths: list[str], warehouse: duckdb.DuckDBPyConnection | 
 
     A file whose bytes the warehouse already holds (touched, or rewritten identically) touches nothing:
     its stored rows keep their days, whatever its new mtime says."""
-    from sdpo_platform.ingest import file_hash, ingest_files
-    from sdpo_platform.warehouse import connect
+    from sdpo_platform.ingest import file_hash, record_days
 
     if warehouse is not None and paths:
         known = dict(warehouse.execute(
@@ -54,11 +53,7 @@ def pending_partitions(paths: list[str], warehouse: duckdb.DuckDBPyConnection | 
         paths = [p for p in paths if known.get(p) != file_hash(Path(p))]
     if not paths:
         return []
-    scratch = connect(":memory:")
-    try:
-        days = set(ingest_files(scratch, paths, cfg=cfg).partitions)
-    finally:
-        scratch.close()
+    days = set(record_days(paths, cfg))
     if warehouse is not None and paths:
         days |= {str(row[0]) for row in warehouse.execute(
             "SELECT DISTINCT partition_date FROM raw_records WHERE list_contains($paths, source_file)", {"paths": list(paths)}

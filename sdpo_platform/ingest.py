@@ -55,7 +55,7 @@ from sdpo_platform.formats import (
 from sdpo_platform.progress import Progress
 from sdpo_platform.warehouse import ROW_GROUP_ROWS, fetch_scalar
 
-__all__ = ["IngestResult", "JsonArrayReader", "ingest_files", "ingest_inbox", "STAGE"]
+__all__ = ["IngestResult", "JsonArrayReader", "ingest_files", "ingest_inbox", "record_days", "STAGE"]
 
 STAGE = "raw_interaction_logs"
 _SNIFF_RECORDS = 50
@@ -161,8 +161,7 @@ def _ingest_path(con, path: Path, partition_day: dt.date | None, format: str | N
 def _ingest_one(con, path: Path, source_file: str, file_hash: str, partition_day: dt.date | None,
                 format: str | None, cfg: IngestConfig) -> tuple[int, str | None, set]:
     """(new records, format, partition days) for one file, inside the caller's transaction."""
-    file_day = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc).date()
-    params = {"source_file": source_file, "file_hash": file_hash, "file_day": file_day, "partition": partition_day}
+    params = {"source_file": source_file, "file_hash": file_hash, "file_day": _arrival_day(path), "partition": partition_day}
     with open_container(path, cfg.max_record_bytes) as container:
         if container.kind == "empty":
             _quarantine_file(con, source_file, "empty_file", f"{source_file}: no records (empty or whitespace only)")
@@ -201,6 +200,49 @@ def _ingest_one(con, path: Path, source_file: str, file_hash: str, partition_day
     return new, used_format, days
 
 
+def record_days(paths: Iterable[str | Path], cfg: IngestConfig | None = None) -> list[str]:
+    """ISO days that ingesting `paths` would put records on (no forced partition), computed with ingestion's own
+    readers and day rule but nothing stored or hashed, so a sensor can ask about a large drop of files without
+    copying them into memory. Files that ingestion would reject whole (unreadable, binary, empty) give no day."""
+    cfg = cfg or IngestConfig()
+    days: set[dt.date] = set()
+    con = duckdb.connect()
+    try:
+        for path in paths:
+            try:
+                days |= _file_days(con, Path(path).expanduser().resolve(), cfg)
+            except (OSError, UnicodeDecodeError, EOFError, RecursionError, duckdb.Error, pa.ArrowException, UnknownFormatError):
+                continue
+    finally:
+        con.close()
+    return sorted(str(day) for day in days)
+
+
+def _file_days(con, path: Path, cfg: IngestConfig) -> set[dt.date]:
+    params = _day_params({"partition": None, "file_day": _arrival_day(path)})
+    days_sql = "SELECT DISTINCT partition_date FROM ({}) ORDER BY 1"
+    with open_container(path, cfg.max_record_bytes) as container:
+        if container.kind == "empty":
+            return set()
+        _detect(container, str(path))  # raises for binary content, as ingestion does
+        if container.kind == "parquet":
+            query = days_sql.format(_DATED_SQL.format(rows=_PARQUET_ROWS_SQL))
+            return {row[0] for row in con.execute(query, {**params, "path": str(path)}).fetchall()}
+        days = set()
+        for batch in _batches(container.byte_records(), cfg.batch_records, None):
+            con.register("ingest_batch", batch)
+            try:
+                days |= {row[0] for row in con.execute(days_sql.format(_DATED_SQL.format(rows="ingest_batch")), params).fetchall()}
+            finally:
+                con.unregister("ingest_batch")
+        return days
+
+
+def _arrival_day(path: Path) -> dt.date:
+    """The file's modification day (UTC): the partition of records that carry no usable timestamp."""
+    return dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc).date()
+
+
 def _detect(container: Container, source_file: str) -> str | None:
     """The file's record format; None for a text file of no known format; raises for a binary one."""
     found = detect_format(container.sample(_SNIFF_RECORDS))
@@ -227,8 +269,8 @@ def record_id(source_file: str, line_no: int, raw: bytes) -> str:
     return digest.hexdigest()
 
 
-def _batches(records: Iterator[tuple[int, bytes, str | None]], size: int, source_file: str) -> Iterator[pa.Table]:
-    """Arrow batches of `size` records from `Container.byte_records()`."""
+def _batches(records: Iterator[tuple[int, bytes, str | None]], size: int, source_file: str | None) -> Iterator[pa.Table]:
+    """Arrow batches of `size` records from `Container.byte_records()`; with record ids unless `source_file` is None."""
     line_nos, datas, errors = [], [], []
     for line_no, data, read_error in records:
         line_nos.append(line_no)
@@ -241,7 +283,7 @@ def _batches(records: Iterator[tuple[int, bytes, str | None]], size: int, source
         yield _arrow(line_nos, datas, errors, source_file)
 
 
-def _arrow(line_nos: list[int], datas: list[bytes], errors: list[str | None], source_file: str) -> pa.Table:
+def _arrow(line_nos: list[int], datas: list[bytes], errors: list[str | None], source_file: str | None) -> pa.Table:
     """The batch as Arrow, straight from the bytes: UTF-8 is checked for the whole batch by one cast (decoding each
     line in Python and encoding it back into Arrow cost more than reading, hashing and inserting together); only a
     batch that fails it is decoded line by line, its bad lines kept with U+FFFD and flagged 'invalid_utf8'."""
@@ -253,19 +295,26 @@ def _arrow(line_nos: list[int], datas: list[bytes], errors: list[str | None], so
                 raw_text, errors[i] = decoded(data)
                 datas[i] = raw_text.encode("utf-8") if errors[i] else data
         text = pa.array(datas, pa.large_binary()).cast(pa.large_string())
+    columns = {"line_no": pa.array(line_nos, pa.int64()), "raw_text": text, "read_error": pa.array(errors, pa.string())}
+    if source_file is None:
+        return pa.table(columns)
     ids = [record_id(source_file, line_no, data) for line_no, data in zip(line_nos, datas)]
-    return pa.table({"record_id": pa.array(ids, pa.string()), "line_no": pa.array(line_nos, pa.int64()),
-                     "raw_text": text, "read_error": pa.array(errors, pa.string())})
+    return pa.table({"record_id": pa.array(ids, pa.string()), **columns})
+
+
+# Parquet rows as JSON text (and no read error), so that every container reaches cleaning in the same shape.
+_PARQUET_ROWS_SQL = """
+    (SELECT file_row_number + 1 AS line_no, json_remove(to_json(t), '$.file_row_number') AS raw_text, NULL::VARCHAR AS read_error
+     FROM read_parquet($path, file_row_number = true) t)
+"""
 
 
 def _stage_parquet(con, path: Path, source_file: str) -> None:
-    """Parquet rows as JSON text, so that every container reaches cleaning in the same shape."""
     con.execute(
-        """
+        f"""
         INSERT INTO ingest_batch
-        SELECT sha256(concat_ws(chr(31), $source_file, line_no::VARCHAR, raw_text)), line_no, raw_text, NULL
-        FROM (SELECT file_row_number + 1 AS line_no, json_remove(to_json(t), '$.file_row_number') AS raw_text
-              FROM read_parquet($path, file_row_number = true) t)
+        SELECT sha256(concat_ws(chr(31), $source_file, line_no::VARCHAR, raw_text)), line_no, raw_text, read_error
+        FROM {_PARQUET_ROWS_SQL}
         """,
         {"path": str(path), "source_file": source_file},
     )
@@ -308,12 +357,12 @@ def _store_clustered(con, params: dict) -> int:
 
 
 # The record's UTC day from its first timestamp-like field (ISO string, or epoch seconds/milliseconds);
-# days outside 2000..2100 are treated as garbage and fall back to the file's day.
-_STAGE_SQL = """
-    INSERT INTO ingest_stage (record_id, line_no, raw_text, read_error, partition_date)
-    SELECT record_id, line_no, raw_text, read_error,
+# days outside 2000..2100 are treated as garbage and fall back to the file's day. Over `{rows}` (`ingest_batch`, a
+# registered Arrow batch, or Parquet rows), every column kept: ingestion stores the rows, the sensor only their days.
+_DATED_SQL = """
+    SELECT * EXCLUDE (ts, day),
            coalesce($partition::DATE, CASE WHEN day BETWEEN DATE '2000-01-01' AND DATE '2100-01-01' THEN day END,
-                    $file_day::DATE)
+                    $file_day::DATE) AS partition_date
     FROM (
         SELECT *, (CASE WHEN json_type(ts) = 'VARCHAR' THEN try_cast(ts->>'$' AS TIMESTAMPTZ)
                         WHEN json_type(ts) IN ('BIGINT', 'UBIGINT', 'DOUBLE')
@@ -323,15 +372,22 @@ _STAGE_SQL = """
             SELECT *, CASE WHEN read_error IS NULL AND json_valid(raw_text)
                            THEN list_filter(json_extract(raw_text, $timestamp_paths::VARCHAR[]),
                                             lambda x: x IS NOT NULL AND json_type(x) <> 'NULL')[1] END AS ts
-            FROM ingest_batch
+            FROM {rows}
         )
     )
 """
+_STAGE_SQL = f"""
+    INSERT INTO ingest_stage (record_id, line_no, raw_text, read_error, partition_date)
+    SELECT record_id, line_no, raw_text, read_error, partition_date FROM ({_DATED_SQL.format(rows="ingest_batch")})
+"""
+
+
+def _day_params(params: dict) -> dict:
+    return {"partition": params["partition"], "file_day": params["file_day"], "timestamp_paths": list(RECORD_TIMESTAMP_PATHS)}
 
 
 def _stage(con, params: dict) -> int:
-    used = {"partition": params["partition"], "file_day": params["file_day"], "timestamp_paths": list(RECORD_TIMESTAMP_PATHS)}
-    return fetch_scalar(con, _STAGE_SQL, used)
+    return fetch_scalar(con, _STAGE_SQL, _day_params(params))
 
 
 def _remove_file_rows(con, source_file: str) -> set:

@@ -175,3 +175,35 @@ def test_epoch_milliseconds_and_garbage_timestamps(con, logs):
     days = [row[0] for row in con.execute("SELECT partition_date::VARCHAR FROM raw_records ORDER BY line_no").fetchall()]
     assert days[0] == "2024-05-01" and days[1] == days[2] != "1850-01-01"  # the last two fall back to the file's day
     assert len(result.partitions) == 2
+
+
+def test_record_days_agree_with_ingestion_without_storing_anything(con, logs):
+    """The sensor's day scan (no warehouse, no hashing) gives the days ingestion then uses, file by file."""
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sdpo_platform.ingest import record_days
+
+    files = {
+        "stamped.jsonl": json.dumps(chat_on("2024-01-31")) + "\n{broken\n" + json.dumps(chat_on("2024-02-01")) + "\n",
+        "array.json": json.dumps([chat_on("2024-02-03"), {**CHAT, "created": 1714550400000}]),
+        "unstamped.jsonl": json.dumps(CHAT) + "\n",
+        "garbage_ts.jsonl": json.dumps({**CHAT, "timestamp": "1850-01-01"}) + "\n",
+        "empty.jsonl": "\n\n",
+    }
+    for name, text in files.items():
+        (logs / name).write_text(text)
+    (logs / "array.json.gz").write_bytes(gzip.compress(json.dumps([chat_on("2024-02-04")]).encode()))
+    (logs / "bad_utf8.jsonl").write_bytes(json.dumps(chat_on("2024-02-05")).encode() + b"\n" + b'{"x": "\xff"}\n')
+    (logs / "binary.bin").write_bytes(b"\x00\x01\x02" * 50)
+    pq.write_table(pa.Table.from_pylist([{**CHAT, "created": 1709632800}]), logs / "chats.parquet")  # 2024-03-05
+    for i, path in enumerate(sorted(logs.iterdir())):
+        os.utime(path, (1712000000 + 86400 * i,) * 2)  # a different arrival day per file
+
+    for path in sorted(logs.iterdir()):
+        assert record_days([path]) == ingest_files(con, [path]).partitions, path.name
+    everything = sorted(logs.iterdir())
+    assert record_days(everything) == sorted({str(d[0]) for d in con.execute("SELECT DISTINCT partition_date FROM raw_records").fetchall()})
+    assert "2024-05-01" in record_days(everything) and "2024-03-05" in record_days(everything)
