@@ -7,7 +7,7 @@ import dagster as dg
 import duckdb
 
 from assets.resources import SdpoSettings, Warehouse
-from sdpo_platform.inbox import changed_files, pending_partitions, stamps
+from sdpo_platform.inbox import changed_files, pending_partitions, remembered, stamps, within_bytes
 
 
 def inbox_run_requests(settings: SdpoSettings, warehouse: Warehouse, cursor: str | None) -> tuple[list[dg.RunRequest], str]:
@@ -17,17 +17,19 @@ def inbox_run_requests(settings: SdpoSettings, warehouse: Warehouse, cursor: str
     changed = changed_files(current, seen)
     if not changed:
         return [], json.dumps(current)
+    cfg = settings.platform().ingest
+    taken = within_bytes(changed, current, cfg.sensor_bytes_per_tick)  # a large drop is read over several ticks
     try:
         with warehouse.connect() as con:
-            days = pending_partitions(changed, con, settings.platform().ingest)
+            days = pending_partitions(taken, con, cfg)
     except duckdb.IOException:  # the warehouse is locked by a running job: look again next tick
         return [], cursor or "{}"
-    batch = "|".join(f"{p}@{current[p]}" for p in changed)
+    batch = "|".join(f"{p}@{current[p]}" for p in taken)
     requests = [
         dg.RunRequest(partition_key=day, run_key=f"{day}:{hashlib.sha256(batch.encode()).hexdigest()[:12]}", tags={"sdpo/files": str(len(changed))})
         for day in days
     ]
-    return requests, json.dumps(current)
+    return requests, json.dumps(remembered(seen, current, changed, taken))
 
 
 def build_inbox_sensor(job) -> dg.SensorDefinition:

@@ -28,6 +28,11 @@ class IngestConfig(Section):
         32 * 1024 * 1024, description="A record (line) longer than this keeps only its first 4 KiB and is quarantined as record_too_large."
     )
     batch_records: int = Field(10_000, description="Records buffered per insert while streaming a file (bounds ingest memory).")
+    sensor_bytes_per_tick: int = Field(
+        1_000_000_000,
+        description="New or changed inbox bytes the inbox sensor reads per tick to find their days (at least one file); "
+        "the rest waits for the next ticks, so a large drop never runs into Dagster's 60 s sensor timeout.",
+    )
 
 
 class CleaningConfig(Section):

@@ -39,23 +39,71 @@ def changed_files(current: dict[str, str], seen: dict[str, str]) -> list[str]:
     return sorted(path for path, stamp in current.items() if seen.get(path) != stamp)
 
 
-def pending_partitions(paths: list[str], warehouse: duckdb.DuckDBPyConnection | None = None, cfg: IngestConfig | None = None) -> list[str]:
-    """ISO days that ingesting `paths` would touch: their records' days, and their old rows' days.
+def within_bytes(paths: list[str], current: dict[str, str], max_bytes: int) -> list[str]:
+    """The leading `paths` whose sizes (from their stamps) add up to at most `max_bytes`, and at least one:
+    one tick's share of a large drop, so that each tick stays short."""
+    taken, total = [], 0
+    for path in paths:
+        size = int(current[path].rsplit(":", 1)[1])
+        if taken and total + size > max_bytes:
+            break
+        taken.append(path)
+        total += size
+    return taken
 
-    A file whose bytes the warehouse already holds (touched, or rewritten identically) touches nothing:
-    its stored rows keep their days, whatever its new mtime says."""
+
+def remembered(seen: dict[str, str], current: dict[str, str], changed: list[str], taken: list[str]) -> dict[str, str]:
+    """The stamps to keep after a tick: what is there now, except that changed files left for a later tick
+    keep the stamp seen before (none if they are new), so the next tick still finds them changed."""
+    left = set(changed) - set(taken)
+    stamps_now = {path: stamp for path, stamp in current.items() if path not in left}
+    return {**stamps_now, **{path: seen[path] for path in left if path in seen}}
+
+
+def pending_partitions(paths: list[str], warehouse: duckdb.DuckDBPyConnection | None = None, cfg: IngestConfig | None = None) -> list[str]:
+    """ISO days that ingesting `paths` needs runs for: their records' days and their old rows' days.
+
+    A file whose bytes the warehouse already holds (touched, or rewritten identically) adds only the days
+    of its rows that no data run has processed since it was ingested: an `ingest_partition` run ingests
+    every new inbox file, so a file that arrived while runs were queued (or that an earlier tick left for
+    later) may be stored before the sensor asks about it, and its days still need their run."""
     from sdpo_platform.ingest import file_hash, record_days
 
+    days: set[str] = set()
     if warehouse is not None and paths:
         known = dict(warehouse.execute(
             "SELECT source_file, file_hash FROM source_files WHERE list_contains($paths, source_file)", {"paths": list(paths)}
         ).fetchall())
-        paths = [p for p in paths if known.get(p) != file_hash(Path(p))]
+        held = [p for p in paths if known.get(p) == file_hash(Path(p))]
+        days |= _unprocessed_days(warehouse, held)
+        paths = [p for p in paths if p not in held]
     if not paths:
-        return []
-    days = set(record_days(paths, cfg))
-    if warehouse is not None and paths:
+        return sorted(days)
+    days |= set(record_days(paths, cfg))
+    if warehouse is not None:
         days |= {str(row[0]) for row in warehouse.execute(
             "SELECT DISTINCT partition_date FROM raw_records WHERE list_contains($paths, source_file)", {"paths": list(paths)}
         ).fetchall()}
     return sorted(days)
+
+
+def _unprocessed_days(warehouse: duckdb.DuckDBPyConnection, held: list[str]) -> set[str]:
+    """Days of the held files' rows whose conversations check (the first thing a data run records after
+    ingesting) is missing or older than the file's ingestion."""
+    if not held:
+        return set()
+    checks = "partition_checks" in {row[0] for row in warehouse.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    last_check = (
+        "(SELECT max(checked_at) FROM partition_checks c WHERE c.stage = 'conversations' AND c.partition_date = r.partition_date)"
+        if checks else "NULL::TIMESTAMP"
+    )
+    rows = warehouse.execute(
+        f"""
+        SELECT DISTINCT strftime(r.partition_date, '%Y-%m-%d')
+        FROM (SELECT DISTINCT source_file, partition_date FROM raw_records WHERE list_contains($paths, source_file)) r
+        JOIN source_files f USING (source_file)
+        WHERE coalesce({last_check} < f.ingested_at, true)
+        """,
+        {"paths": held},
+    ).fetchall()
+    return {row[0] for row in rows}

@@ -54,17 +54,72 @@ def test_inbox_sensor_requests_new_days_once(sdpo_home, tiny_model_dir):
 
 
 def test_rewritten_identical_file_requests_nothing(sdpo_home, tiny_model_dir):
-    """A file rewritten with the same bytes on another day (new mtime) must not open an empty partition."""
+    """A file rewritten with the same bytes on another day (new mtime) must not open an empty partition; while
+    no data run has processed its stored rows, their own day is still asked for, and once one has, nothing is."""
     from assets.resources import SdpoSettings, Warehouse
     from assets.sensors import inbox_run_requests
+    from sdpo_platform.cleaning import build_conversations
+    from sdpo_platform.gating import record_check
     from sdpo_platform.ingest import ingest_inbox
-    from tests.lineage_fixtures import arrived_on, tiny_config, write_inbox
+    from tests.lineage_fixtures import FIXTURE_DAY, arrived_on, tiny_config, write_inbox
 
     write_inbox(sdpo_home / "inbox")
     settings = SdpoSettings(config_file=str(tiny_config(sdpo_home / "c.json", tiny_model_dir)), inbox=str(sdpo_home / "inbox"))
     with Warehouse().connect() as con:
-        ingest_inbox(con, settings.inbox_dir())
+        ingest_inbox(con, settings.inbox_dir())  # stored, not yet cleaned
     for path in (sdpo_home / "inbox").iterdir():
         arrived_on(path, "2026-03-01")
     requests, _ = inbox_run_requests(settings, Warehouse(), cursor=None)
+    assert [r.partition_key for r in requests] == [FIXTURE_DAY]
+
+    with Warehouse().connect() as con:  # what a data run of that day does after ingesting: build it, record its checks
+        build_conversations(con, settings.platform().cleaning, partitions=[FIXTURE_DAY])
+        con.execute("UPDATE source_files SET ingested_at = now()::TIMESTAMP - INTERVAL 1 SECOND").fetchall()
+        record_check(con, "conversations", FIXTURE_DAY, True)
+    requests, _ = inbox_run_requests(settings, Warehouse(), cursor=None)
     assert requests == []
+
+
+def test_a_large_drop_is_read_over_several_ticks_and_files_a_run_stored_early_are_not_lost(sdpo_home, tiny_model_dir):
+    """With a byte budget below the inbox, each tick reads one file; the other keeps its place for the next
+    tick. When a run started for the first file has already ingested the second (runs ingest the whole inbox)
+    but processed only the first file's day, the next tick still asks for the second file's day."""
+    import json
+
+    from assets.resources import SdpoSettings, Warehouse
+    from assets.sensors import inbox_run_requests
+    from sdpo_platform.cleaning import build_conversations
+    from sdpo_platform.gating import record_check
+    from sdpo_platform.ingest import ingest_inbox
+    from tests.lineage_fixtures import arrived_on, tiny_config, write_inbox
+
+    inbox = sdpo_home / "inbox"
+    write_inbox(inbox / "a", day="2026-02-01")
+    write_inbox(inbox / "b", day="2026-02-02")
+    config = json.loads(tiny_config(sdpo_home / "c.json", tiny_model_dir).read_text())
+    config["ingest"] = {"sensor_bytes_per_tick": 1}
+    (sdpo_home / "c.json").write_text(json.dumps(config))
+    settings = SdpoSettings(config_file=str(sdpo_home / "c.json"), inbox=str(inbox))
+
+    requests, cursor = inbox_run_requests(settings, Warehouse(), cursor=None)
+    assert [r.partition_key for r in requests] == ["2026-02-01"]  # a/openai.jsonl only: one file per tick
+    requests, cursor = inbox_run_requests(settings, Warehouse(), cursor)
+    assert [r.partition_key for r in requests] == ["2026-02-01"]  # a/sharegpt.jsonl
+
+    with Warehouse().connect() as con:  # the run for 2026-02-01 ingests the whole inbox, builds its own day
+        ingest_inbox(con, inbox)
+        build_conversations(con, settings.platform().cleaning, partitions=["2026-02-01"])
+        con.execute("UPDATE source_files SET ingested_at = now()::TIMESTAMP - INTERVAL 1 SECOND").fetchall()
+        record_check(con, "conversations", "2026-02-01", True)
+    requests, cursor = inbox_run_requests(settings, Warehouse(), cursor)
+    assert [r.partition_key for r in requests] == ["2026-02-02"]  # b/openai.jsonl: stored already, day not processed
+    requests, cursor = inbox_run_requests(settings, Warehouse(), cursor)
+    assert [r.partition_key for r in requests] == ["2026-02-02"]  # b/sharegpt.jsonl
+    assert inbox_run_requests(settings, Warehouse(), cursor)[0] == []
+
+    with Warehouse().connect() as con:  # the run for 2026-02-02 builds it; touching its files then asks for nothing
+        build_conversations(con, settings.platform().cleaning, partitions=["2026-02-02"])
+        record_check(con, "conversations", "2026-02-02", True)
+    for path in (inbox / "b").iterdir():
+        arrived_on(path, "2026-03-01")
+    assert inbox_run_requests(settings, Warehouse(), cursor)[0] == []
