@@ -35,9 +35,12 @@ def test_whole_lineage_materializes_on_fixtures(sdpo_home, tiny_model_dir):
         assert result.success
         checks = result.get_asset_check_evaluations()
         assert len(checks) == 10 and all(c.passed for c in checks), [c.description for c in checks if not c.passed]
+        logged = [entry.user_message for entry in instance.all_logs(result.run_id)]
 
     conversations = result.output_for_node("conversations")
     assert conversations["raw_records"] == expected["raw_records"]
+    n = expected["raw_records"]
+    assert any(f"conversations: {n}/{n} records (100%)" in line for line in logged)  # progress in the run log
     assert conversations["records_kept"] + conversations["quarantined"] == conversations["raw_records"]
     assert conversations["kept"] == expected["good_conversations"]
 
