@@ -74,7 +74,7 @@ def pending_partitions(paths: list[str], warehouse: duckdb.DuckDBPyConnection | 
         known = dict(warehouse.execute(
             "SELECT source_file, file_hash FROM source_files WHERE list_contains($paths, source_file)", {"paths": list(paths)}
         ).fetchall())
-        held = [p for p in paths if known.get(p) == file_hash(Path(p))]
+        held = [p for p in paths if p in known and known[p] == _hash_or_none(Path(p), file_hash)]
         days |= _unprocessed_days(warehouse, held)
         paths = [p for p in paths if p not in held]
     if not paths:
@@ -107,3 +107,11 @@ def _unprocessed_days(warehouse: duckdb.DuckDBPyConnection, held: list[str]) -> 
         {"paths": held},
     ).fetchall()
     return {row[0] for row in rows}
+
+
+def _hash_or_none(path: Path, file_hash) -> str | None:
+    """The file's content hash, or None when it vanished or cannot be read since it was listed."""
+    try:
+        return file_hash(path)
+    except OSError:
+        return None

@@ -207,3 +207,14 @@ def test_record_days_agree_with_ingestion_without_storing_anything(con, logs):
     everything = sorted(logs.iterdir())
     assert record_days(everything) == sorted({str(d[0]) for d in con.execute("SELECT DISTINCT partition_date FROM raw_records").fetchall()})
     assert "2024-05-01" in record_days(everything) and "2024-03-05" in record_days(everything)
+
+
+def test_sensor_question_survives_a_file_that_vanished_after_listing(con, logs):
+    from sdpo_platform.inbox import pending_partitions
+
+    path = logs / "gone.jsonl"
+    path.write_text(json.dumps(chat_on("2024-01-31")) + "\n")
+    ingest_files(con, [path])
+    path.unlink()
+    assert pending_partitions([str(path.resolve())], con) == ["2024-01-31"]  # its stored rows' day; no crash
+    assert pending_partitions([str(logs / "never.jsonl")], con) == []
