@@ -26,7 +26,7 @@ def inbox_run_requests(settings: SdpoSettings, warehouse: Warehouse, cursor: str
         return [], cursor or "{}"
     batch = "|".join(f"{p}@{current[p]}" for p in taken)
     requests = [
-        dg.RunRequest(partition_key=day, run_key=f"{day}:{hashlib.sha256(batch.encode()).hexdigest()[:12]}", tags={"sdpo/files": str(len(changed))})
+        dg.RunRequest(partition_key=day, run_key=f"{day}:{hashlib.sha256(batch.encode()).hexdigest()[:12]}", tags={"sdpo/files": str(len(taken))})
         for day in days
     ]
     return requests, json.dumps(remembered(seen, current, changed, taken))
