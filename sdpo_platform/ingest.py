@@ -53,12 +53,14 @@ from sdpo_platform.formats import (
     open_container,
 )
 from sdpo_platform.progress import Progress
-from sdpo_platform.warehouse import ROW_GROUP_ROWS, fetch_scalar
+from sdpo_platform.warehouse import ROW_GROUP_ROWS, connect, fetch_scalar
 
 __all__ = ["IngestResult", "JsonArrayReader", "ingest_files", "ingest_inbox", "record_days", "STAGE"]
 
 STAGE = "raw_interaction_logs"
 _SNIFF_RECORDS = 50
+# What reading a file can raise when its bytes are broken (bad gzip, truncated Parquet, ...): the file is rejected.
+_UNREADABLE_FILE = (OSError, UnicodeDecodeError, EOFError, RecursionError, duckdb.Error, pa.ArrowException)
 
 
 @dataclass
@@ -135,7 +137,7 @@ def _ingest_path(con, path: Path, partition_day: dt.date | None, format: str | N
             touched |= _remove_file_rows(con, source_file)
             result.files_replaced += 1
         outcome = _ingest_one(con, path, source_file, digest, partition_day, format, cfg)
-    except (OSError, UnicodeDecodeError, EOFError, RecursionError, duckdb.Error, pa.ArrowException) as error:
+    except _UNREADABLE_FILE as error:
         con.rollback()
         _reject(con, result, source_file, "unreadable_file", f"{source_file}: {type(error).__name__}: {error}")
         return
@@ -206,12 +208,12 @@ def record_days(paths: Iterable[str | Path], cfg: IngestConfig | None = None) ->
     copying them into memory. Files that ingestion would reject whole (unreadable, binary, empty) give no day."""
     cfg = cfg or IngestConfig()
     days: set[dt.date] = set()
-    con = duckdb.connect()
+    con = connect(":memory:")  # the warehouse's session settings: days are UTC days, as when ingesting
     try:
         for path in paths:
             try:
                 days |= _file_days(con, Path(path).expanduser().resolve(), cfg)
-            except (OSError, UnicodeDecodeError, EOFError, RecursionError, duckdb.Error, pa.ArrowException, UnknownFormatError):
+            except (*_UNREADABLE_FILE, UnknownFormatError):  # ingestion rejects such a file whole: no day
                 continue
     finally:
         con.close()
@@ -220,7 +222,7 @@ def record_days(paths: Iterable[str | Path], cfg: IngestConfig | None = None) ->
 
 def _file_days(con, path: Path, cfg: IngestConfig) -> set[dt.date]:
     params = _day_params({"partition": None, "file_day": _arrival_day(path)})
-    days_sql = "SELECT DISTINCT partition_date FROM ({}) ORDER BY 1"
+    days_sql = "SELECT DISTINCT partition_date FROM ({})"
     with open_container(path, cfg.max_record_bytes) as container:
         if container.kind == "empty":
             return set()

@@ -218,3 +218,21 @@ def test_sensor_question_survives_a_file_that_vanished_after_listing(con, logs):
     path.unlink()
     assert pending_partitions([str(path.resolve())], con) == ["2024-01-31"]  # its stored rows' day; no crash
     assert pending_partitions([str(logs / "never.jsonl")], con) == []
+
+
+def test_record_days_are_utc_days_whatever_the_host_time_zone(con, logs, monkeypatch):
+    """A timestamp without offset is read as UTC by ingestion; the sensor's day scan must read it the same way
+    on a host whose local zone is not UTC (DuckDB sessions otherwise take the host's zone)."""
+    import time
+
+    from sdpo_platform.ingest import record_days
+
+    path = logs / "late.jsonl"
+    path.write_text(json.dumps({**CHAT, "timestamp": "2024-03-05 03:30:00"}) + "\n")  # read as UTC+8 local: 03-04 in UTC
+    monkeypatch.setenv("TZ", "Asia/Singapore")
+    time.tzset()
+    try:
+        assert record_days([path]) == ingest_files(con, [path]).partitions == ["2024-03-05"]
+    finally:
+        monkeypatch.undo()
+        time.tzset()
