@@ -90,19 +90,18 @@ def pending_partitions(paths: list[str], warehouse: duckdb.DuckDBPyConnection | 
 def _unprocessed_days(warehouse: duckdb.DuckDBPyConnection, held: list[str]) -> set[str]:
     """Days of the held files' rows whose conversations check (the first thing a data run records after
     ingesting) is missing or older than the file's ingestion."""
+    from sdpo_platform.gating import SCHEMA as CHECKS_SCHEMA
+
     if not held:
         return set()
-    checks = "partition_checks" in {row[0] for row in warehouse.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
-    last_check = (
-        "(SELECT max(checked_at) FROM partition_checks c WHERE c.stage = 'conversations' AND c.partition_date = r.partition_date)"
-        if checks else "NULL::TIMESTAMP"
-    )
+    warehouse.execute(CHECKS_SCHEMA).fetchall()
     rows = warehouse.execute(
-        f"""
+        """
         SELECT DISTINCT strftime(r.partition_date, '%Y-%m-%d')
         FROM (SELECT DISTINCT source_file, partition_date FROM raw_records WHERE list_contains($paths, source_file)) r
         JOIN source_files f USING (source_file)
-        WHERE coalesce({last_check} < f.ingested_at, true)
+        LEFT JOIN partition_checks c ON c.stage = 'conversations' AND c.partition_date = r.partition_date
+        WHERE c.checked_at IS NULL OR c.checked_at < f.ingested_at
         """,
         {"paths": held},
     ).fetchall()
