@@ -17,7 +17,7 @@ from assets.resources import MlflowTracking, SdpoSettings, Warehouse
 from sdpo_platform import paths
 from sdpo_platform.assessments import hindsight_template, kept_interactions
 from sdpo_platform.gating import blocked_partitions
-from sdpo_platform.progress import fraction_logger
+from sdpo_platform.progress import fraction_logger, stage_logger
 
 chat_log_inbox = dg.AssetSpec(
     "chat_log_inbox",
@@ -39,7 +39,7 @@ def raw_interaction_logs(context: dg.AssetExecutionContext, settings: SdpoSettin
     day = context.partition_key
     with warehouse.connect() as con:
         result = ingest_inbox(con, settings.inbox_dir(), cfg=settings.platform().ingest,
-                              progress=fraction_logger(context.log.info, "ingest", "MB", 1e6))
+                              progress=stage_logger(context.log.info, "ingest"))
         in_partition = con.execute("SELECT count(*) FROM raw_records WHERE partition_date = ?::DATE", [day]).fetchall()[0][0]
     for error in result.errors:
         context.log.warning(error)
@@ -67,7 +67,7 @@ def conversations(context: dg.AssetExecutionContext, raw_interaction_logs: dict,
     day = context.partition_key
     with warehouse.connect() as con:
         result = build_conversations(con, settings.platform().cleaning, partitions=[day],
-                                     progress=fraction_logger(context.log.info, "conversations", "records"))
+                                     progress=stage_logger(context.log.info, "conversations"))
         histogram = length_histogram(con, [day])
         languages = language_mix(con, [day])
     return dg.Output(
@@ -95,7 +95,7 @@ def interactions(context: dg.AssetExecutionContext, conversations: dict, setting
     cfg, day = settings.platform(), context.partition_key
     with warehouse.connect() as con:
         result = extract_interactions(con, cfg.interactions, partitions=[day],
-                                      progress=fraction_logger(context.log.info, "interactions", "conversations"))
+                                      progress=stage_logger(context.log.info, "interactions"))
     model = tokenizer = None
     if cfg.informativeness.use_model and result.total:
         model, tokenizer = load_model(cfg.model)

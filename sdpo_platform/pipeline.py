@@ -14,7 +14,7 @@ from sdpo_platform.config import PlatformConfig
 from sdpo_platform.gating import record_check
 from sdpo_platform.ingest import ingest_files
 from sdpo_platform.interactions import extract_interactions
-from sdpo_platform.progress import fraction_logger
+from sdpo_platform.progress import stage_logger
 
 
 def ingest_and_clean(con: duckdb.DuckDBPyConnection, paths: list[str | Path], cfg: PlatformConfig,
@@ -23,15 +23,15 @@ def ingest_and_clean(con: duckdb.DuckDBPyConnection, paths: list[str | Path], cf
     including each partition's check verdicts (a failed one is recorded and blocks training).
     `log` receives progress lines (done/total, rate, ETA) of each stage."""
 
-    def progress(label: str, unit: str, scale: float = 1.0):
-        return None if log is None else fraction_logger(log, label, unit, scale)
+    def progress(stage: str):
+        return None if log is None else stage_logger(log, stage)
 
-    ingested = ingest_files(con, paths, partition=partition, format=format, cfg=cfg.ingest, progress=progress("ingest", "MB", 1e6))
+    ingested = ingest_files(con, paths, partition=partition, format=format, cfg=cfg.ingest, progress=progress("ingest"))
     days = ingested.partitions
     verdicts = {}
     if days:
-        cleaned = build_conversations(con, cfg.cleaning, partitions=days, progress=progress("conversations", "records"))
-        extracted = extract_interactions(con, cfg.interactions, partitions=days, progress=progress("interactions", "conversations"))
+        cleaned = build_conversations(con, cfg.cleaning, partitions=days, progress=progress("conversations"))
+        extracted = extract_interactions(con, cfg.interactions, partitions=days, progress=progress("interactions"))
         for day in days:
             for stage, report in (
                 ("conversations", checks.check_conversations(con, cfg.cleaning, [day])),

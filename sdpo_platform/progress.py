@@ -25,3 +25,13 @@ def fraction_logger(log: Callable[[str], None], label: str, unit: str = "", scal
                 f"{rate / scale:,.1f}{suffix}/s, ETA {(total - done) / max(rate, 1e-9):.0f}s")
 
     return progress
+
+
+# What each data stage counts its progress in (unit, divisor), so the shell and the Dagster assets say the same.
+STAGE_UNITS = {"ingest": ("MB", 1e6), "conversations": ("records", 1.0), "interactions": ("conversations", 1.0)}
+
+
+def stage_logger(log: Callable[[str], None], stage: str) -> Progress:
+    """`fraction_logger` for one of the data stages, in that stage's unit."""
+    unit, scale = STAGE_UNITS[stage]
+    return fraction_logger(log, stage, unit, scale)
