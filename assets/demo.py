@@ -46,7 +46,7 @@ def _execute(job_name: str, instance, partition_key: str | None = None):
 def run_demo(records: int = 300) -> dict:
     """Inbox → (the sensor's) partition runs of the data stages → one training run, then the summary."""
     from assets.definitions import INGEST_JOB, TRAIN_JOB, defs
-    from assets.sensors import inbox_run_requests
+    from assets.sensors import drain_inbox
     from sdpo_platform.sharegpt import write_sharegpt_slice
     from sdpo_platform.assessments import kept_interactions
     from sdpo_platform.gating import blocked_partitions
@@ -58,11 +58,13 @@ def run_demo(records: int = 300) -> dict:
     print(f"[demo] data root {root}; wrote {written} ShareGPT records to the inbox")
     started = time.monotonic()
     resources = defs.resources
-    requests, _ = inbox_run_requests(resources["settings"], resources["warehouse"], cursor=None)
     with dg.DagsterInstance.get() as instance:
-        for request in requests:
-            print(f"[demo] data stages for partition {request.partition_key}")
-            _execute(INGEST_JOB, instance, request.partition_key)
+
+        def run_partition(day: str):
+            print(f"[demo] data stages for partition {day}")
+            _execute(INGEST_JOB, instance, day)
+
+        days = drain_inbox(resources["settings"], resources["warehouse"], run_partition)
         result = _execute(TRAIN_JOB, instance)
     targets, checkpoint = result.output_for_node("hindsight_targets"), result.output_for_node("distilled_checkpoint")
     evaluation, registered = result.output_for_node("evaluation"), result.output_for_node("registered_model")
@@ -88,7 +90,7 @@ def run_demo(records: int = 300) -> dict:
         "aliases": list(registered["aliases"]),
     }
     (root / "demo_summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"[demo] {len(requests)} partition run(s) and training run {result.run_id} succeeded in {time.monotonic() - started:.0f}s")
+    print(f"[demo] {len(days)} partition run(s) and training run {result.run_id} succeeded in {time.monotonic() - started:.0f}s")
     print(json.dumps(summary, indent=2))
     print(f"[demo] summary written to {root / 'demo_summary.json'}; `make ui` shows the lineage and MLflow")
     return summary

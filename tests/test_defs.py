@@ -123,3 +123,35 @@ def test_a_large_drop_is_read_over_several_ticks_and_files_a_run_stored_early_ar
     for path in (inbox / "b").iterdir():
         arrived_on(path, "2026-03-01")
     assert inbox_run_requests(settings, Warehouse(), cursor)[0] == []
+
+
+def test_demo_drains_an_inbox_larger_than_one_tick_running_each_day_once(sdpo_home, tiny_model_dir):
+    """`make demo` asks the sensor's question until no changed file is left: with a byte budget of one file
+    per tick, both files' days run (one tick alone would run only the first file's day), each once, and a
+    second drain runs nothing."""
+    import json
+
+    from assets.resources import SdpoSettings, Warehouse
+    from assets.sensors import drain_inbox, inbox_run_requests
+    from sdpo_platform.cleaning import build_conversations
+    from sdpo_platform.gating import record_check
+    from sdpo_platform.ingest import ingest_inbox
+    from tests.lineage_fixtures import tiny_config, write_inbox
+
+    inbox = sdpo_home / "inbox"
+    write_inbox(inbox / "a", day="2026-02-01")
+    write_inbox(inbox / "b", day="2026-02-02")
+    config = json.loads(tiny_config(sdpo_home / "c.json", tiny_model_dir).read_text())
+    config["ingest"] = {"sensor_bytes_per_tick": 1}
+    (sdpo_home / "c.json").write_text(json.dumps(config))
+    settings = SdpoSettings(config_file=str(sdpo_home / "c.json"), inbox=str(inbox))
+    assert [r.partition_key for r in inbox_run_requests(settings, Warehouse(), cursor=None)[0]] == ["2026-02-01"]
+
+    def run_partition(day: str):  # what the ingest_partition job does, in library calls
+        with Warehouse().connect() as con:
+            ingest_inbox(con, inbox)
+            build_conversations(con, settings.platform().cleaning, partitions=[day])
+            record_check(con, "conversations", day, True)
+
+    assert drain_inbox(settings, Warehouse(), run_partition) == ["2026-02-01", "2026-02-02"]
+    assert drain_inbox(settings, Warehouse(), run_partition) == []
