@@ -26,14 +26,19 @@ text parts, joined with a newline; any other part type is `invalid_content`), Wi
 
 ShareGPT chunks: records of one file and partition whose ids are `X_0, X_1, ...` form one conversation
 (messages in chunk order, `source_id = X`); it is kept or rejected as a whole, and each chunk record
-counts as one raw record (so such a conversation accounts for several raw records).
+counts as one raw record (so such a conversation accounts for several raw records). Nothing in the ids tells
+such chunks from sources whose `X_N` ids are separate conversations (FastChat's `identity_N`; the real dumps'
+suffixes are message offsets, with gaps), so `join_sharegpt_chunks` is a setting.
 
 Normalization, in order:
 - roles: human/user → user; gpt/assistant/chatgpt/bard/bing/model → assistant; system → system; any
   other role quarantines the record (`unknown_role`); non-string content (number, object, null) is
   `invalid_content`;
 - PII is redacted in every message (`pii.py`: typed placeholders, counts in `pii_counts`); user ids
-  (WildChat `hashed_ip`, `user_id`, OpenAI `user`) are replaced by sha256(`user_id_salt`, id);
+  (WildChat `hashed_ip`, `user_id`, OpenAI `user`) are replaced by sha256(`user_id_salt`, id), and so is a
+  source id that holds PII (`'sha256:' || hash`: still one identity for `duplicate_id`);
+- an HH transcript's text before its first turn marker is dropped with a message-level row
+  ('text_before_first_turn');
 - empty or whitespace messages are dropped;
 - consecutive messages of the same role are merged, joined with a blank line ("\\n\\n"), so user and
   assistant strictly alternate. Runs are computed over the non-system messages (a system message in
@@ -80,7 +85,7 @@ class CleaningResult:
     kept: int = 0  # conversations kept
     quarantined: int = 0  # raw records rejected (record level)
     records_kept: int = 0  # raw records inside kept conversations (> kept when ShareGPT chunks were joined)
-    messages_dropped: int = 0  # blank messages dropped from otherwise usable records
+    messages_dropped: int = 0  # blank messages (and HH text before the first turn) dropped from records
     by_reason: dict[str, int] = field(default_factory=dict)  # record-level reason → raw records
     languages: dict[str, int] = field(default_factory=dict)  # detected among records that reached the language step
     partitions: list[str] = field(default_factory=list)  # ISO days rebuilt
@@ -103,15 +108,24 @@ def _merged_sql(usable: str) -> str:
                 'content': array_to_string(list_transform(turns[starts[k]:coalesce(starts[k + 1] - 1, len(turns))],
                                                           lambda m: m.content), chr(10) || chr(10))}}))[1])[1]"""
 
+# The start of a text for a quarantine detail: redacted *before* it is cut (a cut e-mail no longer matches the
+# pattern), and when cut, without its last, possibly partial, token or digit group.
+_SAFE_PREVIEW = r"""
+CREATE OR REPLACE TEMP MACRO sdpo_safe_preview(s, n) AS (list_transform([sdpo_redact_pii(left(s, 8 * n))], lambda h:
+    CASE WHEN length(h) <= n AND length(s) <= 8 * n THEN h
+         ELSE regexp_replace(left(h, n), '[\d\s()+.-]*[^\s",;{}\[\]<>]*$', '') || '…' END)[1])
+"""
+
 _STEPS = [
     # 1. The batch's raw records, each parsed once (json_transform into the fields any format needs, values kept
     #    as JSON so that their types can still be judged); the record's shape must be its file's format.
     """
     CREATE OR REPLACE TEMP TABLE clean_records AS
     WITH parsed AS (
-        SELECT record_id, source_file, line_no, left(raw_text, 120) AS raw_preview, partition_date,
+        SELECT record_id, source_file, line_no, partition_date,
                source_format AS file_format, read_error, raw_text,
                read_error IS NULL AND json_valid(raw_text) AS valid,
+               CASE WHEN NOT valid THEN sdpo_safe_preview(raw_text, 120) END AS raw_preview,  -- for the detail of a line that does not parse
                CASE WHEN valid THEN json_transform(raw_text, '{"conversation": ["JSON"], "conversations": ["JSON"], "messages": ["JSON"],
                    "chosen": "JSON", "transcript": "JSON", "text": "JSON", "id": "JSON", "conversation_id": "JSON",
                    "conversation_hash": "JSON", "hashed_ip": "JSON", "user_id": "JSON", "user": "JSON"}') END AS doc
@@ -142,8 +156,8 @@ _STEPS = [
                                WHEN 'wildchat' THEN doc.conversation END AS items,  -- each item's JSON text
             CASE WHEN source_format = 'hh_rlhf' THEN coalesce(doc.chosen->>'$', doc.transcript->>'$', doc.text->>'$') END AS transcript,
             CASE WHEN top_type = 'OBJECT' AND source_format IS NULL THEN json_keys(raw_text)[:12] END AS top_keys,  -- for the detail
-            CASE WHEN source_format = 'sharegpt' THEN nullif(regexp_extract(raw_source_id, '^(.+)_([0-9]+)$', 1), '') END AS chunk_base,
-            CASE WHEN source_format = 'sharegpt' THEN try_cast(regexp_extract(raw_source_id, '^(.+)_([0-9]+)$', 2) AS INTEGER) END AS chunk_no
+            CASE WHEN source_format = 'sharegpt' AND $join_sharegpt_chunks THEN nullif(regexp_extract(raw_source_id, '^(.+)_([0-9]+)$', 1), '') END AS chunk_base,
+            CASE WHEN source_format = 'sharegpt' AND $join_sharegpt_chunks THEN try_cast(regexp_extract(raw_source_id, '^(.+)_([0-9]+)$', 2) AS INTEGER) END AS chunk_no
         FROM shaped
     ),
     chunk_units AS (  -- windows over the (few, narrow) chunked rows only: the wide rows never get sorted
@@ -153,8 +167,12 @@ _STEPS = [
         FROM (SELECT record_id, partition_date, source_file, chunk_base, chunk_no, line_no FROM chunked WHERE chunk_base IS NOT NULL)
     )
     SELECT c.* EXCLUDE (chunk_base, chunk_no),
-        coalesce(c.chunk_base, c.raw_source_id) AS source_id,
+        list_transform([coalesce(c.chunk_base, c.raw_source_id)], lambda id:
+            CASE WHEN sdpo_redact_pii(id) = id THEN id ELSE 'sha256:' || sha256($user_id_salt || chr(31) || id) END)[1] AS source_id,
         coalesce(c.chunk_no, 0) AS chunk_no,
+        CASE WHEN c.transcript IS NOT NULL AND NOT regexp_matches(c.transcript, '^(Human|Assistant):')  -- text before the first turn
+             THEN list_filter([regexp_extract(c.transcript, '(?s)^(.*?)\n\n(?:Human|Assistant):', 1)], lambda t: regexp_matches(t, '\S'))[1]
+             END AS preamble,
         coalesce(u.unit_id, c.record_id) AS unit_id,
         coalesce(u.repeated_chunk, false) AS repeated_chunk
     FROM chunked c LEFT JOIN chunk_units u USING (record_id)
@@ -222,9 +240,14 @@ _STEPS = [
     "ALTER TABLE clean_records DROP COLUMN items",  # parsed documents are not needed past this point: free them
     "ALTER TABLE clean_records DROP COLUMN transcript",
     """
-    CREATE OR REPLACE TEMP TABLE clean_dropped AS
-    SELECT record_id, pos FROM clean_messages
+    CREATE OR REPLACE TEMP TABLE clean_dropped AS  -- message-level rows: dropped text of records judged as a whole
+    SELECT record_id, pos, 'empty_message' AS reason, format('message {} is empty or whitespace; dropped', pos) AS detail
+    FROM clean_messages
     WHERE role IS NOT NULL AND content_type = 'VARCHAR' AND NOT regexp_matches(content, '\\S')
+    UNION ALL
+    SELECT record_id, NULL, 'text_before_first_turn',
+           'transcript text before its first "Human:"/"Assistant:" turn; dropped: ' || sdpo_safe_preview(preamble, 120)
+    FROM clean_records WHERE preamble IS NOT NULL
     """,
     # 3. One aggregate per conversation unit (the only regrouping of messages): what the checks need from single
     #    messages, and the usable messages in order (unknown roles, bad content and blank messages left out).
@@ -443,8 +466,7 @@ _STEPS = [
     """,
     """
     INSERT INTO quarantine (record_id, stage, reason, detail, source_file, line_no, partition_date, level, message_index)
-    SELECT m.record_id, $stage, 'empty_message', format('message {} is empty or whitespace; dropped', m.pos),
-           r.source_file, r.line_no, r.partition_date, 'message', m.pos
+    SELECT m.record_id, $stage, m.reason, m.detail, r.source_file, r.line_no, r.partition_date, 'message', m.pos
     FROM clean_dropped m JOIN clean_records r USING (record_id)
     """,
 ]
@@ -463,6 +485,7 @@ def build_conversations(con: duckdb.DuckDBPyConnection, cfg: CleaningConfig | No
                                             ("quarantine", "stage = 'conversations'")])
     partitions = sorted({str(day) for day in partitions})
     pii.install_macros(con)
+    con.execute(_SAFE_PREVIEW).fetchall()
     params = {
         "stage": STAGE,
         "user_roles": USER_ROLES,
@@ -475,6 +498,7 @@ def build_conversations(con: duckdb.DuckDBPyConnection, cfg: CleaningConfig | No
         "languages": list(cfg.languages),
         "user_id_salt": cfg.user_id_salt,
         "near_duplicate_chars": cfg.near_duplicate_chars,
+        "join_sharegpt_chunks": cfg.join_sharegpt_chunks,
     }
     total = CleaningResult(partitions=partitions)
     batches = partition_batches(con, "raw_records", partitions, cfg.batch_records)

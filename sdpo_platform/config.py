@@ -50,6 +50,11 @@ class CleaningConfig(Section):
     near_duplicate_chars: int = Field(
         300, description="Near-duplicate key: the first this-many characters of the first user turn and of the first reply, letters only, lower-cased."
     )
+    join_sharegpt_chunks: bool = Field(
+        True, description="ShareGPT records of one file and day with ids X_0, X_1, ... are chunks of one conversation, joined "
+        "in order (the ShareGPT dumps split long conversations so). Set false where such ids are separate conversations "
+        "(e.g. FastChat's identity_0, identity_1, ...).",
+    )
     batch_records: int = Field(
         50_000, description="Raw records cleaned per transaction (whole partitions at a time): bounds memory on large backfills."
     )

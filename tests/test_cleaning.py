@@ -249,3 +249,60 @@ def test_reconciliation_check_fails_only_the_partition_that_lost_a_record(con, t
     assert not check_conversations(con, CleaningConfig()).passed
     assert not check_conversations(con, CleaningConfig(), ["2024-01-02"]).passed
     assert check_conversations(con, CleaningConfig(), ["2024-01-01"]).passed
+
+
+def test_sharegpt_chunk_ids_are_joined_by_default_and_kept_apart_when_configured(con, tmp_path):
+    """FastChat-style `identity_0, identity_1` ids are separate conversations; only the knob can tell."""
+    records = [sharegpt(("human", ENGLISH), ("gpt", "Paris."), ("human", f"Why is that so, part {i}?"), id=f"identity_{i}") for i in range(3)]
+    ingest_lines(con, tmp_path, [json.dumps(r) for r in records])
+
+    joined = build_conversations(con, CleaningConfig())
+    assert (joined.kept, joined.records_kept, joined.quarantined) == (1, 3, 0)
+    assert con.execute("SELECT source_id FROM conversations").fetchall() == [("identity",)]
+
+    apart = build_conversations(con, CleaningConfig(join_sharegpt_chunks=False))
+    assert (apart.kept, apart.records_kept, apart.quarantined) == (3, 3, 0)
+    assert sorted(con.execute("SELECT source_id FROM conversations").fetchall()) == [(f"identity_{i}",) for i in range(3)]
+
+
+def test_source_ids_that_carry_pii_are_stored_as_salted_hashes_and_still_tell_ids_apart(con, tmp_path):
+    records = [dict(openai(("user", ENGLISH), ("assistant", "Paris."), ("user", f"And question {i}?")), conversation_id=cid)
+               for i, cid in enumerate(["jane.doe@example.com", "bob@example.org", "jane.doe@example.com", "plain-id-7"])]
+    ingest_lines(con, tmp_path, [json.dumps(r) for r in records])
+
+    build_conversations(con, CleaningConfig())
+
+    ids = dict(con.execute("SELECT line_no, source_id FROM conversations").fetchall())
+    assert ids[4] == "plain-id-7"
+    assert ids[1].startswith("sha256:") and ids[2].startswith("sha256:") and ids[1] != ids[2]
+    assert verdicts(con)[3] == "duplicate_id"  # the same e-mail id with other content: still the same id
+    stored = " ".join(str(v) for v in con.execute("SELECT * FROM conversations").fetchall()[0])
+    details = " ".join(d for (d,) in con.execute("SELECT detail FROM quarantine").fetchall())
+    assert "@example" not in stored + details
+
+
+def test_hh_text_before_the_first_turn_is_dropped_with_a_redacted_message_level_row(con, tmp_path):
+    transcript = ("Notes from jane.doe@example.com, card 4111 1111 1111 1111\n\nHuman: " + ENGLISH
+                  + "\n\nAssistant: Paris.\n\nHuman: And why is that so?")
+    ingest_lines(con, tmp_path, [json.dumps({"chosen": transcript})])
+
+    result = build_conversations(con, CleaningConfig())
+
+    assert (result.kept, result.quarantined, result.messages_dropped) == (1, 0, 1)
+    messages = json.loads(con.execute("SELECT to_json(messages) FROM conversations").fetchone()[0])
+    assert [m["role"] for m in messages] == ["user", "assistant", "user"] and "Notes" not in str(messages)
+    reason, detail, index = con.execute("SELECT reason, detail, message_index FROM quarantine WHERE level = 'message'").fetchone()
+    assert (reason, index) == ("text_before_first_turn", None)
+    assert "Notes from <EMAIL>, card <CREDIT_CARD>" in detail
+
+
+def test_the_preview_of_an_unparsable_line_is_redacted_before_it_is_cut(con, tmp_path):
+    """An e-mail straddling the 120-character cut must not survive as `jane.doe@exam`."""
+    line = '{"messages": "' + "x" * 95 + ' jane.doe@example.com and more text after it, never closed'
+    assert line.index("@") < 120 < line.index("@") + 12
+    ingest_lines(con, tmp_path, [line])
+
+    build_conversations(con, CleaningConfig())
+
+    (detail,) = con.execute("SELECT detail FROM quarantine WHERE reason = 'invalid_json'").fetchone()
+    assert "jane" not in detail and "<EMAIL>" in detail and detail.endswith("…")
