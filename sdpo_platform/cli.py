@@ -3,12 +3,48 @@
 from __future__ import annotations
 
 import argparse
+import datetime
+import errno
 import json
+import re
 import sys
 from pathlib import Path
 
+from sdpo_platform.formats import FORMATS
+
+# What bad input or arguments raise: reported as one line and exit 2 (argparse's convention for usage
+# errors). Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run_command(args)
+    except USER_ERRORS as error:
+        print(f"{parser.prog}: error: {describe(error)}", file=sys.stderr)
+        return 2
+
+
+def describe(error: Exception) -> str:
+    """The message a user acts on: an OS error's reason and path, without the errno prefix."""
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.strerror}: {error.filename}"
+    return str(error)
+
+
+def day(text: str) -> str:
+    """argparse type of a partition: a real calendar day written YYYY-MM-DD."""
+    try:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+            return datetime.date.fromisoformat(text).isoformat()
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"not a day (YYYY-MM-DD): {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdpo", description="Self-distillation from user interactions.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the whole lineage on a slice of real ShareGPT logs")
@@ -18,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("config", help="print every configuration knob with its default (markdown)")
     ing = sub.add_parser("ingest", help="ingest log files: raw → conversations → interactions for the days they touch")
     ing.add_argument("paths", nargs="+", help="JSONL / JSON / Parquet files (optionally .gz)")
-    ing.add_argument("--partition", help="put every record on this day (YYYY-MM-DD) instead of its own timestamp")
-    ing.add_argument("--format", help="force the record format instead of detecting it per file")
+    ing.add_argument("--partition", type=day, help="put every record on this day (YYYY-MM-DD) instead of its own timestamp")
+    ing.add_argument("--format", choices=FORMATS, help="force the record format instead of detecting it per file")
     st = sub.add_parser("stats", help="warehouse counts (records, conversations, interactions, quarantine by reason)")
     st.add_argument("--json", action="store_true", help="print one JSON object")
     adv = sub.add_parser("advantages", help="per-token hindsight advantages of JSONL rows, optionally as an HTML heatmap")
@@ -32,8 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     inf.add_argument("input", help="JSONL rows: messages or prompt, followup, optional response (generated greedily when missing)")
     inf.add_argument("--out", required=True, help="JSONL written: each row plus followup_kind, informativeness, keep, safety_flag")
     inf.add_argument("--model", help="model spec (default: the config's model)")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def run_command(args: argparse.Namespace) -> int:
+    """The subcommand's work; its exit status."""
     if args.command == "demo":
         from assets.demo import run_demo
 
@@ -81,8 +120,7 @@ def _ingest(args) -> int:
 
     missing = [p for p in args.paths if not Path(p).exists()]
     if missing:
-        print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
-        return 2
+        raise FileNotFoundError(errno.ENOENT, "no such file", ", ".join(missing))
     with connect() as con:
         outcome = ingest_and_clean(con, args.paths, PlatformConfig.load(), args.partition, args.format, log=_stderr)
     for error in outcome["errors"]:

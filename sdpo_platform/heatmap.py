@@ -81,8 +81,24 @@ intensity = |A| (full colour at |A| ≥ {scale:.3f}); hover a token for its valu
 
 
 def decode_tokens(tokenizer, token_ids: list[int]) -> list[str]:
-    """Each token's own text (special tokens such as EOS included), so the page shows what was scored."""
-    return [tokenizer.decode([t], skip_special_tokens=False) for t in token_ids]
+    """Each token's text (special tokens such as EOS included), one entry per token, joining to exactly
+    the decoded response, so the page shows what was scored.
+
+    Tokens are not decoded alone: byte-level BPE splits one emoji or CJK character over several tokens
+    (alone each is U+FFFD), and SentencePiece drops a lone token's leading space. Each token instead
+    gets what it adds to the decoded prefix; a token ending inside a character shows "" and the one
+    completing it shows the character. Quadratic in the length, fine for responses.
+    """
+    ids = [int(t) for t in token_ids]
+    pieces, shown = [], ""
+    for end in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:end], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if end < len(ids) and (text.endswith("\ufffd") or not text.startswith(shown)):
+            pieces.append("")  # a character still incomplete: its bytes carry to the next token
+            continue
+        pieces.append(text[len(shown) :])
+        shown = text
+    return pieces
 
 
 def rows_from_targets(targets, tokenizer, interaction_text: dict[str, tuple[str, str]], title_prefix: str = "") -> list[HeatmapRow]:

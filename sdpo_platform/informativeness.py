@@ -255,7 +255,9 @@ def run_jsonl(input_path: str, out_path: str, model_spec: str | None = None, con
 
     config = config or PlatformConfig.load()
     cfg = config.informativeness
-    rows = [json.loads(line) for line in Path(input_path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    # Lines end at "\n" only: splitlines() would also split inside strings holding a raw U+2028/U+2029/U+0085.
+    lines = (line.rstrip("\r") for line in Path(input_path).read_text(encoding="utf-8").split("\n"))
+    rows = [json.loads(line) for line in lines if line.strip()]
     frame = pd.DataFrame(
         {
             "interaction_id": [str(r.get("id", i)) for i, r in enumerate(rows)],

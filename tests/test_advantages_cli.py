@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from sdpo_platform.advantages import context_and_response
 from sdpo_platform.cli import main
 from sdpo_platform.config import TargetsConfig
 from sdpo_platform.hindsight import encode_interaction
@@ -58,8 +59,91 @@ def test_generation_is_seeded_and_repeatable(tiny_model_dir, sdpo_home, tmp_path
     assert outputs[0]["response"] == outputs[1]["response"] and outputs[0]["advantages"] == outputs[1]["advantages"]
 
 
-def test_bad_rows_fail_before_the_model_loads(tmp_path, sdpo_home):
+BAD_ROWS = [  # (line 2 of the input, what the error must say)
+    ('{"prompt": "hi", "followup": ', "not JSON"),
+    ('["prompt", "hi"]', "expected a JSON object"),
+    ('{"prompt": "no follow-up here"}', "'followup' string"),
+    ('{"prompt": "hi", "followup": 3}', "'followup' string"),
+    ('{"followup": "ok"}', "needs 'messages' or 'prompt'"),
+    ('{"prompt": "A", "messages": [{"role": "user", "content": "B"}], "followup": "ok"}', "both 'messages' and 'prompt'"),
+    ('{"prompt": null, "followup": "ok"}', "'prompt' must be a string"),
+    ('{"prompt": 123, "followup": "ok"}', "'prompt' must be a string"),
+    ('{"prompt": "hi", "response": 42, "followup": "ok"}', "'response' must be a string"),
+    ('{"messages": "hello", "followup": "ok"}', "'messages' must be a list"),
+    ('{"messages": ["hello"], "followup": "ok"}', "messages[0] is not an object"),
+    ('{"messages": [{"role": "user"}], "followup": "ok"}', "messages[0] has no content"),
+    ('{"messages": [{"content": "hi"}], "followup": "ok"}', "messages[0] has no role"),
+    ('{"messages": [{"role": "user", "content": 5}], "followup": "ok"}', "messages[0]: content must be a string"),
+    ('{"messages": [{"role": "robot", "content": "hi"}], "followup": "ok"}', "unknown role 'robot'"),
+    ('{"messages": [], "followup": "ok"}', "start and end with a user message"),
+    ('{"messages": [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}], "followup": "ok"}', "start and end with a user message"),
+]
+
+
+@pytest.fixture()
+def no_model(monkeypatch):
+    """Loading a model fails the test: bad input must be refused before it."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("sdpo_platform.models.load_model", refuse)
+
+
+@pytest.mark.parametrize(("line", "says"), BAD_ROWS)
+def test_bad_rows_are_one_line_errors_naming_file_and_line(tmp_path, sdpo_home, no_model, capsys, line, says):
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text('{"prompt": "ok", "followup": "fine"}\n' + line + "\n")
+    assert main(["advantages", str(source), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sdpo: error: {source}:2: ") and says in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_empty_input_is_an_error(tmp_path, sdpo_home, no_model, capsys):
     source = tmp_path / "in.jsonl"
-    write_rows(source, [{"prompt": "ok", "followup": "fine"}, {"prompt": "no follow-up here"}])
-    with pytest.raises(ValueError, match="line 2.*followup"):
-        main(["advantages", str(source), "--out", str(tmp_path / "out.jsonl"), "--model", "/nonexistent/model"])
+    source.write_text("\n  \n")
+    assert main(["advantages", str(source), "--out", str(tmp_path / "out.jsonl")]) == 2
+    assert capsys.readouterr().err == f"sdpo: error: {source}: no rows\n"
+
+
+def test_missing_input_is_an_error(tmp_path, sdpo_home, no_model, capsys):
+    assert main(["advantages", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "out.jsonl")]) == 2
+    assert capsys.readouterr().err == f"sdpo: error: No such file or directory: {tmp_path / 'nope.jsonl'}\n"
+
+
+def test_unloadable_model_is_an_error(tmp_path, sdpo_home, capsys):
+    source = tmp_path / "in.jsonl"
+    write_rows(source, [{"prompt": "ok", "response": "yes", "followup": "fine"}])
+    assert main(["advantages", str(source), "--out", str(tmp_path / "out.jsonl"), "--model", str(tmp_path / "no-model")]) == 2
+    assert capsys.readouterr().err.startswith(f"sdpo: error: cannot load model '{tmp_path / 'no-model'}': ")
+
+
+def test_bugs_keep_their_traceback(tmp_path, monkeypatch):
+    """Only input errors become one line; anything else is a bug and must surface whole."""
+
+    def broken(*args):
+        raise KeyError("bug")
+
+    monkeypatch.setattr("sdpo_platform.advantages.run", broken)
+    with pytest.raises(KeyError):
+        main(["advantages", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out.jsonl")])
+
+
+def test_system_turns_are_dropped_and_a_final_assistant_turn_is_the_response():
+    row = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "followup": "ok"}
+    assert context_and_response(row) == ([{"role": "user", "content": "Hi"}], "Hello")
+
+
+def test_output_with_raw_line_separators_reads_back(tiny_model_dir, sdpo_home, tmp_path):
+    """JSON strings may hold U+2028, U+2029 and U+0085 raw (`--out` writes them so): they are not line ends."""
+    source, first, second, labelled = (tmp_path / name for name in ("in.jsonl", "a.jsonl", "b.jsonl", "c.jsonl"))
+    row = {"prompt": "line one\u2028line two", "response": "a\x85b", "followup": "fine\u2029thanks"}
+    source.write_text(json.dumps(row, ensure_ascii=False) + "\r\n", encoding="utf-8")
+    assert main(["advantages", str(source), "--out", str(first), "--model", str(tiny_model_dir)]) == 0
+    assert "\u2028" in first.read_text(encoding="utf-8")  # written raw: the round trip below is a real test
+    assert main(["advantages", str(first), "--out", str(second), "--model", str(tiny_model_dir)]) == 0
+    again = json.loads(second.read_text(encoding="utf-8"))
+    assert {k: again[k] for k in row} == row and again["advantages"] == json.loads(first.read_text(encoding="utf-8"))["advantages"]
+    assert main(["informativeness", str(first), "--out", str(labelled), "--model", str(tiny_model_dir)]) == 0
+    assert json.loads(labelled.read_text(encoding="utf-8"))["prompt"] == row["prompt"]

@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from sdpo_platform.cli import main
 from tests.lineage_fixtures import FIXTURE_DAY, write_garbage_inbox, write_inbox
 
@@ -53,7 +55,19 @@ def test_partition_override_and_failing_partition_exit_code(sdpo_home, capsys):
 
 def test_missing_file_is_a_clear_error(sdpo_home, capsys):
     assert main(["ingest", str(sdpo_home / "nope.jsonl")]) == 2
-    assert "no such file" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"sdpo: error: no such file: {sdpo_home / 'nope.jsonl'}\n"
+
+
+@pytest.mark.parametrize("option", [["--format", "chatml"], ["--partition", "2024-13-01"], ["--partition", "20240105"]])
+def test_bad_option_values_are_usage_errors(sdpo_home, capsys, option):
+    """Refused by argparse, before any file is read: usage, the bad value, exit 2, no traceback."""
+    logs = sdpo_home / "a.jsonl"
+    logs.write_text("{}\n")
+    with pytest.raises(SystemExit) as exited:
+        main(["ingest", str(logs), *option])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith("usage: sdpo ingest") and repr(option[1]) in err
+    assert not (sdpo_home / "warehouse.duckdb").exists()
 
 
 def test_unreadable_lines_alone_do_not_fail_their_arrival_day(sdpo_home, capsys):
