@@ -241,28 +241,31 @@ def generate_missing_responses(model, tokenizer, contexts: list[list[Message]], 
 def run_jsonl(input_path: str, out_path: str, model_spec: str | None = None, config=None) -> int:
     """`sdpo informativeness`: assess JSONL rows with the same code as the interactions asset.
 
-    Rows hold `messages` (x, ending with a user turn) or `prompt`, an optional `response` (generated
-    greedily when missing) and `followup`; optional `id`, `conversation_id`, `user_id`. Each row is
-    written back with `response`, `followup_kind`, `followup_features`, `informativeness`, `keep`,
+    Rows are those of `sdpo advantages` (`messages` or `prompt`, optional `response`, generated greedily
+    when missing, and `followup`; checked the same way, a bad one is a ValueError naming file:line), with
+    optional `id`, `conversation_id`, `user_id`. Each row is written back with `response`, `followup_kind`, `followup_features`, `informativeness`, `keep`,
     `safety_flag`, `safety_reasons` and `exclusion_reason`. Returns the number of rows written.
     """
     import json
     from pathlib import Path
 
+    from sdpo_platform.advantages import context_and_response, read_rows
     from sdpo_platform.config import PlatformConfig
     from sdpo_platform.models import load_model
     from sdpo_platform.safety import principled_template
 
     config = config or PlatformConfig.load()
     cfg = config.informativeness
-    # Lines end at "\n" only: splitlines() would also split inside strings holding a raw U+2028/U+2029/U+0085.
-    lines = (line.rstrip("\r") for line in Path(input_path).read_text(encoding="utf-8").split("\n"))
-    rows = [json.loads(line) for line in lines if line.strip()]
+    located = read_rows(input_path)  # the rows `sdpo advantages` takes, checked the same way before any model loads
+    if not located:
+        raise ValueError(f"{input_path}: no rows")
+    parsed = [context_and_response(row, where) for where, row in located]
+    rows = [row for _, row in located]
     frame = pd.DataFrame(
         {
             "interaction_id": [str(r.get("id", i)) for i, r in enumerate(rows)],
-            "context": [r["messages"] if r.get("messages") else [{"role": "user", "content": r["prompt"]}] for r in rows],
-            "response": [r.get("response") for r in rows],
+            "context": [context for context, _ in parsed],
+            "response": [response for _, response in parsed],
             "followup": [r["followup"] for r in rows],
             "conversation_id": [r.get("conversation_id") for r in rows],
             "user_id": [r.get("user_id") for r in rows],

@@ -153,3 +153,14 @@ def test_cap_check_fails_when_one_user_keeps_more_than_the_cap():
     labelled = _labelled([True] * 20, users=["heavy"] * 5 + [f"u{k}" for k in range(15)])
     assert not check_caps(labelled, cfg).passed
     assert check_caps(labelled, cfg.model_copy(update={"max_user_share": 0.25})).passed
+
+
+def test_cli_bad_row_is_a_one_line_error_naming_its_line(tmp_path, capsys):
+    from sdpo_platform.cli import main
+
+    source = tmp_path / "rows.jsonl"
+    source.write_text(json.dumps({"prompt": "Hi", "response": "Hello", "followup": "thanks"}) + "\n"
+                      + json.dumps({"prompt": "Hi", "response": "Hello"}) + "\n")
+    assert main(["informativeness", str(source), "--out", str(tmp_path / "out.jsonl"), "--model", "/nonexistent"]) == 2
+    assert capsys.readouterr().err.strip() == f"sdpo: error: {source}:2: needs a 'followup' string (the user's next message)"
+    assert not (tmp_path / "out.jsonl").exists()
