@@ -7,9 +7,10 @@ response is the start of turn k+1's prompt. The engine builds a prefix tree over
 group (`prefix_tree`, by token equality), cuts it into chains along its heaviest paths (a conversation's
 latest student sequence, with the teacher branches hanging off it), and runs each chain once, level by
 level, on top of its parent chain's KV cache up to where it branches off; a sequence that is a prefix of
-another costs nothing beyond reading its positions. The LM head and the float32 log-softmax are applied
-only at the positions that predict response tokens, in chunks, so no float32 [batch, seq, vocab] tensor
-ever exists.
+another costs nothing beyond reading its positions. The LM head (`heads.lm_logits`: the head as the
+model's forward applies it, logit scaling and soft-capping included) and the float32 log-softmax are
+applied only at the positions that predict response tokens, in chunks, so no float32 [batch, seq, vocab]
+tensor ever exists.
 
 Each level is batched under a token budget (rows × (longest cached prefix + longest chain)) and sorted by
 chain length, so little compute goes to padding: chains are right-padded (a real token never sees the
@@ -27,6 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from sdpo_platform.heads import check_lm_logits, lm_logits
 from sdpo_platform.prefix_tree import build_prefix_tree, common_prefix_length, heavy_chains
 
 GPU_TOKEN_BUDGET = 65536  # auto budget on accelerators; on CPU each chain runs alone (no padding)
@@ -160,19 +162,29 @@ def score_jobs(
 
     `token_budget` bounds each forward pass's padded tokens (see `length_batches`; `resolve_token_budget` for None).
     `top_k > 0` also returns, for branch `topk_branch` (the teacher in `targets`), the k most likely
-    token ids per response position with their log-probs and the probability mass outside them.
-    The model runs in eval mode under `torch.inference_mode` and its mode is restored after.
+    token ids per response position with their log-probs and the probability mass outside them; a k
+    above the vocabulary is a ValueError before any work (clamping it would return fewer columns than
+    asked for). Every prompt needs a token (a BOS at least): nothing predicts a response's first token
+    otherwise. The model runs in eval mode under `torch.inference_mode` and its mode is restored after;
+    a model's first use checks that its head is reproduced exactly (`heads.check_lm_logits`).
     """
     if not jobs:
         return []
     if len({len(j.prompts) for j in jobs}) != 1:
         raise ValueError("all jobs need the same number of branches")
+    empty = next(((i, b) for i, job in enumerate(jobs) for b, prompt in enumerate(job.prompts) if not prompt), None)
+    if empty is not None:
+        raise ValueError(f"job {empty[0]} has an empty prompt (branch {empty[1]}): a response is scored after at least one token")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if top_k > vocab:
+        raise ValueError(f"top_k={top_k} is larger than the model's vocabulary ({vocab} tokens)")
     results: list[BranchScores | None] = [None] * len(jobs)
     started, done, tokens = time.monotonic(), 0, 0
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
+            check_lm_logits(model, list(jobs[0].prompts[0]) + list(jobs[0].response_ids))
             budget = resolve_token_budget(token_budget, next(model.parameters()).device)
             for group in plan_batches(jobs, budget):
                 scored = _score_group(model, [jobs[i] for i in group], pad_id, budget, top_k, topk_branch)
@@ -193,7 +205,7 @@ def _score_group(model, jobs: list[BranchJob], pad_id: int, token_budget: int, t
     n_branches = len(jobs[0].prompts)
     targets = [t for job in jobs for _ in job.prompts for t in job.response_ids]
     wants_topk = [top_k > 0 and b == topk_branch for job in jobs for b in range(n_branches) for _ in job.response_ids]
-    token_lp, top_ids, top_lp = _head_logprobs(model.get_output_embeddings(), states, targets, wants_topk, top_k)
+    token_lp, top_ids, top_lp = _head_logprobs(model, states, targets, wants_topk, top_k)
 
     results, offset, topk_offset = [], 0, 0
     for job in jobs:
@@ -322,16 +334,16 @@ def _stacked_cache(model, caches: list, width: int):
     return DynamicCache(ddp_cache_data=layers, config=model.config)
 
 
-def _head_logprobs(head, states: torch.Tensor, targets: list[int], wants_topk: list[bool], top_k: int):
+def _head_logprobs(model, states: torch.Tensor, targets: list[int], wants_topk: list[bool], top_k: int):
     """log π of each target (float64 numpy) and, where asked, the top-k ids and log-probs, chunk by chunk."""
     device = states.device
     targets_t = torch.tensor(targets).to(device)
     wants_t = torch.tensor(wants_topk, dtype=torch.bool).to(device)
     budget = HEAD_CHUNK_BYTES["cpu" if device.type == "cpu" else "accelerator"]
-    chunk = max(1, budget // (4 * head.weight.shape[0]))
+    chunk = max(1, budget // (4 * model.get_output_embeddings().weight.shape[0]))
     token_lp, top_ids, top_lp = [], [], []
     for start in range(0, len(targets), chunk):
-        logits = head(states[start : start + chunk]).float()
+        logits = lm_logits(model, states[start : start + chunk]).float()
         normalizer = torch.logsumexp(logits, dim=-1)
         token_lp.append(logits.gather(-1, targets_t[start : start + chunk, None]).squeeze(-1) - normalizer)
         chosen = wants_t[start : start + chunk]

@@ -10,15 +10,20 @@ scored. A killed run resumes with the shards still missing; a rerun of a complet
 any process holding the model can score any shard (`score_shard`), so shards can run on many workers:
 
     python -m sdpo_platform.targets SET_DIR [--shards 0 3 7]
+
+The plan is two files, hence two renames, so the manifest carries the sha256 of the inputs file: a
+planner rewrites whichever file differs from its plan (a plan killed between the renames is repaired by
+the next), and a worker scores only inputs whose digest its manifest names (`read_plan`).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
-import tempfile
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,7 +196,10 @@ def plan_target_set(interactions: pd.DataFrame, cfg: TargetsConfig, model_path: 
 
     Shards are consecutive runs of `cfg.shard_size` input rows. A shard's file name carries a digest of
     its rows and of the settings that change the numbers, so a shard already on disk is reused exactly
-    when it would be recomputed identically. Files are only rewritten when the plan changes.
+    when it would be recomputed identically. Files are only rewritten when the plan changes: the inputs
+    when the file on disk is not this plan's (its sha256, which the manifest records, differs), then the
+    manifest when it differs (inputs first: a kill in between leaves a manifest whose digest the inputs
+    fail, which workers refuse and the next plan repairs).
     """
     missing = [c for c in INPUT_COLUMNS if c not in interactions.columns]
     if missing:
@@ -216,23 +224,50 @@ def plan_target_set(interactions: pd.DataFrame, cfg: TargetsConfig, model_path: 
         payload = json.dumps([settings, rows.drop(columns="shard").values.tolist()], ensure_ascii=False)
         digest = hashlib.sha256(payload.encode("utf-8")).hexdigest()[:12]
         shards.append({"index": int(index), "file": f"shard-{int(index):05d}-{digest}.parquet", "rows": len(rows)})
+    buffer = io.BytesIO()
+    inputs.to_parquet(buffer, index=False)
+    inputs_bytes = buffer.getvalue()
+    inputs_sha256 = hashlib.sha256(inputs_bytes).hexdigest()
     manifest = {
         "model_revision": model_revision,
         "template_hash": template_hash(cfg.template),
         "model_path": model_path,
         "targets_config": cfg.model_dump(),
         "rows": len(inputs),
+        "inputs_sha256": inputs_sha256,
         "shards": shards,
     }
-    manifest_path = folder / MANIFEST_FILE
+    inputs_path, manifest_path = folder / INPUTS_FILE, folder / MANIFEST_FILE
+    if not inputs_path.exists() or hashlib.sha256(inputs_path.read_bytes()).hexdigest() != inputs_sha256:
+        _atomic_write(inputs_path, lambda tmp: Path(tmp).write_bytes(inputs_bytes))
     if not manifest_path.exists() or json.loads(manifest_path.read_text()) != manifest:
-        _atomic_write(folder / INPUTS_FILE, lambda tmp: inputs.to_parquet(tmp, index=False))
         _atomic_write(manifest_path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2, ensure_ascii=False)))
     return folder
 
 
 def read_manifest(set_dir: str | Path) -> dict:
     return json.loads((Path(set_dir) / MANIFEST_FILE).read_text())
+
+
+def read_plan(set_dir: str | Path, attempts: int = 3) -> tuple[dict, bytes]:
+    """The manifest and the bytes of the inputs it was planned with (their sha256 checked).
+
+    A re-plan running meanwhile replaces inputs then manifest, so a mismatch is read again after a
+    moment; one that persists (a plan killed between its two files, or a set planned before inputs
+    carried a digest) is an error: plan the set again (`materialize_targets` / `plan_target_set`).
+    """
+    set_dir = Path(set_dir)
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(0.5)
+        manifest = read_manifest(set_dir)
+        data = (set_dir / INPUTS_FILE).read_bytes()
+        if manifest.get("inputs_sha256") == hashlib.sha256(data).hexdigest():
+            return manifest, data
+    raise RuntimeError(
+        f"{set_dir / INPUTS_FILE} is not the file {MANIFEST_FILE} was planned with (its sha256 differs or the manifest "
+        "records none): the set was re-planned while this ran or a plan was interrupted; plan the set again"
+    )
 
 
 def pending_shards(set_dir: str | Path) -> list[int]:
@@ -245,7 +280,9 @@ def score_shard(set_dir: str | Path, shard_index: int, model=None, tokenizer=Non
     """Score one planned shard and write it atomically; False (and no work) when it already exists.
 
     Independent of any other process: the plan and the inputs are read from the set's folder, and
-    without `model` the manifest's model is loaded (and must still have the set's revision).
+    without `model` the manifest's model is loaded (and must still have the set's revision). Manifest
+    and inputs are read together after the model is loaded and checked against each other (`read_plan`),
+    so the shard is computed from, and named after, the rows of one plan.
     """
     set_dir = Path(set_dir)
     manifest = read_manifest(set_dir)
@@ -258,7 +295,11 @@ def score_shard(set_dir: str | Path, shard_index: int, model=None, tokenizer=Non
         if model_revision(manifest["model_path"]) != manifest["model_revision"]:
             raise ValueError(f"{manifest['model_path']} no longer has revision {manifest['model_revision']}")
         model, tokenizer = load_model(manifest["model_path"])
-    inputs = pd.read_parquet(set_dir / INPUTS_FILE, filters=[("shard", "==", shard_index)])
+    manifest, data = read_plan(set_dir)  # the plan may have changed while the model loaded
+    shard = next(s for s in manifest["shards"] if s["index"] == shard_index)
+    if (set_dir / shard["file"]).exists():
+        return False
+    inputs = pd.read_parquet(io.BytesIO(data), filters=[("shard", "==", shard_index)])
     inputs["context"] = [json.loads(c) for c in inputs["context_json"]]
     cfg = TargetsConfig.model_validate(manifest["targets_config"])
     frame = compute_targets(model, tokenizer, inputs, cfg, manifest["model_revision"], progress=progress)
@@ -363,9 +404,13 @@ def _messages(context) -> list[dict]:
 
 
 def _atomic_write(path: Path, write) -> None:
-    """`write(temp_path)` next to `path`, then rename over it: readers never see half a file."""
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+    """`write(temp_path)` next to `path`, then rename over it: readers never see half a file.
+
+    The temp file is created as `open` would create `path` (mode 0666 less the umask, not mkstemp's
+    0600), so workers and trainers running as other users can read the set.
+    """
+    staging = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")
+    os.close(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         write(staging)
         os.replace(staging, path)

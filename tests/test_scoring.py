@@ -209,3 +209,96 @@ def test_progress_logger_writes_about_every_tenth_with_rates_and_eta():
         log(ScoringProgress(done, 100, done * 50, elapsed_s=done / 10))
     assert len(lines) == 5  # 0.25, 0.5, 0.75, 1.0 and the first report
     assert "100/100 interactions" in lines[-1] and "500 tokens/s" in lines[-1] and "ETA 0s" in lines[-1]
+
+
+def tiny_architecture(name: str):
+    """A tiny random float32 model of an architecture; large init so the logits reach soft-capping range."""
+    import transformers
+
+    common = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.5)
+    config_class, model_class, extra = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+        "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8, "final_logit_softcapping": 5.0}),
+        "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 8, "final_logit_softcapping": 5.0}),
+        "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 8.0}),
+        "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.0625}),
+    }[name]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(**common, **extra)
+    return getattr(transformers, model_class)(config).eval()
+
+
+POSTPROCESSING = {"gemma2", "gemma3", "granite", "cohere"}  # soft-capping, logits_scaling, logit_scale
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma2", "gemma3", "granite", "cohere"])
+def test_engine_and_training_logprobs_apply_the_models_logit_postprocessing(name):
+    from sdpo_platform.logprobs import batch_response_logprobs
+
+    model = tiny_architecture(name)
+    jobs = [
+        BranchJob(([5, 6, 7, 8], [5, 6, 7, 9, 10]), [11, 12, 13, 2]),
+        BranchJob(([5, 6, 7, 8, 20, 21], [30, 31]), [40, 41, 42]),
+        BranchJob(([5, 6], [5, 6, 7, 9, 10, 11, 12]), [50]),
+    ]
+    expected = [reference(model, job) for job in jobs]
+    with torch.inference_mode():
+        states = model.get_decoder()(input_ids=torch.tensor([jobs[0].prompts[0] + jobs[0].response_ids])).last_hidden_state
+        head_only = torch.log_softmax(model.get_output_embeddings()(states[0, 3:-1]), -1).gather(-1, torch.tensor(jobs[0].response_ids)[:, None])
+    assert (float((head_only[:, 0] - torch.from_numpy(expected[0][0])).abs().max()) > 0.1) == (name in POSTPROCESSING)  # the forward really post-processes
+    for budget in (1, 100_000):  # alone and batched with padding
+        for job, got, want in zip(jobs, score_jobs(model, jobs, pad_id=0, token_budget=budget, top_k=3), expected):
+            for branch, reference_branch in zip(got.logprobs, want):
+                np.testing.assert_allclose(branch, reference_branch, atol=1e-4)
+    prompts = [p for job in jobs for p in job.prompts]
+    responses = [job.response_ids for job in jobs for _ in job.prompts]
+    with torch.no_grad():
+        batched = batch_response_logprobs(model, prompts, responses, pad_id=0)
+    for got, want in zip(batched, [b for e in expected for b in e]):
+        np.testing.assert_allclose(got.double().numpy(), want, atol=1e-4)
+
+
+def test_an_unknown_logit_postprocessing_fails_loudly_once_per_model(tiny_model_dir):
+    from transformers import LlamaForCausalLM
+
+    from sdpo_platform.logprobs import batch_response_logprobs
+
+    class DoubledLogitsLlama(LlamaForCausalLM):  # a future architecture whose forward scales its logits
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    job = BranchJob(([5, 6, 7], [5, 6, 8]), [9, 10])
+    strange = DoubledLogitsLlama.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with pytest.raises(NotImplementedError, match="DoubledLogitsLlama"):
+        score_jobs(strange, [job], pad_id=0)
+    with pytest.raises(NotImplementedError, match="DoubledLogitsLlama"):
+        batch_response_logprobs(strange, [[5, 6, 7]], [[9, 10]])
+    assert strange.training is False  # the guard restored the mode it found
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    forward, calls = model.forward, []
+    model.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)  # the engine itself never calls the full forward
+    for _ in range(3):
+        score_jobs(model, [job], pad_id=0)
+    batch_response_logprobs(model, [[5, 6, 7]], [[9, 10]])
+    assert len(calls) == 1  # checked on first use only, not per call or per batch
+
+
+def test_top_k_above_the_vocabulary_fails_up_front(tiny):
+    model, tok = tiny
+    vocab = model.get_output_embeddings().weight.shape[0]
+    job = BranchJob(([5, 6, 7], [5, 6, 8]), [9, 10])
+    with pytest.raises(ValueError, match=f"top_k={vocab + 1} is larger than the model's vocabulary"):
+        score_jobs(model, [job], tok.pad_token_id, top_k=vocab + 1)
+    assert score_jobs(model, [job], tok.pad_token_id, top_k=vocab)[0].topk_ids.shape == (2, vocab)  # all of it: allowed
+
+
+def test_an_empty_prompt_fails_up_front(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="job 1 has an empty prompt"):
+        score_jobs(model, [BranchJob(([5, 6, 7], [5, 6, 8]), [9, 10]), BranchJob(([5], []), [9, 10])], tok.pad_token_id)
+    with pytest.raises(ValueError, match="empty prompt"):
+        response_logprobs(model, [], [9, 10])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -270,3 +271,76 @@ def test_an_independent_worker_scores_a_planned_shard(tiny, tiny_model_dir, sdpo
     assert pending_shards(folder) == []
     expected = compute_targets(model, tok, interactions, cfg, model_revision(str(tiny_model_dir)))
     pd.testing.assert_frame_equal(read_targets(folder), expected, check_exact=False, atol=1e-4)
+
+
+def lettered(tag: str, n: int = 4) -> pd.DataFrame:
+    return make_interactions(n).assign(interaction_id=[f"{tag}{i}" for i in range(n)], response=[f"{tag} answer {i}." for i in range(n)])
+
+
+def test_a_plan_killed_between_inputs_and_manifest_is_refused_by_workers_and_repaired_by_the_next_plan(tiny, tiny_model_dir, sdpo_home, monkeypatch):
+    import sdpo_platform.targets as targets
+
+    model, tok = tiny
+    plan_a, plan_b = lettered("A"), lettered("B")
+    cfg = TargetsConfig(shard_size=2, top_k=0)
+    folder = plan_target_set(plan_a, cfg, str(tiny_model_dir), "rev")
+    manifest_a = (folder / "manifest.json").read_text()
+    real_write = targets._atomic_write
+
+    def killed_before_the_manifest(path, write):
+        if path.name == "manifest.json":
+            raise KeyboardInterrupt("killed between inputs.parquet and manifest.json")
+        real_write(path, write)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(targets, "_atomic_write", killed_before_the_manifest)
+        with pytest.raises(KeyboardInterrupt):
+            plan_target_set(plan_b, cfg, str(tiny_model_dir), "rev")  # B's inputs, A's manifest
+    assert (folder / "manifest.json").read_text() == manifest_a
+    with pytest.raises(RuntimeError, match="not the file manifest.json was planned with"):
+        score_shard(folder, 0, model, tok)
+    assert pending_shards(folder) == [0, 1]  # nothing written under A's names
+
+    manifest_mtime = (folder / "manifest.json").stat().st_mtime_ns
+    plan_target_set(plan_a, cfg, str(tiny_model_dir), "rev")  # the manifest is A's already, the inputs are not
+    assert (folder / "manifest.json").stat().st_mtime_ns == manifest_mtime
+    for index in pending_shards(folder):
+        score_shard(folder, index, model, tok)
+    assert list(read_targets(folder)["interaction_id"]) == list(plan_a["interaction_id"])
+
+
+def test_a_worker_scores_the_plan_it_read_when_the_set_is_replanned_while_its_model_loads(tiny, tiny_model_dir, sdpo_home, monkeypatch):
+    import sdpo_platform.models
+
+    model, tok = tiny
+    plan_a, plan_b = lettered("A"), lettered("B")
+    cfg = TargetsConfig(shard_size=2, top_k=0)
+    from sdpo_platform.models import model_revision
+
+    revision = model_revision(str(tiny_model_dir))
+    folder = plan_target_set(plan_a, cfg, str(tiny_model_dir), revision)
+
+    def load_while_replanned(*args, **kwargs):
+        plan_target_set(plan_b, cfg, str(tiny_model_dir), revision)
+        return model, tok
+
+    monkeypatch.setattr(sdpo_platform.models, "load_model", load_while_replanned)
+    assert score_shard(folder, 1)  # read A's manifest, then the set became B
+    manifest_b = json.loads((folder / "manifest.json").read_text())
+    written = [p.name for p in folder.glob("shard-*.parquet")]
+    assert written == [manifest_b["shards"][1]["file"]]  # named for the plan its rows came from
+    assert list(pd.read_parquet(folder / written[0])["interaction_id"]) == ["B2", "B3"]
+
+
+def test_target_set_files_get_the_mode_a_normal_open_gives(tiny, tiny_model_dir, sdpo_home):
+    import os
+    import stat
+
+    model, tok = tiny
+    previous = os.umask(0o027)
+    try:
+        result = materialize_targets(make_interactions(3), TargetsConfig(shard_size=2, top_k=0), str(tiny_model_dir), model=model, tokenizer=tok, show_bar=False)
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in sorted(Path(result.path).iterdir())}
+    assert len(modes) == 4 and set(modes.values()) == {0o640}, modes  # inputs, manifest, two shards
