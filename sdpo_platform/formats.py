@@ -3,7 +3,9 @@
 Containers are recognised from the bytes (gzip and Parquet magic numbers, the first non-blank
 character), with the name only as a tie-breaker (`.jsonl`/`.ndjson` are always line-delimited), so a
 `.json` holding JSONL or a gzip without `.gz` still reads. Every container yields the same thing:
-`(line_no, raw_text, read_error)` per record, streamed, so memory does not grow with the file.
+`(line_no, raw_text, read_error)` per record, streamed, so memory does not grow with the file. A gzip cut
+off early (an interrupted copy) reads up to the cut and sets `Container.cut_off`, and bytes that are not
+UTF-8 are passed through as read in every text container, so one bad byte costs one record, not the file.
 
 Record formats, recognised from the keys of the first records (`detect_format`):
 
@@ -27,7 +29,7 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
 
@@ -152,10 +154,10 @@ class Container:
     max_record_bytes: int
     path: Path  # the file to read (a decompressed temporary copy for gzipped Parquet)
     truncated_after: int | None = None  # JSON array that broke off: records read before the break
-    _cleanup: list = field(default_factory=list)
+    cut_off: bool = False  # gzip data that ends before its end marker: only what came before the cut was read
 
     def _binary(self) -> BinaryIO:
-        return gzip.open(self.path, "rb") if self.compressed and self.kind != "parquet" else open(self.path, "rb")
+        return _open_gzip(self.path) if self.compressed and self.kind != "parquet" else open(self.path, "rb")
 
     def records(self) -> Iterator[tuple[int, str, str | None]]:
         """(line_no, raw_text, read_error) per record."""
@@ -165,49 +167,47 @@ class Container:
     def byte_records(self) -> Iterator[tuple[int, bytes, str | None]]:
         """(line_no, data, read_error) per record, as bytes: what ingestion streams. When `read_error` is None the
         bytes are the record as read and their UTF-8 is *not* checked yet (`decoded`, or a whole batch at once:
-        far cheaper than line by line); otherwise they are valid UTF-8 (a preview of an oversized record)."""
-        if self.kind == "jsonl":
-            yield from self._jsonl_records()
-        elif self.kind == "json_array":
-            with io.TextIOWrapper(self._binary(), encoding="utf-8-sig") as stream:
-                reader = JsonArrayReader(stream)
+        far cheaper than line by line); otherwise they are valid UTF-8 (a preview of an oversized record).
+        Sets `truncated_after` and `cut_off` for the pass that reads to the end."""
+        self.truncated_after, self.cut_off = None, False
+        if self.kind not in ("jsonl", "json_array", "json_document"):
+            return
+        with self._binary() as stream:
+            if self.kind == "jsonl":
+                yield from self._jsonl_records(stream)
+            elif self.kind == "json_array":
+                # surrogateescape: a bad byte survives decoding (inside a string it is just a character), so the
+                # element's bytes come back as read and get 'invalid_utf8' like a JSONL line, not the whole file
+                reader = JsonArrayReader(io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape"))
                 for index, text in enumerate(reader.texts(), start=1):
-                    text, read_error = self._sized(text)
-                    yield index, text.encode("utf-8"), read_error
+                    yield index, *self._limited(text.encode("utf-8", "surrogateescape"))
                 if not reader.complete:
                     self.truncated_after = reader.records
-        elif self.kind == "json_document":
-            with self._binary() as stream:
-                data = stream.read(self.max_record_bytes + 1)
-            yield 1, *self._limited(data)
+            else:
+                yield 1, *self._limited(stream.read(self.max_record_bytes + 1))
+            self.cut_off = getattr(stream.raw, "cut_off", False)
 
-    def _jsonl_records(self) -> Iterator[tuple[int, bytes, str | None]]:
+    def _jsonl_records(self, stream: BinaryIO) -> Iterator[tuple[int, bytes, str | None]]:
         limit = self.max_record_bytes
-        with self._binary() as stream:
-            line_no = 0
-            while line := stream.readline(limit + 1):
-                line_no += 1
-                if len(line) > limit and not line.endswith(b"\n"):
-                    while (rest := stream.readline(1 << 20)) and not rest.endswith(b"\n"):
-                        pass  # skip the rest of an oversized line without holding it
-                    yield line_no, _preview(line), "record_too_large"
-                    continue
-                if line_no == 1 and line.startswith(b"\xef\xbb\xbf"):
-                    line = line[3:]
-                line = line.rstrip(b"\r\n")
-                if not line or line.isspace():  # blank (the same test as `not line.strip()`, without copying the line)
-                    continue
-                yield line_no, *self._limited(line)
+        line_no = 0
+        while line := stream.readline(limit + 1):
+            line_no += 1
+            if len(line) > limit and not line.endswith(b"\n"):
+                while (rest := stream.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    pass  # skip the rest of an oversized line without holding it
+                yield line_no, _preview(line), "record_too_large"
+                continue
+            if line_no == 1 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]
+            line = line.rstrip(b"\r\n")
+            if not line or line.isspace():  # blank (the same test as `not line.strip()`, without copying the line)
+                continue
+            yield line_no, *self._limited(line)
 
     def _limited(self, data: bytes) -> tuple[bytes, str | None]:
         if len(data) > self.max_record_bytes:
             return _preview(data), "record_too_large"
         return data, None
-
-    def _sized(self, text: str) -> tuple[str, str | None]:
-        if len(text) > self.max_record_bytes:
-            return text[:_PREVIEW_CHARS], "record_too_large"
-        return text, None
 
     def looks_binary(self) -> bool:
         """NUL bytes or invalid UTF-8 in the first 8 KiB: not a text log at all."""
@@ -236,7 +236,6 @@ class Container:
             if error is None:
                 with contextlib.suppress(json.JSONDecodeError, RecursionError):
                     parsed.append(json.loads(text))
-        self.truncated_after = None  # set again by the real pass
         return parsed
 
 
@@ -253,6 +252,37 @@ def _preview(data: bytes) -> bytes:
     return data[:_PREVIEW_CHARS].decode("utf-8", "replace").encode("utf-8")
 
 
+class _GzipUpToCut(io.RawIOBase):
+    """Gzip data that stops at a cut instead of raising: `gzip` raises EOFError when the file ends before its end
+    marker, and a buffered read that hits it drops what it had gathered. Reading through `read1` (at most one
+    decompression step, nothing held back) and turning that EOFError into end-of-data plus `cut_off` keeps every
+    byte before the cut. Anything else (bad header, CRC mismatch) still raises: that file is unreadable."""
+
+    def __init__(self, path: Path):
+        self._gzip = gzip.open(path, "rb")
+        self.cut_off = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        try:
+            data = self._gzip.read1(len(buffer))
+        except EOFError:
+            self.cut_off = True
+            return 0
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._gzip.close()
+        super().close()
+
+
+def _open_gzip(path: Path, mode: str = "rb") -> io.BufferedReader:
+    return io.BufferedReader(_GzipUpToCut(path), buffer_size=_READ_CHUNK_CHARS)
+
+
 @contextlib.contextmanager
 def open_container(path: str | Path, max_record_bytes: int) -> Iterator[Container]:
     """Recognise the container of `path` from its bytes; raises OSError/EOFError if unreadable."""
@@ -261,7 +291,7 @@ def open_container(path: str | Path, max_record_bytes: int) -> Iterator[Containe
         raise FileNotFoundError(f"no such file: {path}")
     with open(path, "rb") as raw:
         compressed = raw.read(2) == _GZIP_MAGIC
-    opener = gzip.open if compressed else open
+    opener = _open_gzip if compressed else open
     with opener(path, "rb") as stream:
         magic = stream.read(4)
     with contextlib.ExitStack() as stack:

@@ -3,13 +3,15 @@
 What a file is, is decided from its bytes, not only its name:
 - container (`formats.open_container`): gzip (magic bytes) around JSONL, a JSON array, one JSON
   document or Parquet (`PAR1`); a JSON array is read record by record (`JsonArrayReader`), so a
-  truncated array keeps its complete records and its tail gets one 'truncated_json_array' row;
+  truncated array keeps its complete records and its tail gets one 'truncated_json_array' row, and a
+  gzip cut off early keeps what was read before the cut and gets one 'truncated_file' row;
 - record format (`formats.detect_format` over the first records, or the caller's `format`):
   wildchat | sharegpt | openai | hh_rlhf. A file whose records match none gets an 'unknown_format'
   quarantine row and an entry in `IngestResult.errors`, both naming the file; a binary file (NUL bytes
   or not UTF-8 in its first 8 KiB) is not ingested at all, a text file is (its records are then
   quarantined one by one by cleaning, `invalid_json` / `unknown_schema`), so nothing goes unaccounted
-  and `format=` can re-ingest it later.
+  and `format=` can re-ingest it later. A file holding no record at all gets 'empty_file', whatever its
+  container. These file-level rows describe a path's latest attempt only (`file_quarantine`).
 
 Records are stored as text exactly as read (invalid JSON included): judging them is the cleaning
 stage's job, and keeping the text means a rejected record can still be inspected. Lines that are not
@@ -42,6 +44,7 @@ import duckdb
 import pyarrow as pa
 
 from sdpo_platform.config import IngestConfig
+from sdpo_platform.file_quarantine import STAGE, TRUNCATION_REASONS, clear_file, note_file, reject_file
 from sdpo_platform.formats import (
     FORMATS,
     RECORD_TIMESTAMP_PATHS,
@@ -55,9 +58,8 @@ from sdpo_platform.formats import (
 from sdpo_platform.progress import Progress
 from sdpo_platform.warehouse import ROW_GROUP_ROWS, connect, fetch_scalar
 
-__all__ = ["IngestResult", "JsonArrayReader", "ingest_files", "ingest_inbox", "record_days", "STAGE"]
+__all__ = ["IngestResult", "JsonArrayReader", "ingest_files", "ingest_inbox", "record_days", "STAGE", "TRUNCATION_REASONS"]
 
-STAGE = "raw_interaction_logs"
 _SNIFF_RECORDS = 50
 # What reading a file can raise when its bytes are broken (bad gzip, truncated Parquet, ...): the file is rejected.
 _UNREADABLE_FILE = (OSError, UnicodeDecodeError, EOFError, RecursionError, duckdb.Error, pa.ArrowException)
@@ -68,7 +70,7 @@ class IngestResult:
     files: int = 0  # files looked at (rejected and unchanged ones included)
     records_new: int = 0  # rows added to raw_records by this call
     records_total: int = 0  # rows in raw_records after this call
-    files_rejected: int = 0  # unreadable, empty or unknown-format files (each has a quarantine row)
+    files_rejected: int = 0  # unreadable or binary files, not stored (each has a quarantine row)
     files_unchanged: int = 0  # same path and same content hash as before: nothing done
     files_replaced: int = 0  # same path, new content: old rows removed, new rows added
     by_file: dict[str, int] = field(default_factory=dict)  # source_file → new records from it
@@ -129,6 +131,7 @@ def _ingest_path(con, path: Path, partition_day: dt.date | None, format: str | N
     previous = con.execute(
         "SELECT file_hash, source_format FROM source_files WHERE source_file = ?", [source_file]).fetchall()
     if previous and previous[0][0] == digest and format in (None, previous[0][1]):
+        clear_file(con, source_file, rejections_only=True)  # of a content the path held in between
         result.files_unchanged += 1
         return
     con.begin()  # a file is ingested whole or not at all (its replacement included)
@@ -136,6 +139,7 @@ def _ingest_path(con, path: Path, partition_day: dt.date | None, format: str | N
         if previous:
             touched |= _remove_file_rows(con, source_file)
             result.files_replaced += 1
+        clear_file(con, source_file)  # an earlier attempt's rows, a rejection included
         outcome = _ingest_one(con, path, source_file, digest, partition_day, format, cfg)
     except _UNREADABLE_FILE as error:
         con.rollback()
@@ -165,13 +169,8 @@ def _ingest_one(con, path: Path, source_file: str, file_hash: str, partition_day
     """(new records, format, partition days) for one file, inside the caller's transaction."""
     params = {"source_file": source_file, "file_hash": file_hash, "file_day": _arrival_day(path), "partition": partition_day}
     with open_container(path, cfg.max_record_bytes) as container:
-        if container.kind == "empty":
-            _quarantine_file(con, source_file, "empty_file", f"{source_file}: no records (empty or whitespace only)")
-            _remember_file(con, source_file, file_hash, container.kind, None, 0)
-            return 0, None, set()
-        used_format = format or _detect(container, source_file)
-        if used_format is None:
-            _quarantine_file(con, source_file, "unknown_format", _unknown_format_message(source_file, container.sample(_SNIFF_RECORDS)))
+        sample = [] if container.kind == "empty" else container.sample(_SNIFF_RECORDS)
+        used_format = format or _detect(container, source_file, sample)
         params["format"] = used_format
         con.execute(_CREATE_STAGE_SQL).fetchall()
         new = staged = 0
@@ -191,11 +190,7 @@ def _ingest_one(con, path: Path, source_file: str, file_hash: str, partition_day
                     new, staged = new + _store_clustered(con, params), 0
         new += _store_clustered(con, params)
         con.execute("DROP TABLE IF EXISTS ingest_stage").fetchall()
-        if container.truncated_after is not None:
-            _quarantine_file(
-                con, source_file, "truncated_json_array",
-                f"{source_file}: JSON array ends or breaks after record {container.truncated_after}; later content skipped",
-            )
+        note_file(con, source_file, container, used_format, new, sample)
     _remember_file(con, source_file, file_hash, container.kind, used_format, new)
     days = {row[0] for row in con.execute(
         "SELECT DISTINCT partition_date FROM raw_records WHERE source_file = ?", [source_file]).fetchall()}
@@ -226,7 +221,7 @@ def _file_days(con, path: Path, cfg: IngestConfig) -> set[dt.date]:
     with open_container(path, cfg.max_record_bytes) as container:
         if container.kind == "empty":
             return set()
-        _detect(container, str(path))  # raises for binary content, as ingestion does
+        _detect(container, str(path), container.sample(_SNIFF_RECORDS))  # raises for binary content, as ingestion does
         if container.kind == "parquet":
             query = days_sql.format(_DATED_SQL.format(rows=_PARQUET_ROWS_SQL))
             return {row[0] for row in con.execute(query, {**params, "path": str(path)}).fetchall()}
@@ -245,20 +240,12 @@ def _arrival_day(path: Path) -> dt.date:
     return dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc).date()
 
 
-def _detect(container: Container, source_file: str) -> str | None:
-    """The file's record format; None for a text file of no known format; raises for a binary one."""
-    found = detect_format(container.sample(_SNIFF_RECORDS))
-    if found is None and container.looks_binary():
+def _detect(container: Container, source_file: str, sample: list[object]) -> str | None:
+    """The file's record format from its `sample`; None for a text file of no known format; raises for a binary one."""
+    found = detect_format(sample)
+    if found is None and container.kind != "empty" and container.looks_binary():
         raise UnknownFormatError(f"{source_file}: unknown log format — binary content (NUL bytes or not UTF-8); not ingested")
     return found
-
-
-def _unknown_format_message(source_file: str, sample: list[object]) -> str:
-    keys = sorted({key for record in sample if isinstance(record, dict) for key in record})[:12]
-    return (
-        f"{source_file}: unknown log format — no record looks like {', '.join(FORMATS)} "
-        f"(top-level keys seen: {', '.join(keys) or 'none'}); ingested as-is, pass format= to force one"
-    )
 
 
 def record_id(source_file: str, line_no: int, raw: bytes) -> str:
@@ -393,11 +380,10 @@ def _stage(con, params: dict) -> int:
 
 
 def _remove_file_rows(con, source_file: str) -> set:
-    """Delete a changed file's raw rows and file-level quarantine rows; return the days they were in."""
+    """Delete a changed file's raw rows; return the days they were in."""
     days = {row[0] for row in con.execute(
         "SELECT DISTINCT partition_date FROM raw_records WHERE source_file = ?", [source_file]).fetchall()}
     con.execute("DELETE FROM raw_records WHERE source_file = ?", [source_file])
-    con.execute("DELETE FROM quarantine WHERE stage = ? AND source_file = ?", [STAGE, source_file])
     return days
 
 
@@ -421,19 +407,6 @@ def file_hash(path: Path) -> str:
 
 
 def _reject(con, result: IngestResult, source_file: str, reason: str, detail: str) -> None:
-    _quarantine_file(con, source_file, reason, detail)
+    reject_file(con, source_file, reason, detail)
     result.files_rejected += 1
     result.errors.append(f"{reason}: {detail}")
-
-
-def _quarantine_file(con: duckdb.DuckDBPyConnection, source_file: str, reason: str, detail: str) -> None:
-    """One quarantine row per (file, reason): the id hashes both, so a retry does not add another."""
-    con.execute(
-        """
-        INSERT INTO quarantine (record_id, stage, reason, detail, source_file, line_no, level)
-        SELECT id, $stage, $reason, $detail, $source_file, NULL, 'file'
-        FROM (SELECT sha256(concat_ws(chr(31), 'file', $source_file, $reason)) AS id)
-        WHERE NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.record_id = id AND q.stage = $stage)
-        """,
-        {"stage": STAGE, "reason": reason, "detail": detail, "source_file": source_file},
-    ).fetchall()

@@ -168,7 +168,10 @@ def stats(con: duckdb.DuckDBPyConnection) -> dict:
             f"SELECT reason, count(DISTINCT record_id) FROM quarantine WHERE {condition} GROUP BY 1 ORDER BY 2 DESC, 1"
         ).fetchall()}
 
+    from sdpo_platform.file_quarantine import TRUNCATION_REASONS  # notes on stored files, not rejections
+
     record_rows = "stage = 'conversations' AND level = 'record'"
+    notes = ", ".join(f"'{reason}'" for reason in TRUNCATION_REASONS)  # module constants
     return {
         "raw_records": scalar("SELECT count(*) FROM raw_records"),
         "conversations_kept": scalar("SELECT count(*) FROM conversations"),
@@ -178,7 +181,7 @@ def stats(con: duckdb.DuckDBPyConnection) -> dict:
         "quarantined": scalar(f"SELECT count(DISTINCT record_id) FROM quarantine WHERE {record_rows}"),
         "quarantine_by_reason": reasons(record_rows),
         "files": scalar("SELECT count(*) FROM source_files"),
-        "files_rejected": scalar("SELECT count(*) FROM quarantine WHERE level = 'file' AND reason <> 'truncated_json_array'"),
+        "files_rejected": scalar(f"SELECT count(*) FROM quarantine WHERE level = 'file' AND reason NOT IN ({notes})"),
         "files_by_reason": reasons("level = 'file'"),
         "messages_dropped": scalar("SELECT count(*) FROM quarantine WHERE stage = 'conversations' AND level = 'message'"),
         "conversations_without_interactions": scalar("SELECT count(*) FROM quarantine WHERE stage = 'interactions'"),

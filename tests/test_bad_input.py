@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -165,3 +166,74 @@ def test_blank_messages_are_dropped_and_recorded_at_message_level(con, tmp_path)
     rows = con.execute("SELECT reason, level, message_index FROM quarantine").fetchall()
     assert rows == [("empty_message", "message", 1)]
     assert_reconciled(con)
+
+
+def numbered_chats(n: int) -> list[dict]:
+    """`n` conversations that differ (so none is a duplicate of another)."""
+    return [chat([("user", f"Question {i}: what is the capital of France and why is it there?"), *GOOD_TURNS[1:]]) for i in range(n)]
+
+
+@pytest.mark.parametrize("container", ["jsonl", "json", "json.gz"])
+def test_invalid_utf8_costs_one_record_in_every_text_container(con, tmp_path, container):
+    """One bad byte in a JSON array is one `invalid_utf8` record, as in JSONL, not a rejected file."""
+    first, last = (json.dumps(record).encode() for record in numbered_chats(2))
+    bad = b'{"messages": "caf\xe9"}'
+    data = b"\n".join([first, bad, last]) + b"\n" if container == "jsonl" else b"[" + b",\n".join([first, bad, last]) + b"]"
+    path = tmp_path / f"a.{container}"
+    path.write_bytes(gzip.compress(data) if container.endswith(".gz") else data)
+
+    ingested, cleaned = run(con, path)
+
+    assert ingested.records_new == 3 and ingested.files_rejected == 0 and not ingested.errors
+    assert reasons(con) == {2: "invalid_utf8"} and cleaned.kept == 2
+    raw = con.execute("SELECT raw_text, read_error FROM raw_records WHERE line_no = 2").fetchall()[0]
+    assert raw == ('{"messages": "caf\ufffd"}', "invalid_utf8")
+    assert_reconciled(con)
+
+
+@pytest.mark.parametrize(("container", "cut", "stored", "complete"), [
+    ("jsonl.gz", 12, 10, 9),  # the last line is cut in two: stored, then quarantined as invalid_json
+    ("jsonl.gz", 4, 10, 10),  # only the gzip trailer is missing: every record is whole
+    ("json.gz", 12, 9, 9),  # the array's cut element is skipped
+])
+def test_cut_off_gzip_keeps_the_records_before_the_cut(con, tmp_path, container, cut, stored, complete):
+    records = numbered_chats(10)
+    text = "\n".join(map(json.dumps, records)) + "\n" if container == "jsonl.gz" else json.dumps(records, indent=1)
+    whole = gzip.compress(text.encode())
+    path = tmp_path / f"logs.{container}"
+    path.write_bytes(whole[:-cut])
+
+    ingested, cleaned = run(con, path)
+
+    assert ingested.records_new == stored and ingested.files_rejected == 0 and cleaned.kept == complete
+    assert reasons(con) == ({} if stored == complete else {stored: "invalid_json"})
+    rows = con.execute("SELECT reason, detail FROM quarantine WHERE level = 'file'").fetchall()
+    assert [reason for reason, _ in rows] == ["truncated_file"] and f"{stored} records read up to the cut" in rows[0][1]
+    assert stats(con)["files_rejected"] == 0 and stats(con)["files_by_reason"] == {"truncated_file": 1}
+    assert_reconciled(con)
+
+    path.write_bytes(whole)  # the complete file arrives: its note goes with the rows it described
+    assert ingest_files(con, [path]).records_new == 10
+    assert con.execute("SELECT count(*) FROM quarantine WHERE level = 'file'").fetchall() == [(0,)]
+
+
+def test_files_without_records_are_empty_files(con, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = {"empty.jsonl": b"", "blank.json": b"  \n\n ", "form_feed.jsonl": b"\x0c\n \x0b\n", "array.json": b"[ ]\n",
+             "array.json.gz": gzip.compress(b"[]"), "cut_array.json": b'[{"messages": '}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    pq.write_table(pa.table({"messages": pa.array([], pa.string())}), tmp_path / "no_rows.parquet")
+    paths = sorted(path for path in tmp_path.iterdir() if path.is_file())
+
+    result = ingest_files(con, paths)
+
+    assert result.records_new == 0 and not result.errors and result.files_rejected == 0
+    rows = dict(con.execute("SELECT regexp_extract(source_file, '[^/]+$'), reason FROM quarantine WHERE level = 'file'").fetchall())
+    assert rows == {**{name: "empty_file" for name in files}, "no_rows.parquet": "empty_file", "cut_array.json": "truncated_json_array"}
+    details = dict(con.execute("SELECT regexp_extract(source_file, '[^/]+$'), detail FROM quarantine").fetchall())
+    assert details["array.json"].endswith("no records (an empty JSON array)")
+    assert details["no_rows.parquet"].endswith("no records (a Parquet file without rows)")
+    assert ingest_files(con, paths).files_unchanged == len(paths)

@@ -12,7 +12,7 @@ import pytest
 
 from sdpo_platform.cleaning import build_conversations
 from sdpo_platform.config import CleaningConfig
-from sdpo_platform.formats import detect_format, record_format
+from sdpo_platform.formats import detect_format, open_container, record_format
 from sdpo_platform.ingest import ingest_files
 from sdpo_platform.warehouse import connect
 from sdpo_platform.wildchat import ingest_wildchat
@@ -164,3 +164,21 @@ def test_detect_format_by_majority_and_record_shapes():
     assert record_format({"text": "plain text"}) is None and record_format([1]) is None
     assert detect_format([{"messages": []}, {"conversations": []}, {"conversations": []}, "x"]) == "sharegpt"
     assert detect_format([{"a": 1}]) is None
+
+
+def test_a_cut_off_gzip_reads_up_to_the_cut_and_a_corrupt_one_raises(tmp_path):
+    lines = [json.dumps({"n": i, "text": "x" * 50_000}) for i in range(40)]  # several read chunks
+    whole = gzip.compress("\n".join(lines).encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    with open_container(tmp_path / "cut.jsonl.gz", 1 << 20) as container:
+        texts = [data.decode() for _, data, _ in container.byte_records()]
+    assert container.cut_off and 0 < len(texts) < 40 and texts[:-1] == lines[: len(texts) - 1]
+    assert lines[len(texts) - 1].startswith(texts[-1])  # the record the cut went through, as far as it got
+
+    (tmp_path / "whole.jsonl.gz").write_bytes(whole)
+    with open_container(tmp_path / "whole.jsonl.gz", 1 << 20) as container:
+        assert [data.decode() for _, data, _ in container.byte_records()] == lines and not container.cut_off
+
+    (tmp_path / "crc.jsonl.gz").write_bytes(whole[:-8] + bytes(4) + whole[-4:])
+    with pytest.raises(OSError, match="CRC"), open_container(tmp_path / "crc.jsonl.gz", 1 << 20) as container:
+        list(container.byte_records())

@@ -103,6 +103,32 @@ def test_unreadable_and_unknown_files_are_quarantined_not_raised(con, logs):
     assert len(result.errors) == 4 and all(str(logs) in error for error in result.errors)
 
 
+def test_a_rejection_lasts_only_until_the_path_is_ingested(con, logs):
+    """A path's file-level rejection describes its latest attempt: a new rejection replaces it (no pile of rows
+    per path) and a successful ingest removes it, so `files_rejected` counts files that are still bad."""
+    from sdpo_platform.warehouse import stats
+
+    path = logs / "day.jsonl.gz"
+    whole = gzip.compress((json.dumps(CHAT) + "\n").encode())
+    path.write_bytes(whole[:-8] + b"\0\0\0\0" + whole[-4:])  # a wrong CRC: unreadable, not merely cut off
+    assert ingest_files(con, [path]).files_rejected == ingest_files(con, [path]).files_rejected == 1
+    path.write_bytes(b"\x00\x01 binary")
+    assert ingest_files(con, [path]).files_rejected == 1
+    assert con.execute("SELECT reason FROM quarantine").fetchall() == [("unknown_format",)]  # only the latest
+
+    path.write_bytes(whole)
+    result = ingest_files(con, [path])
+
+    assert (result.records_new, result.files_rejected, result.errors) == (1, 0, [])
+    assert con.execute("SELECT count(*) FROM quarantine").fetchall() == [(0,)]
+    assert stats(con)["files_rejected"] == 0
+
+    path.unlink()  # gone for a while (its stored rows stay), then back as it was: found unchanged, no longer rejected
+    assert ingest_files(con, [path]).files_rejected == 1
+    path.write_bytes(whole)
+    assert ingest_files(con, [path]).files_unchanged == 1 and stats(con)["files_rejected"] == 0
+
+
 def test_json_array_reader_across_chunk_boundaries():
     records = [{"id": i, "text": "x" * (i * 7)} for i in range(20)] + [12345, "s", None]
     reader = JsonArrayReader(io.StringIO(json.dumps(records, indent=2)), chunk_chars=16)
@@ -196,6 +222,7 @@ def test_record_days_agree_with_ingestion_without_storing_anything(con, logs):
     for name, text in files.items():
         (logs / name).write_text(text)
     (logs / "array.json.gz").write_bytes(gzip.compress(json.dumps([chat_on("2024-02-04")]).encode()))
+    (logs / "cut.jsonl.gz").write_bytes(gzip.compress((json.dumps(chat_on("2024-02-06")) + "\n{").encode())[:-10])
     (logs / "bad_utf8.jsonl").write_bytes(json.dumps(chat_on("2024-02-05")).encode() + b"\n" + b'{"x": "\xff"}\n')
     (logs / "binary.bin").write_bytes(b"\x00\x01\x02" * 50)
     pq.write_table(pa.Table.from_pylist([{**CHAT, "created": 1709632800}]), logs / "chats.parquet")  # 2024-03-05
