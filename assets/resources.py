@@ -30,6 +30,9 @@ class Warehouse(dg.ConfigurableResource):
 
     path: Optional[str] = None
 
+    def exists(self) -> bool:
+        return (Path(self.path) if self.path else paths.warehouse_path()).exists()
+
     @contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
         con = warehouse.connect(self.path)

@@ -52,7 +52,9 @@ Language: `language.py` (a SQL heuristic with a measured accuracy).
 Exact duplicates: same content hash (roles + redacted contents, lower-cased, whitespace removed),
 across all partitions: a conversation whose hash is already kept in another partition, or earlier in
 (partition, file, line) order in the rebuilt ones, is a `duplicate`. A conversation whose source id
-(same format) is already used by a kept conversation with different content is a `duplicate_id`.
+(same format) is already used by a kept conversation with different content is a `duplicate_id`. Both
+name that conversation in `quarantine.duplicate_of`, so that a day whose originals vanish is found
+stale and rebuilt (`stale.py`).
 
 Near-duplicates are flagged, not removed: `near_key` = sha256 of the first `near_duplicate_chars`
 characters of the first user turn and of the first assistant turn, lower-cased, keeping letters only
@@ -416,7 +418,12 @@ _STEPS = [
              WHEN source_id IS NOT NULL AND (same_id_elsewhere IS NOT NULL OR first_of_id <> unit_id)
              THEN format('id {} already used by conversation {} with different content', source_id,
                          coalesce(same_id_elsewhere, first_of_id))
-        END AS detail)
+        END AS detail),
+        CASE WHEN reason IS NOT NULL THEN NULL  -- the kept conversation a duplicate points at (`stale.py` follows it)
+             WHEN same_hash_elsewhere IS NOT NULL OR first_of_hash <> unit_id THEN coalesce(same_hash_elsewhere, first_of_hash)
+             WHEN source_id IS NOT NULL AND (same_id_elsewhere IS NOT NULL OR first_of_id <> unit_id)
+             THEN coalesce(same_id_elsewhere, first_of_id)
+        END AS duplicate_of
     FROM ordered
     """,
     # 7. One verdict per raw record: its own read/parse problem, else its conversation's.
@@ -435,6 +442,8 @@ _STEPS = [
                   r.top_type, coalesce(', keys ' || array_to_string(r.top_keys, ','), ''))
              WHEN r.repeated_chunk THEN format('chunk {} of {} appears twice in the file', r.chunk_no, r.source_id)
              ELSE u.detail END AS detail,
+        CASE WHEN r.read_error IS NULL AND r.top_type IS NOT NULL AND r.source_format IS NOT NULL AND NOT r.repeated_chunk
+             THEN u.duplicate_of END AS duplicate_of,
         u.language
     FROM clean_records r LEFT JOIN clean_units u USING (unit_id)
     """,
@@ -460,8 +469,8 @@ _STEPS = [
     """,
     "DELETE FROM quarantine WHERE stage = $stage AND partition_date BETWEEN $first_day::DATE AND $last_day::DATE AND list_contains($parts::DATE[], partition_date)",
     """
-    INSERT INTO quarantine (record_id, stage, reason, detail, source_file, line_no, partition_date, level)
-    SELECT record_id, $stage, reason, sdpo_redact_pii(detail), source_file, line_no, partition_date, 'record'
+    INSERT INTO quarantine (record_id, stage, reason, detail, source_file, line_no, partition_date, level, duplicate_of)
+    SELECT record_id, $stage, reason, sdpo_redact_pii(detail), source_file, line_no, partition_date, 'record', duplicate_of
     FROM clean_verdicts WHERE reason IS NOT NULL
     """,
     """

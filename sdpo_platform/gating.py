@@ -25,7 +25,10 @@ def record_check(con: duckdb.DuckDBPyConnection, stage: str, partition: str, pas
     """Remember the latest verdict of `stage`'s check on `partition` (a later pass unblocks it)."""
     con.execute(SCHEMA).fetchall()
     con.execute(
-        "INSERT OR REPLACE INTO partition_checks (stage, partition_date, passed, description) VALUES (?, ?, ?, ?)",
+        # checked_at named: INSERT OR REPLACE updates only the listed columns of an existing row, so a default would
+        # keep the first verdict's time (the inbox sensor compares it with files' ingestion times)
+        "INSERT OR REPLACE INTO partition_checks (stage, partition_date, passed, description, checked_at) "
+        "VALUES (?, ?, ?, ?, current_timestamp)",
         [stage, partition, passed, description],
     ).fetchall()
 

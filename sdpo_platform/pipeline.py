@@ -15,11 +15,15 @@ from sdpo_platform.gating import record_check
 from sdpo_platform.ingest import ingest_files
 from sdpo_platform.interactions import extract_interactions
 from sdpo_platform.progress import stage_logger
+from sdpo_platform.stale import stale_partitions
+
+MAX_STALE_ROUNDS = 3  # a rebuilt day cannot dangle again, so one round of stale days is the rule; the cap is a guard
 
 
 def ingest_and_clean(con: duckdb.DuckDBPyConnection, paths: list[str | Path], cfg: PlatformConfig,
                      partition: str | None = None, format: str | None = None, log: Callable[[str], None] | None = None) -> dict:
-    """raw → conversations → interactions for the partitions `paths` touch; returns what happened,
+    """raw → conversations → interactions for the partitions `paths` touch, and for the days whose
+    duplicates pointed at conversations those files no longer hold (`stale.py`); returns what happened,
     including each partition's check verdicts (a failed one is recorded and blocks training).
     `log` receives progress lines (done/total, rate, ETA) of each stage."""
 
@@ -27,27 +31,34 @@ def ingest_and_clean(con: duckdb.DuckDBPyConnection, paths: list[str | Path], cf
         return None if log is None else stage_logger(log, stage)
 
     ingested = ingest_files(con, paths, partition=partition, format=format, cfg=cfg.ingest, progress=progress("ingest"))
-    days = ingested.partitions
+    days, todo = [], ingested.partitions
+    kept = quarantined = interactions = 0
+    for _ in range(MAX_STALE_ROUNDS):  # then the days whose duplicates pointed at conversations these runs removed
+        if not todo:
+            break
+        cleaned = build_conversations(con, cfg.cleaning, partitions=todo, progress=progress("conversations"))
+        extracted = extract_interactions(con, cfg.interactions, partitions=todo, progress=progress("interactions"))
+        kept, quarantined, interactions = kept + cleaned.kept, quarantined + cleaned.quarantined, interactions + extracted.total
+        days += todo
+        todo = sorted(set(stale_partitions(con)) - set(days))
     verdicts = {}
-    if days:
-        cleaned = build_conversations(con, cfg.cleaning, partitions=days, progress=progress("conversations"))
-        extracted = extract_interactions(con, cfg.interactions, partitions=days, progress=progress("interactions"))
-        for day in days:
-            for stage, report in (
-                ("conversations", checks.check_conversations(con, cfg.cleaning, [day])),
-                ("conversations_pii", checks.check_pii(con, [day])),
-                ("interactions", checks.check_interactions(con, [day])),
-            ):
-                record_check(con, stage, day, report.passed, report.description)
-                verdicts.setdefault(day, {})[stage] = report.description if not report.passed else "passed"
+    for day in sorted(days):
+        for stage, report in (
+            ("conversations", checks.check_conversations(con, cfg.cleaning, [day])),
+            ("conversations_pii", checks.check_pii(con, [day])),
+            ("interactions", checks.check_interactions(con, [day])),
+        ):
+            record_check(con, stage, day, report.passed, report.description)
+            verdicts.setdefault(day, {})[stage] = report.description if not report.passed else "passed"
     return {
         "files": ingested.files,
         "files_rejected": ingested.files_rejected,
         "records_new": ingested.records_new,
-        "partitions": days,
-        "conversations_kept": cleaned.kept if days else 0,
-        "records_quarantined": cleaned.quarantined if days else 0,
-        "interactions": extracted.total if days else 0,
+        "partitions": ingested.partitions,
+        "partitions_stale": sorted(set(days) - set(ingested.partitions)),  # rebuilt because their duplicates' originals vanished
+        "conversations_kept": kept,
+        "records_quarantined": quarantined,
+        "interactions": interactions,
         "checks": verdicts,
         "errors": ingested.errors,
     }

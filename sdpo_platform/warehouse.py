@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS quarantine (
 ALTER TABLE quarantine ADD COLUMN IF NOT EXISTS partition_date DATE;  -- NULL for whole-file rows
 ALTER TABLE quarantine ADD COLUMN IF NOT EXISTS level VARCHAR DEFAULT 'record';  -- file | record | message
 ALTER TABLE quarantine ADD COLUMN IF NOT EXISTS message_index INTEGER;  -- level 'message': position in the source record
+ALTER TABLE quarantine ADD COLUMN IF NOT EXISTS duplicate_of VARCHAR;  -- duplicate / duplicate_id: the kept conversation it repeats
 CREATE TABLE IF NOT EXISTS conversations (
     conversation_id VARCHAR NOT NULL,     -- = record_id of its first record: unique (checked) and stable
     record_id    VARCHAR NOT NULL,

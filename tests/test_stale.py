@@ -1,0 +1,86 @@
+"""A changed file takes conversations away; the days whose duplicates pointed at them are rebuilt too."""
+
+from __future__ import annotations
+
+import json
+
+from sdpo_platform.config import PlatformConfig
+from sdpo_platform.pipeline import ingest_and_clean
+from sdpo_platform.stale import stale_partitions
+from sdpo_platform.warehouse import connect, stats
+
+DAY1, DAY2 = "2024-01-01", "2024-01-02"
+
+
+def chat(source_id: str, day: str, tag: str, followup: str | None = None) -> dict:
+    return {"conversation_hash": source_id, "timestamp": f"{day}T10:00:00Z", "conversation": [
+        {"role": "user", "content": f"Question {tag}: can you explain how the water cycle works for my class?"},
+        {"role": "assistant", "content": f"Answer {tag}: water evaporates, forms clouds and then falls as rain."},
+        {"role": "user", "content": followup or f"Follow up {tag}: that is too long, please make it shorter for the kids."}]}
+
+
+def write(path, rows) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def two_days(directory):
+    """Day 2 holds a `duplicate_id` of x's first record, a `duplicate` of its second and a near-duplicate of its third."""
+    x, y = directory / "x.jsonl", directory / "y.jsonl"
+    write(x, [chat("dup", DAY1, "alpha"), chat("other", DAY1, "beta"), chat("near", DAY1, "eps")])
+    write(y, [chat("dup", DAY2, "gamma"), chat("copy", DAY2, "beta"), chat("near2", DAY2, "eps", "Please shorten it for a class of six year olds.")])
+    return x, y
+
+
+def day2_verdicts(con) -> dict:
+    kept = con.execute("SELECT source_id, coalesce(near_duplicate_of, 'kept') FROM conversations WHERE partition_date = ?", [DAY2]).fetchall()
+    quarantined = con.execute("SELECT source_file, reason FROM quarantine WHERE stage = 'conversations' AND partition_date = ?", [DAY2]).fetchall()
+    return {"kept": dict(kept), "quarantined": sorted(reason for _, reason in quarantined)}
+
+
+def test_a_changed_file_rebuilds_the_days_whose_duplicates_pointed_at_its_old_conversations(sdpo_home, tmp_path):
+    x, y = two_days(tmp_path)
+    cfg = PlatformConfig()
+    with connect() as con:
+        ingest_and_clean(con, [x, y], cfg)
+        before = day2_verdicts(con)
+        assert before["quarantined"] == ["duplicate", "duplicate_id"] and before["kept"]["near2"] != "kept"
+
+        write(x, [chat("new", DAY1, "delta")])  # x no longer holds what day 2 repeated
+        outcome = ingest_and_clean(con, [x], cfg)
+
+        assert outcome["partitions"] == [DAY1] and outcome["partitions_stale"] == [DAY2]
+        assert set(outcome["checks"]) == {DAY1, DAY2}
+        assert day2_verdicts(con) == {"kept": {"dup": "kept", "copy": "kept", "near2": "kept"}, "quarantined": []}
+        assert stale_partitions(con) == {}
+        counts = stats(con)
+        assert counts["raw_records"] == 4 == counts["conversations_kept"] + counts["quarantined"]
+
+
+def test_the_inbox_sensor_asks_for_a_stale_day_once_and_not_after_its_rebuild(sdpo_home, tmp_path):
+    from assets.resources import SdpoSettings, Warehouse
+    from assets.sensors import inbox_run_requests
+    from sdpo_platform.cleaning import build_conversations
+    from sdpo_platform.gating import record_check
+    from sdpo_platform.ingest import ingest_files
+
+    inbox = sdpo_home / "inbox"
+    inbox.mkdir()
+    x, _ = two_days(inbox)
+    settings, cfg = SdpoSettings(inbox=str(inbox)), PlatformConfig()
+    with connect() as con:
+        ingest_and_clean(con, sorted(inbox.iterdir()), cfg)
+    _, cursor = inbox_run_requests(settings, Warehouse(), None)
+
+    write(x, [chat("new", DAY1, "delta")])
+    with connect() as con:  # what the run for day 1 does: ingest the inbox, rebuild and check its own day only
+        ingest_files(con, [x])
+        build_conversations(con, cfg.cleaning, partitions=[DAY1])
+        record_check(con, "conversations", DAY1, True)
+    requests, cursor = inbox_run_requests(settings, Warehouse(), cursor)
+
+    assert [(r.partition_key, r.run_key.split(":")[1]) for r in requests] == [(DAY2, "stale")]
+    assert inbox_run_requests(settings, Warehouse(), cursor)[0][0].run_key == requests[0].run_key  # same key: asked once
+    with connect() as con:
+        build_conversations(con, cfg.cleaning, partitions=[DAY2])
+        assert day2_verdicts(con)["quarantined"] == []
+    assert inbox_run_requests(settings, Warehouse(), cursor)[0] == []
