@@ -161,11 +161,7 @@ def run(input_path: str, out_path: str, html_path: str | None = None, model_spec
     for where, row in located:
         context_and_response(row, where)  # fail on a bad row before loading the model
     rows = [row for _, row in located]
-    spec = model_spec or cfg.model
-    try:
-        model, tokenizer = load_model(spec)
-    except OSError as error:  # a wrong path or hub id, or a hub id not cached while offline: the user's to fix
-        raise ValueError(f"cannot load model {spec!r}: {error}") from error
+    model, tokenizer = load_model(model_spec or cfg.model)
     scored = score_rows(rows, model, tokenizer, cfg.targets, seed)
     Path(out_path).write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in scored), encoding="utf-8")
     if html_path:

@@ -51,17 +51,21 @@ def load_model(spec: str, root: Path | None = None, device: str | torch.device |
     """`(model, tokenizer)` in eval mode: float32 on CPU, bf16 on CUDA unless `dtype` says otherwise.
 
     The tokenizer always has a pad token (EOS when the model defines none), so batching code can pad.
+    A spec that names nothing loadable is a ValueError (the CLI shows it as one line).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     location = resolve_model(spec, root)
-    tokenizer = AutoTokenizer.from_pretrained(location)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+    except OSError as error:  # a wrong path or hub id, or a hub id not cached while offline: the user's to fix
+        raise ValueError(f"cannot load model {spec!r}: {error}") from error
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype).to(device).eval()
-    return model, tokenizer
+    return model.to(device).eval(), tokenizer
 
 
 def model_revision(spec: str, root: Path | None = None) -> str:
