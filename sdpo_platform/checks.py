@@ -158,8 +158,10 @@ def check_interactions(con: duckdb.DuckDBPyConnection, partitions: list[str] | N
 
 
 def check_pii(con: duckdb.DuckDBPyConnection, partitions: list[str] | None = None) -> QualityReport:
-    """No PII pattern (pii.py) survives in cleaned text: conversation messages, triples and quarantine
-    details. One row per partition with the number of texts where a pattern still matches (must be 0)."""
+    """No PII pattern (pii.py) survives in cleaned text: conversation messages and source ids (the source's own
+    id, e.g. an e-mail used as a conversation id), triples and quarantine details. One row per partition with the
+    number of texts where a pattern still matches (must be 0). Triples' contexts are earlier messages of their
+    conversation, scanned there."""
     from sdpo_platform.pii import install_macros
 
     install_macros(con)
@@ -167,6 +169,8 @@ def check_pii(con: duckdb.DuckDBPyConnection, partitions: list[str] | None = Non
         f"""
         WITH texts AS (
             SELECT partition_date, conversation_id AS id, unnest(messages).content AS text FROM conversations WHERE {_SCOPE}
+            UNION ALL
+            SELECT partition_date, conversation_id, source_id FROM conversations WHERE source_id IS NOT NULL AND {_SCOPE}
             UNION ALL
             SELECT partition_date, interaction_id, response || chr(10) || followup FROM interactions WHERE {_SCOPE}
             UNION ALL

@@ -306,7 +306,7 @@ _STEPS = [
         SELECT unit_id, needs_merge, usable AS raw_usable, list_transform(usable, lambda m: sdpo_redact_pii(m.content)) AS texts
         FROM clean_unit_messages JOIN clean_structure USING (unit_id) WHERE well_formed
     ),
-    counted AS (  -- counting placeholders costs 14 string passes: only where redaction changed a text
+    counted AS (  -- counting placeholders costs two string passes per kind: only where redaction changed a text
         SELECT unit_id, needs_merge,
             list_transform(raw_usable, lambda m, i: {{'role': m.role, 'content': texts[i]}}) AS usable,
             CASE WHEN list_transform(raw_usable, lambda m: m.content) <> texts
