@@ -9,8 +9,12 @@ lines, timestamps over 30 days), then, each in its own process so peak RSS is pe
    because data still in the write-ahead log is not written yet (it was left untimed before 2026-11-27);
 2. the platform on the first file only (100k), and
 3. a straightforward per-record Python implementation of the same rules on that same file
-   (json.loads, the same PII patterns with `re` + Luhn, merge rule, filters, language heuristic,
-   exact dedup, triples), so the ratio compares like with like in the same run.
+   (json.loads, the same PII patterns with `re` + Luhn and the other candidate masks, merge rule,
+   filters, language heuristic, exact dedup, triples), so the ratio compares like with like in the
+   same run, and
+4. the same Python with the PII module's literal cues as gates (a pattern runs only on texts holding
+   one of its cues), the SQL's one optimization that a Python loop can copy: the ratio against it
+   says what the engine, not the gating, buys.
 
     python bench/bench_ingest.py --n 100000 --keep DIR   # side-by-side ratio (figures in docs/BENCHMARKS.md)
     python bench/bench_ingest.py --n 1000000 --keep DIR --skip-python   # 1M: conversations/s and peak RSS
@@ -131,35 +135,55 @@ def run_platform(files: list[str], home: str, memory_limit: str) -> dict:
 
 # ---- the same rules, one record at a time, in plain Python -------------------------------------------
 
-def _python_rules():
+def _python_rules(gated: bool = False):
     from sdpo_platform import pii
     from sdpo_platform.config import CleaningConfig
     from sdpo_platform.interactions import ACKNOWLEDGEMENT_PATTERN, FEEDBACK_PATTERN
     from sdpo_platform.language import STOPWORDS
 
     cfg = CleaningConfig()
-    patterns = [(kind, placeholder, re.compile(pattern)) for kind, placeholder, pattern, _ in pii.PATTERNS]
+    # the module's patterns; `gated`: also its cues (a kind runs only on texts holding one of them, the digit kinds only
+    # on texts with a digit), the one optimization of the SQL that plain Python can copy line for line
+    patterns = [(kind, placeholder, re.compile(pattern), [c for c in cues if c != pii.DIGITS])
+                for kind, placeholder, pattern, cues in pii.PATTERNS]
+
     stop = {}
     for lang, words in STOPWORDS.items():
         for word in words:
             stop.setdefault(word, set()).add(lang)
     word_re, ack_re, feedback_re = re.compile(r"[^\W\d_]+"), re.compile(ACKNOWLEDGEMENT_PATTERN), re.compile(FEEDBACK_PATTERN)
 
+    def has_digit(text: str) -> bool:
+        return any(digit in text for digit in "0123456789")
+
     def luhn(candidate: str) -> bool:
         digits = [int(c) for c in candidate if c.isdigit()][::-1]
         total = sum(d if i % 2 == 0 else (d * 2 - 9 if d >= 5 else d * 2) for i, d in enumerate(digits))
         return total % 10 == 0 and any(digits)
 
+    def card(candidate: str, placeholder: str) -> str:  # a 4-4-4-4 card may carry a short group that is not its own
+        if luhn(candidate):
+            return placeholder
+        return placeholder + candidate[19:] if len(candidate) > 19 and luhn(candidate[:19]) else candidate
+
+    def bearer(candidate: str, placeholder: str) -> str:  # the token must look like a credential
+        token = candidate[6:].lstrip(" \t\n\f\r")
+        credential = has_digit(candidate) or (len(token) >= 20 and token.lower() != token and token.upper() != token)
+        return placeholder if credential else candidate
+
+    masks = {"credit_card": card, "bearer_token": bearer}
+
     def redact(text: str) -> tuple[str, int]:
         found = 0
-        for kind, placeholder, regex in patterns:
-            if kind == "credit_card":
-                for candidate in regex.findall(text):
-                    if luhn(candidate):
-                        text, found = text.replace(candidate, placeholder), found + 1
+        for kind, placeholder, regex, cues in patterns:
+            if gated and ((cues and not any(cue in text for cue in cues)) or (kind in pii._DIGIT_KINDS and not has_digit(text))):
+                continue
+            if kind in masks:
+                new = regex.sub(lambda m: masks[kind](m.group(0), placeholder), text)
             else:
-                text, n = regex.subn(placeholder, text)
-                found += n
+                new = regex.sub((r"\g<keep>" if "(?P<keep>" in regex.pattern else "") + placeholder, text)
+            found += new.count(placeholder) - text.count(placeholder)
+            text = new
         return text, found
 
     def language(sample: str) -> str:
@@ -188,8 +212,8 @@ def _python_rules():
     return cfg, redact, language, ack_re, feedback_re
 
 
-def run_python(files: list[str]) -> dict:
-    cfg, redact, language, ack_re, feedback_re = _python_rules()
+def run_python(files: list[str], gated: bool = False) -> dict:
+    cfg, redact, language, ack_re, feedback_re = _python_rules(gated)
     roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
              "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system"}
     started = time.perf_counter()
@@ -289,15 +313,15 @@ def main() -> None:
     parser.add_argument("--memory-limit", default="1GB", help="DuckDB buffer pool cap (spills beyond it)")
     parser.add_argument("--keep", help="generate into (or reuse) this folder instead of a temporary one")
     parser.add_argument("--skip-python", action="store_true")
-    parser.add_argument("--child", choices=["platform", "python"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["platform", "python", "python_gated"], help=argparse.SUPPRESS)
     parser.add_argument("--home", help=argparse.SUPPRESS)
     parser.add_argument("files", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child == "platform":
         print(json.dumps(run_platform(args.files, args.home, args.memory_limit)))
         return
-    if args.child == "python":
-        print(json.dumps(run_python(args.files)))
+    if args.child in ("python", "python_gated"):
+        print(json.dumps(run_python(args.files, gated=args.child == "python_gated")))
         return
 
     with tempfile.TemporaryDirectory(prefix="sdpo-bench-data-") as tmp:
@@ -319,6 +343,9 @@ def main() -> None:
             report["python_subset"] = _in_child("python", files[:1], args.memory_limit)
             print(json.dumps(report["python_subset"]), flush=True)
             report["speedup_subset"] = round(report["python_subset"]["total_s"] / report["platform_subset"]["total_s"], 2)
+            report["python_gated_subset"] = _in_child("python_gated", files[:1], args.memory_limit)
+            print(json.dumps(report["python_gated_subset"]), flush=True)
+            report["speedup_subset_gated"] = round(report["python_gated_subset"]["total_s"] / report["platform_subset"]["total_s"], 2)
         print(json.dumps(report, indent=2))
 
 
