@@ -17,7 +17,7 @@ from assets.resources import MlflowTracking, SdpoSettings, Warehouse
 from sdpo_platform import paths
 from sdpo_platform.assessments import hindsight_template, kept_interactions
 from sdpo_platform.gating import blocked_partitions
-from sdpo_platform.progress import fraction_logger, stage_logger
+from sdpo_platform.progress import stage_logger
 
 chat_log_inbox = dg.AssetSpec(
     "chat_log_inbox",
@@ -102,7 +102,7 @@ def interactions(context: dg.AssetExecutionContext, conversations: dict, setting
         context.log.info(f"scoring the informativeness signal of {result.total} triples with {cfg.model!r}")
     with warehouse.connect() as con:
         assessed, excluded = assess_partition(
-            con, day, cfg, model, tokenizer, progress=fraction_logger(context.log.info, "informativeness batches")
+            con, day, cfg, model, tokenizer, progress=stage_logger(context.log.info, "informativeness")
         )
     kept = assessed.sort_values("informativeness", ascending=False)
     return dg.Output(

@@ -77,11 +77,12 @@ def assess_partition(con: duckdb.DuckDBPyConnection, partition: str, cfg: Platfo
 
 
 def kept_interactions(con: duckdb.DuckDBPyConnection, blocked: list[str]) -> pd.DataFrame:
-    """Triples of unblocked days, `informative` set by the stored keep verdict (the SQL flag when none)."""
+    """Triples of unblocked days, `informative` set by the stored keep verdict. A triple never judged is not
+    kept: the verdict carries the safety guardrail, and the SQL's own flag knows nothing of it."""
     con.execute(SCHEMA).fetchall()
     return con.execute(
         """
-        SELECT i.* REPLACE (coalesce(a.keep, i.informative) AS informative), a.informativeness, a.followup_kind
+        SELECT i.* REPLACE (coalesce(a.keep, false) AS informative), a.informativeness, a.followup_kind
         FROM interactions i LEFT JOIN interaction_assessments a USING (interaction_id)
         WHERE NOT list_contains($blocked::DATE[], i.partition_date)
         ORDER BY i.interaction_id

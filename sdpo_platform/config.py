@@ -160,6 +160,9 @@ class InformativenessConfig(Section):
     min_group_cap: int = Field(3, description="Caps never go below this many triples per user / conversation (small sets).")
     min_kept_fraction: float = Field(0.05, description="Blocking check: kept share of a partition must be at least this.")
     max_kept_fraction: float = Field(0.95, description="Blocking check: kept share of a partition must be at most this.")
+    kept_fraction_min_triples: int = Field(
+        20, description="Partitions with fewer triples skip the kept-fraction bounds: that a handful were all kept (or none) says nothing."
+    )
     principles_preamble: bool = Field(False, description="Prefix the hindsight block with PRINCIPLES (use safety.principled_template for TargetsConfig.template).")
 
 

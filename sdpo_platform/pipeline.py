@@ -22,7 +22,7 @@ MAX_STALE_ROUNDS = 3  # a rebuilt day cannot dangle again, so one round of stale
 
 def ingest_and_clean(con: duckdb.DuckDBPyConnection, paths: list[str | Path], cfg: PlatformConfig,
                      partition: str | None = None, format: str | None = None, log: Callable[[str], None] | None = None) -> dict:
-    """raw → conversations → interactions for the partitions `paths` touch, and for the days whose
+    """raw → conversations → judged interactions for the partitions `paths` touch, and for the days whose
     duplicates pointed at conversations those files no longer hold (`stale.py`); returns what happened,
     including each partition's check verdicts (a failed one is recorded and blocks training).
     `log` receives progress lines (done/total, rate, ETA) of each stage."""
@@ -41,12 +41,14 @@ def ingest_and_clean(con: duckdb.DuckDBPyConnection, paths: list[str | Path], cf
         kept, quarantined, interactions = kept + cleaned.kept, quarantined + cleaned.quarantined, interactions + extracted.total
         days += todo
         todo = sorted(set(stale_partitions(con)) - set(days))
+    judge = _judge(con, cfg, days, log)
     verdicts = {}
     for day in sorted(days):
         for stage, report in (
             ("conversations", checks.check_conversations(con, cfg.cleaning, [day])),
             ("conversations_pii", checks.check_pii(con, [day])),
             ("interactions", checks.check_interactions(con, [day])),
+            ("interactions_judged", judge(day)),
         ):
             record_check(con, stage, day, report.passed, report.description)
             verdicts.setdefault(day, {})[stage] = report.description if not report.passed else "passed"
@@ -62,3 +64,28 @@ def ingest_and_clean(con: duckdb.DuckDBPyConnection, paths: list[str | Path], cf
         "checks": verdicts,
         "errors": ingested.errors,
     }
+
+
+def _judge(con: duckdb.DuckDBPyConnection, cfg: PlatformConfig, days: list[str], log: Callable[[str], None] | None):
+    """`day → report`: judge a day's triples as the `interactions` asset does (follow-up kind, the model signal,
+    the safety guardrail, the caps; the model loaded once, only when a day has triples and the signal is on)
+    and check the verdicts as its `interactions_judged` check does. Training keeps only judged triples."""
+    from sdpo_platform.assessments import assess_partition, judged_triples
+    from sdpo_platform.informativeness_checks import check_informativeness
+
+    loaded: list = []
+
+    def judge(day: str):
+        n_triples = con.execute("SELECT count(*) FROM interactions WHERE partition_date = ?::DATE", [day]).fetchall()[0][0]
+        if cfg.informativeness.use_model and n_triples and not loaded:
+            from sdpo_platform.models import load_model
+
+            if log is not None:
+                log(f"informativeness: loading {cfg.model!r} for the model signal")
+            loaded.extend(load_model(cfg.model))
+        model, tokenizer = loaded or (None, None)
+        assess_partition(con, day, cfg, model, tokenizer, progress=None if log is None else stage_logger(log, "informativeness"))
+        judged, n_triples = judged_triples(con, day)
+        return check_informativeness(judged, cfg.informativeness, n_triples, partition_column="partition_date")
+
+    return judge

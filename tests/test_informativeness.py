@@ -131,11 +131,18 @@ def test_checks_pass_on_a_healthy_set():
 
 def test_kept_fraction_failure_names_the_bound_and_the_partition():
     cfg = InformativenessConfig()
-    labelled = _labelled([True] * 10 + [False] * 10, ["train"] * 10 + ["validation"] * 10)
+    labelled = _labelled([True] * 20 + [False] * 20, ["train"] * 20 + ["validation"] * 20)
     report = check_kept_fraction(labelled, cfg)
     assert not report.passed
-    assert "above max_kept_fraction=0.95 in partition(s) train: 1.000 of 10" in report.description
-    assert "below min_kept_fraction=0.05 in partition(s) validation: 0.000 of 10" in report.description
+    assert "above max_kept_fraction=0.95 in partition(s) train: 1.000 of 20" in report.description
+    assert "below min_kept_fraction=0.05 in partition(s) validation: 0.000 of 20" in report.description
+
+
+def test_kept_fraction_bounds_skip_small_and_empty_partitions():
+    cfg = InformativenessConfig()
+    assert check_kept_fraction(_labelled([True] * 19, ["train"] * 19), cfg).passed  # 19 of 19 kept: too few to judge
+    assert not check_kept_fraction(_labelled([True] * 20, ["train"] * 20), cfg).passed
+    assert check_informativeness(_labelled([True])[:0], cfg, n_interactions=0).passed  # a day without triples
 
 
 def test_label_check_catches_out_of_range_scores_unknown_kinds_and_lost_rows():
