@@ -63,29 +63,31 @@ def _scope(partitions: list[str] | None) -> dict:
 # Records that could not be read at all. They carry no timestamp, so they sit on their file's arrival day,
 # which for logs of other days holds nothing else: such a day is not a day of conversations that all failed.
 UNREADABLE_REASONS = ("invalid_json", "invalid_utf8", "record_too_large")
+# Nor is a day of re-sent conversations kept on other days: neither says a format or a rule broke.
+NEUTRAL_REASONS = UNREADABLE_REASONS + ("duplicate", "duplicate_id")
 
 
 def check_conversations(con: duckdb.DuckDBPyConnection, cfg: CleaningConfig, partitions: list[str] | None = None) -> QualityReport:
     """Per partition, raw = records in kept conversations + quarantined records (nothing lost), a partition
     with readable records keeps at least one conversation (a day that all fails is a broken format or
-    rule, not data), and every kept conversation satisfies the cleaning filters. `partitions` (ISO days)
+    rule, not data; unreadable lines and duplicates of conversations kept elsewhere do not count), and every kept conversation satisfies the cleaning filters. `partitions` (ISO days)
     limits the check; None = all."""
     totals = con.execute(
         f"""
         WITH raw AS (SELECT partition_date, count(*) AS n FROM raw_records WHERE {_SCOPE} GROUP BY 1),
         kept AS (SELECT partition_date, sum(coalesce(len(record_ids), 1)) AS n FROM conversations WHERE {_SCOPE} GROUP BY 1),
         rejected AS (SELECT partition_date, count(DISTINCT record_id) AS n,
-                            count(DISTINCT record_id) FILTER (WHERE list_contains($unreadable, reason)) AS unreadable
+                            count(DISTINCT record_id) FILTER (WHERE list_contains($neutral, reason)) AS neutral
                      FROM quarantine
                      WHERE stage = 'conversations' AND coalesce(level, 'record') = 'record' AND {_SCOPE} GROUP BY 1)
         SELECT partition_date, coalesce(raw.n, 0) AS raw_records, coalesce(kept.n, 0) AS records_kept,
-               coalesce(rejected.n, 0) AS quarantined, coalesce(rejected.unreadable, 0) AS unreadable,
+               coalesce(rejected.n, 0) AS quarantined, coalesce(rejected.neutral, 0) AS neutral,
                coalesce(raw.n, 0) - coalesce(kept.n, 0) - coalesce(rejected.n, 0) AS unaccounted,
-               (coalesce(kept.n, 0) = 0 AND coalesce(raw.n, 0) > coalesce(rejected.unreadable, 0))::INTEGER
+               (coalesce(kept.n, 0) = 0 AND coalesce(raw.n, 0) > coalesce(rejected.neutral, 0))::INTEGER
                    AS readable_but_none_kept
         FROM raw FULL JOIN kept USING (partition_date) FULL JOIN rejected USING (partition_date)
         """,
-        {**_scope(partitions), "unreadable": list(UNREADABLE_REASONS)},
+        {**_scope(partitions), "neutral": list(NEUTRAL_REASONS)},
     ).df()
     rows = con.execute(
         f"""

@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("paths", nargs="+", help="JSONL / JSON / Parquet files (optionally .gz)")
     ing.add_argument("--partition", type=day, help="put every record on this day (YYYY-MM-DD) instead of its own timestamp")
     ing.add_argument("--format", choices=FORMATS, help="force the record format instead of detecting it per file")
+    fgt = sub.add_parser("forget", help="erase ingested files: their records and everything built from them (move them out of the inbox first)")
+    fgt.add_argument("paths", nargs="+", help="files as they were ingested (paths; they may no longer exist)")
     st = sub.add_parser("stats", help="warehouse counts (records, conversations, interactions, quarantine by reason)")
     st.add_argument("--json", action="store_true", help="print one JSON object")
     adv = sub.add_parser("advantages", help="per-token hindsight advantages of JSONL rows, optionally as an HTML heatmap")
@@ -93,6 +95,8 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"{written} rows -> {args.out}")
     elif args.command == "ingest":
         return _ingest(args)
+    elif args.command == "forget":
+        return _forget(args)
     elif args.command == "stats":
         from sdpo_platform.warehouse import connect, stats
 
@@ -128,6 +132,19 @@ def _ingest(args) -> int:
     print(json.dumps(outcome, indent=2))
     failed = any(v != "passed" for day in outcome["checks"].values() for v in day.values())
     return 1 if outcome["errors"] or failed else 0
+
+
+def _forget(args) -> int:
+    """Exit 0 when the rebuilt days passed their checks, else 1."""
+    from sdpo_platform.config import PlatformConfig
+    from sdpo_platform.paths import inbox_dir
+    from sdpo_platform.pipeline import forget_and_rebuild
+    from sdpo_platform.warehouse import connect
+
+    with connect() as con:
+        outcome = forget_and_rebuild(con, args.paths, PlatformConfig.load(), inbox=inbox_dir(), log=_stderr)
+    print(json.dumps(outcome, indent=2))
+    return 1 if any(v != "passed" for day in outcome["checks"].values() for v in day.values()) else 0
 
 
 if __name__ == "__main__":

@@ -26,12 +26,36 @@ def ingest_and_clean(con: duckdb.DuckDBPyConnection, paths: list[str | Path], cf
     duplicates pointed at conversations those files no longer hold (`stale.py`); returns what happened,
     including each partition's check verdicts (a failed one is recorded and blocks training).
     `log` receives progress lines (done/total, rate, ETA) of each stage."""
+    progress = None if log is None else stage_logger(log, "ingest")
+    ingested = ingest_files(con, paths, partition=partition, format=format, cfg=cfg.ingest, progress=progress)
+    return {
+        "files": ingested.files,
+        "files_rejected": ingested.files_rejected,
+        "records_new": ingested.records_new,
+        "partitions": ingested.partitions,
+        **rebuild_days(con, cfg, ingested.partitions, log),
+        "errors": ingested.errors,
+    }
+
+
+def forget_and_rebuild(con: duckdb.DuckDBPyConnection, paths: list[str | Path], cfg: PlatformConfig,
+                       inbox: Path | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """Erase ingested files (`forget.forget_files`) and rebuild the days they were in, so nothing built from
+    them is left in the warehouse; returns the forgotten files, their days and what the rebuild did."""
+    from sdpo_platform.forget import forget_files
+
+    files, days = forget_files(con, paths, inbox)
+    return {"forgotten": files, "partitions": days, **rebuild_days(con, cfg, days, log)}
+
+
+def rebuild_days(con: duckdb.DuckDBPyConnection, cfg: PlatformConfig, days: list[str], log: Callable[[str], None] | None = None) -> dict:
+    """Rebuild conversations and judged interactions of `days`, then of the days left stale by it, and record
+    every rebuilt day's check verdicts."""
 
     def progress(stage: str):
         return None if log is None else stage_logger(log, stage)
 
-    ingested = ingest_files(con, paths, partition=partition, format=format, cfg=cfg.ingest, progress=progress("ingest"))
-    days, todo = [], ingested.partitions
+    built, todo = [], list(days)
     kept = quarantined = interactions = 0
     for _ in range(MAX_STALE_ROUNDS):  # then the days whose duplicates pointed at conversations these runs removed
         if not todo:
@@ -39,11 +63,11 @@ def ingest_and_clean(con: duckdb.DuckDBPyConnection, paths: list[str | Path], cf
         cleaned = build_conversations(con, cfg.cleaning, partitions=todo, progress=progress("conversations"))
         extracted = extract_interactions(con, cfg.interactions, partitions=todo, progress=progress("interactions"))
         kept, quarantined, interactions = kept + cleaned.kept, quarantined + cleaned.quarantined, interactions + extracted.total
-        days += todo
-        todo = sorted(set(stale_partitions(con)) - set(days))
-    judge = _judge(con, cfg, days, log)
+        built += todo
+        todo = sorted(set(stale_partitions(con)) - set(built))
+    judge = _judge(con, cfg, built, log)
     verdicts = {}
-    for day in sorted(days):
+    for day in sorted(built):
         for stage, report in (
             ("conversations", checks.check_conversations(con, cfg.cleaning, [day])),
             ("conversations_pii", checks.check_pii(con, [day])),
@@ -53,16 +77,11 @@ def ingest_and_clean(con: duckdb.DuckDBPyConnection, paths: list[str | Path], cf
             record_check(con, stage, day, report.passed, report.description)
             verdicts.setdefault(day, {})[stage] = report.description if not report.passed else "passed"
     return {
-        "files": ingested.files,
-        "files_rejected": ingested.files_rejected,
-        "records_new": ingested.records_new,
-        "partitions": ingested.partitions,
-        "partitions_stale": sorted(set(days) - set(ingested.partitions)),  # rebuilt because their duplicates' originals vanished
+        "partitions_stale": sorted(set(built) - set(days)),  # rebuilt because what their verdicts pointed at changed
         "conversations_kept": kept,
         "records_quarantined": quarantined,
         "interactions": interactions,
         "checks": verdicts,
-        "errors": ingested.errors,
     }
 
 

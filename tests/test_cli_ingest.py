@@ -128,3 +128,52 @@ def test_shell_ingest_judges_triples_so_the_safety_guardrail_holds(sdpo_home, ca
         assert not kept_interactions(con, [])["informative"].any()
         con.execute("DELETE FROM interaction_assessments").fetchall()  # a triple never judged is not kept either
         assert len(kept_interactions(con, [])) == 3 and not kept_interactions(con, [])["informative"].any()
+
+
+def test_forget_erases_a_file_and_everything_built_from_it(sdpo_home, capsys, monkeypatch):
+    """Removing a file from the inbox keeps its data; `sdpo forget` erases it: raw rows, conversations,
+    triples, verdicts, quarantine rows, and a duplicate of it elsewhere becomes the kept copy."""
+    from sdpo_platform.warehouse import connect
+
+    config = sdpo_home / "config.json"
+    config.write_text(json.dumps({"informativeness": {"use_model": False}}))
+    monkeypatch.setenv("SDPO_CONFIG", str(config))
+    chat = lambda day, followup: {"created": f"{day}T10:00:00Z", "messages": [  # noqa: E731
+        {"role": "user", "content": "Write a short poem about the sea and the wind for my class."},
+        {"role": "assistant", "content": "Waves roll in, the wind sings low, the gulls ride high."},
+        {"role": "user", "content": followup}]}
+    first, second = sdpo_home / "first.jsonl", sdpo_home / "second.jsonl"
+    first.write_text(json.dumps(chat("2026-01-05", "Too short, make it longer please.")) + "\n{broken\n")
+    second.write_text(json.dumps(chat("2026-01-06", "Too short, make it longer please.")) + "\n")  # a duplicate of first's
+    assert main(["ingest", str(first), str(second)]) == 0
+    capsys.readouterr()
+    assert _stats(capsys)["quarantine_by_reason"] == {"duplicate": 1, "invalid_json": 1}
+
+    with pytest.raises(SystemExit):
+        main(["forget"])
+    assert main(["forget", str(sdpo_home / "never.jsonl")]) == 2
+    assert "not ingested, nothing to forget" in capsys.readouterr().err
+    inbox_copy = sdpo_home / "inbox" / "first.jsonl"
+    inbox_copy.parent.mkdir(exist_ok=True)
+    inbox_copy.write_text(first.read_text())
+    assert main(["ingest", str(inbox_copy)]) == 0
+    assert main(["forget", str(inbox_copy)]) == 2 and "move it out first" in capsys.readouterr().err
+    inbox_copy.unlink()
+    assert main(["forget", str(inbox_copy)]) == 0
+    capsys.readouterr()
+
+    import datetime as dt
+
+    arrival = dt.datetime.fromtimestamp(first.stat().st_mtime, tz=dt.timezone.utc).date().isoformat()  # the broken line's day
+    assert main(["forget", str(first)]) == 0
+    outcome = json.loads(capsys.readouterr().out)
+    assert outcome["forgotten"] == [str(first.resolve())] and outcome["partitions"] == sorted({"2026-01-05", arrival})
+    assert outcome["partitions_stale"] == ["2026-01-06"]  # its duplicate there is now the kept copy
+    stats = _stats(capsys)
+    assert (stats["raw_records"], stats["conversations_kept"], stats["quarantined"], stats["files"]) == (1, 1, 0, 1)
+    with connect() as con:
+        for table in ("raw_records", "conversations", "quarantine", "source_files"):
+            assert con.execute(f"SELECT count(*) FROM {table} WHERE source_file = ?", [str(first.resolve())]).fetchone() == (0,), table
+        kept_file = con.execute("SELECT DISTINCT c.source_file FROM interactions JOIN conversations c USING (conversation_id)").fetchall()
+        assert kept_file == [(str(second.resolve()),)]
+        assert con.execute("SELECT count(*) FROM interaction_assessments").fetchone() == (1,)
