@@ -56,6 +56,9 @@ def build_definitions(
         jobs=[sdpo_lineage, ingest_partition, train_and_register],
         schedules=[nightly_retrain],
         sensors=[build_inbox_sensor(ingest_partition)],
+        # every step in one process, for jobs without their own executor too (the implicit asset job behind the UI's
+        # Materialize and `dagster asset materialize`): DuckDB lets one process at a time open the warehouse
+        executor=dg.in_process_executor,
         resources={
             "settings": settings or SdpoSettings(config_file=dg.EnvVar("SDPO_CONFIG").get_value() or None),
             "warehouse": warehouse or Warehouse(),

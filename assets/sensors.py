@@ -2,49 +2,80 @@
 
 import hashlib
 import json
+import sys
 from typing import Callable
 
 import dagster as dg
 import duckdb
 
+from assets.partitions import outside_message, outside_partitions
 from assets.resources import SdpoSettings, Warehouse
-from sdpo_platform.inbox import changed_files, pending_partitions, remembered, stamps, within_bytes
+from sdpo_platform.inbox import changed_files, held_files, remembered, stamps, stored_days, stored_hashes, within_bytes
+from sdpo_platform.ingest import record_days
 from sdpo_platform.stale import stale_partitions
 
 
-def inbox_run_requests(settings: SdpoSettings, warehouse: Warehouse, cursor: str | None) -> tuple[list[dg.RunRequest], str]:
+def inbox_run_requests(settings: SdpoSettings, warehouse: Warehouse, cursor: str | None,
+                       warn: Callable[[str], None] | None = None) -> tuple[list[dg.RunRequest], str]:
     """(one run request per day to build, the new cursor); shared by the sensor and `make demo`. The days:
-    those new or changed inbox files touch, and the stale ones (`stale.py`: their duplicates point at
-    conversations a changed file took away)."""
+    those new or changed inbox files touch (`inbox.pending_partitions`), and the stale ones (`stale.py`:
+    their rows point at conversations or raw records a changed file took away). Days outside the partitions
+    get no request (one would fail the whole tick) but a `warn` line saying how to include them.
+
+    The warehouse is opened twice, for short queries only: files are hashed and read (up to
+    `ingest.sensor_bytes_per_tick`) with no connection open, so a run starting meanwhile is not locked out."""
     seen = json.loads(cursor) if cursor else {}
     current = stamps(settings.inbox_dir())
     changed = changed_files(current, seen)
     cfg = settings.platform().ingest
     taken = within_bytes(changed, current, cfg.sensor_bytes_per_tick) if changed else []  # a large drop: several ticks
-    if not taken and not warehouse.exists():
+    stored = warehouse.exists()
+    if not taken and not stored:
         return [], json.dumps(current)
     try:
-        with warehouse.connect() as con:
-            days = pending_partitions(taken, con, cfg)
-            stale = stale_partitions(con)
+        known = {}
+        if taken and stored:
+            with warehouse.connect() as con:
+                known = stored_hashes(con, taken)
+        held = held_files(taken, known)  # hashing and reading: no connection open
+        fresh = [path for path in taken if path not in held]
+        days = set(record_days(fresh, cfg)) if fresh else set()
+        stale = {}
+        if stored:
+            with warehouse.connect() as con:
+                days |= stored_days(con, held, fresh)
+                stale = stale_partitions(con)
     except duckdb.IOException:  # the warehouse is locked by a running job: look again next tick
         return [], cursor or "{}"
+    outside = outside_partitions(days | set(stale))
+    if outside and warn is not None:
+        warn(outside_message(outside))
+    days = sorted(days - set(outside))
     batch = hashlib.sha256("|".join(f"{p}@{current[p]}" for p in taken).encode()).hexdigest()[:12]
     requests = [dg.RunRequest(partition_key=day, run_key=f"{day}:{batch}", tags={"sdpo/files": str(len(taken))}) for day in days]
-    requests += [  # keyed by what vanished: asked once per dangling set, whatever the run's outcome
+    requests += [  # keyed by what vanished: asked once per stale set, whatever the run's outcome
         dg.RunRequest(partition_key=day, run_key=f"{day}:stale:{digest}", tags={"sdpo/stale": digest})
-        for day, digest in stale.items() if day not in days
+        for day, digest in stale.items() if day not in days and day not in outside
     ]
     return requests, json.dumps(remembered(seen, current, changed, taken))
 
 
-def drain_inbox(settings: SdpoSettings, warehouse: Warehouse, run_partition: Callable[[str], object]) -> list[str]:
+def drain_inbox(settings: SdpoSettings, warehouse: Warehouse, run_partition: Callable[[str], object],
+                warn: Callable[[str], None] | None = None) -> list[str]:
     """Tick after tick of the sensor's question until no changed file is left, running each tick's days as
     they come; returns the days run. `make demo` uses it: one call, whatever the inbox's size, where the
-    sensor would take one tick per `ingest.sensor_bytes_per_tick` of new files."""
+    sensor would take one tick per `ingest.sensor_bytes_per_tick` of new files. Days outside the partitions
+    are not run, as with the sensor: `warn` (default: stderr) hears about them, once per drain."""
+    told: set[str] = set()
+
+    def tell(message: str) -> None:
+        if message not in told:
+            told.add(message)
+            (warn or (lambda line: print(f"[inbox] {line}", file=sys.stderr)))(message)
+
     cursor, days = None, []
     while True:
-        requests, next_cursor = inbox_run_requests(settings, warehouse, cursor)
+        requests, next_cursor = inbox_run_requests(settings, warehouse, cursor, tell)
         new = [r.partition_key for r in requests if r.partition_key not in days]  # a day runs once per drain
         for day in new:
             run_partition(day)
@@ -58,11 +89,17 @@ def build_inbox_sensor(job) -> dg.SensorDefinition:
     @dg.sensor(job=job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
     def inbox_sensor(context: dg.SensorEvaluationContext, settings: SdpoSettings, warehouse: Warehouse):
         """Materialize raw → conversations → interactions for the days new or changed inbox files touch, and
-        for the days whose duplicates pointed at conversations a changed file took away."""
-        requests, cursor = inbox_run_requests(settings, warehouse, context.cursor)
+        for the stale days (rows pointing at conversations or raw records a changed file took away)."""
+        notes: list[str] = []
+
+        def warn(message: str) -> None:
+            notes.append(message)
+            context.log.warning(message)
+
+        requests, cursor = inbox_run_requests(settings, warehouse, context.cursor, warn)
         context.update_cursor(cursor)
         if not requests:
-            return dg.SkipReason("no new or changed files in the inbox, no stale day")
+            return dg.SkipReason(" | ".join(notes) or "no new or changed files in the inbox, no stale day")
         return requests
 
     return inbox_sensor

@@ -207,7 +207,8 @@ def assess_interactions(
         result["model_signal"] = np.nan
         calibrated = None
     result["informativeness"] = combine(result["followup_kind"], calibrated, cfg)
-    keys = pd.DataFrame({"interaction_id": list(interactions["interaction_id"])})
+    # object dtype even when empty: a day without triples must pass (pandas types an empty list as float64)
+    keys = pd.DataFrame({"interaction_id": pd.Series(list(interactions["interaction_id"]), dtype=object)})
     for column in ("conversation_id", "user_id"):
         keys[column] = list(interactions[column]) if column in interactions.columns else None
     result = result.merge(keys, on="interaction_id", how="left")

@@ -27,7 +27,8 @@ Storage: rows are written clustered by partition day (up to `CLUSTER_RECORDS` re
 day order), so that cleaning, which reads a few days at a time, skips the other days' row groups.
 
 Idempotency: `source_files` holds each path's content hash (and the format used). The same bytes
-again add nothing (unless a different `format` is forced: then the file is re-read); a changed file
+again add nothing (unless a different `format`, or a `partition` other than its rows' day, is forced: then the file
+is re-read); a changed file
 replaces all its rows (the old rows' partitions are reported in `partitions` so the next
 stages rebuild them); `record_id = sha256(source_file, line_no, raw_text)`.
 """
@@ -130,7 +131,7 @@ def _ingest_path(con, path: Path, partition_day: dt.date | None, format: str | N
         return
     previous = con.execute(
         "SELECT file_hash, source_format FROM source_files WHERE source_file = ?", [source_file]).fetchall()
-    if previous and previous[0][0] == digest and format in (None, previous[0][1]):
+    if previous and previous[0][0] == digest and format in (None, previous[0][1]) and not _moved(con, source_file, partition_day):
         clear_file(con, source_file, rejections_only=True)  # of a content the path held in between
         result.files_unchanged += 1
         return
@@ -377,6 +378,15 @@ def _day_params(params: dict) -> dict:
 
 def _stage(con, params: dict) -> int:
     return fetch_scalar(con, _STAGE_SQL, _day_params(params))
+
+
+def _moved(con, source_file: str, partition_day: dt.date | None) -> bool:
+    """Whether a forced `partition_day` differs from the day of a stored row of the file: the same bytes must then
+    be re-read onto that day (`--partition` on an ingested file), else a forced day would be silently ignored."""
+    if partition_day is None:
+        return False
+    return bool(fetch_scalar(con, "SELECT count(*) FROM raw_records WHERE source_file = $file AND partition_date IS DISTINCT FROM $day",
+                             {"file": source_file, "day": partition_day}))
 
 
 def _remove_file_rows(con, source_file: str) -> set:

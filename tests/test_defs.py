@@ -155,3 +155,12 @@ def test_demo_drains_an_inbox_larger_than_one_tick_running_each_day_once(sdpo_ho
 
     assert drain_inbox(settings, Warehouse(), run_partition) == ["2026-02-01", "2026-02-02"]
     assert drain_inbox(settings, Warehouse(), run_partition) == []
+
+
+def test_the_implicit_asset_job_runs_in_process():
+    """The UI's asset-graph Materialize and `dagster asset materialize` launch the implicit asset job: with the
+    default multiprocess executor its parallel check steps open the DuckDB warehouse at once and fail on its lock."""
+    implicit = defs.resolve_implicit_global_asset_job_def()
+    assert implicit.executor_def is dg.in_process_executor
+    assert all(defs.resolve_job_def(name).executor_def is dg.in_process_executor
+               for name in ("sdpo_lineage", "ingest_partition", "train_and_register"))

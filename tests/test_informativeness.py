@@ -171,3 +171,12 @@ def test_cli_bad_row_is_a_one_line_error_naming_its_line(tmp_path, capsys):
     assert main(["informativeness", str(source), "--out", str(tmp_path / "out.jsonl"), "--model", "/nonexistent"]) == 2
     assert capsys.readouterr().err.strip() == f"sdpo: error: {source}:2: needs a 'followup' string (the user's next message)"
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_day_without_triples_is_assessed_to_zero_rows():
+    """A day with no logs (inside a backfill range) or only invalid lines has no triples: nothing to judge, no crash
+    (an empty id list is float64 to pandas, and the merge on it failed)."""
+    empty = _interactions().iloc[0:0]
+    for frame in (empty, empty.drop(columns=["conversation_id"]), pd.DataFrame({"interaction_id": [], "prompt": [], "response": [], "followup": []})):
+        assessed = assess_interactions(frame, InformativenessConfig(use_model=False))
+        assert len(assessed) == 0 and "keep" in assessed.columns

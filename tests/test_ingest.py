@@ -263,3 +263,17 @@ def test_record_days_are_utc_days_whatever_the_host_time_zone(con, logs, monkeyp
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+def test_forcing_another_partition_on_an_ingested_file_moves_its_rows(con, logs):
+    """`sdpo ingest FILE --partition DAY` on a file already stored under its own days re-reads it onto DAY (the old
+    days are reported, to be rebuilt); the same forced day again is a no-op, and so is no forced day."""
+    path = logs / "day.jsonl"
+    path.write_text(json.dumps(chat_on("2024-01-05")) + "\n")
+    assert ingest_files(con, [path]).partitions == ["2024-01-05"]
+
+    moved = ingest_files(con, [path], partition="2024-03-01")
+    assert (moved.files_replaced, moved.records_new, moved.partitions) == (1, 1, ["2024-01-05", "2024-03-01"])
+    assert con.execute("SELECT partition_date::VARCHAR, count(*) FROM raw_records GROUP BY 1").fetchall() == [("2024-03-01", 1)]
+    for again in (ingest_files(con, [path], partition="2024-03-01"), ingest_files(con, [path])):
+        assert (again.files_unchanged, again.records_new, again.partitions) == (1, 0, [])

@@ -84,3 +84,47 @@ def test_the_inbox_sensor_asks_for_a_stale_day_once_and_not_after_its_rebuild(sd
         build_conversations(con, cfg.cleaning, partitions=[DAY2])
         assert day2_verdicts(con)["quarantined"] == []
     assert inbox_run_requests(settings, Warehouse(), cursor)[0] == []
+
+
+def test_a_day_whose_raw_records_a_changed_file_took_away_is_stale_until_rebuilt(sdpo_home):
+    """Another day's run (a backfill, a queued run) re-ingests a changed file first and rebuilds its own day only:
+    the days the file's old rows lived in keep conversations (day 5) or record-level quarantine rows (day 4) built
+    from raw records that are gone. They are stale, the sensor asks for them, and a rebuild clears them."""
+    import os
+
+    from assets.resources import SdpoSettings, Warehouse
+    from assets.sensors import inbox_run_requests
+    from sdpo_platform.cleaning import build_conversations
+    from sdpo_platform.ingest import ingest_files
+
+    day4, day5, day7 = "2026-01-04", "2026-01-05", "2026-01-07"
+    inbox = sdpo_home / "inbox"
+    inbox.mkdir()
+    a, b = inbox / "a.jsonl", inbox / "b.jsonl"
+    write(a, [chat("one", day5, "alpha"), chat("two", day5, "beta")])
+    b.write_text("not json at all\n")
+    os.utime(b, (1767528000, 1767528000))  # 2026-01-04 12:00 UTC: the invalid line's day
+    settings, cfg = SdpoSettings(inbox=str(inbox)), PlatformConfig()
+    with connect() as con:
+        ingest_and_clean(con, [a, b], cfg)
+        assert stale_partitions(con) == {}
+    _, cursor = inbox_run_requests(settings, Warehouse(), None)
+
+    write(a, [chat("one", day7, "alpha v2")])  # both files change; their records now fall on day 7
+    write(b, [chat("three", day7, "gamma")])
+    with connect() as con:  # the other run: ingest the inbox, build and check day 7 only
+        ingest_files(con, [a, b])
+        build_conversations(con, cfg.cleaning, partitions=[day7])
+        stale = stale_partitions(con)
+        assert sorted(stale) == [day4, day5] and stale_partitions(con) == stale  # stable digests: run keys
+    requests, _ = inbox_run_requests(settings, Warehouse(), cursor)
+    assert {(r.partition_key, r.run_key) for r in requests} >= {(day, f"{day}:stale:{digest}") for day, digest in stale.items()}
+
+    with connect() as con:
+        build_conversations(con, cfg.cleaning, partitions=[day4, day5])
+        # day 7 was built while day 5 still held "one": its new "one" is a duplicate_id of it, a link that now
+        # dangles (the second round `sdpo ingest` runs, and the sensor's next tick asks for)
+        assert list(stale_partitions(con)) == [day7]
+        build_conversations(con, cfg.cleaning, partitions=[day7])
+        assert stale_partitions(con) == {}
+        assert con.execute("SELECT count(*) FROM conversations WHERE partition_date <= ?::DATE", [day5]).fetchall() == [(0,)]
