@@ -17,7 +17,9 @@ from sdpo_platform.interactions import extract_interactions
 from sdpo_platform.progress import stage_logger
 from sdpo_platform.stale import stale_partitions
 
-MAX_STALE_ROUNDS = 3  # a rebuilt day cannot dangle again, so one round of stale days is the rule; the cap is a guard
+# A rebuild can leave another day stale (its record judged a duplicate of a conversation the next round removes),
+# so stale days are followed for a few rounds; what is left then, the sensor's next tick or ingest finds.
+MAX_STALE_ROUNDS = 3
 
 
 def ingest_and_clean(con: duckdb.DuckDBPyConnection, paths: list[str | Path], cfg: PlatformConfig,
@@ -49,13 +51,13 @@ def forget_and_rebuild(con: duckdb.DuckDBPyConnection, paths: list[str | Path], 
 
 
 def rebuild_days(con: duckdb.DuckDBPyConnection, cfg: PlatformConfig, days: list[str], log: Callable[[str], None] | None = None) -> dict:
-    """Rebuild conversations and judged interactions of `days`, then of the days left stale by it, and record
-    every rebuilt day's check verdicts."""
+    """Rebuild conversations and judged interactions of `days` and of every stale day (those left by earlier
+    runs too), then of the days left stale by it, and record every rebuilt day's check verdicts."""
 
     def progress(stage: str):
         return None if log is None else stage_logger(log, stage)
 
-    built, todo = [], list(days)
+    built, todo = [], sorted(set(days) | set(stale_partitions(con)))
     kept = quarantined = interactions = 0
     for _ in range(MAX_STALE_ROUNDS):  # then the days whose duplicates pointed at conversations these runs removed
         if not todo:

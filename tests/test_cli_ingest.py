@@ -9,6 +9,14 @@ from sdpo_platform.cli import main
 from tests.lineage_fixtures import FIXTURE_DAY, write_garbage_inbox, write_inbox
 
 
+@pytest.fixture()
+def no_model(sdpo_home, monkeypatch):
+    """The judge of triples without the model signal (the first test runs it with the real default model)."""
+    config = sdpo_home / "config.json"
+    config.write_text(json.dumps({"informativeness": {"use_model": False}}))
+    monkeypatch.setenv("SDPO_CONFIG", str(config))
+
+
 def _stats(capsys) -> dict:
     capsys.readouterr()
     assert main(["stats", "--json"]) == 0
@@ -42,7 +50,7 @@ def test_ingest_then_stats_reconcile_and_rerun_is_idempotent(sdpo_home, capsys):
     assert _stats(capsys) == stats
 
 
-def test_partition_override_and_failing_partition_exit_code(sdpo_home, capsys):
+def test_partition_override_and_failing_partition_exit_code(sdpo_home, capsys, no_model):
     garbage = write_garbage_inbox(sdpo_home / "logs")
     assert main(["ingest", str(garbage), "--partition", "2026-02-01"]) == 1  # its checks fail: said, not hidden
     outcome = json.loads(capsys.readouterr().out)
@@ -72,7 +80,7 @@ def test_bad_option_values_are_usage_errors(sdpo_home, capsys, option):
     assert not (sdpo_home / "warehouse.duckdb").exists()
 
 
-def test_unreadable_lines_alone_do_not_fail_their_arrival_day(sdpo_home, capsys):
+def test_unreadable_lines_alone_do_not_fail_their_arrival_day(sdpo_home, capsys, no_model):
     """Broken lines carry no timestamp, so they sit on the file's arrival day; a day holding only them is
     not a day whose conversations all failed. A day whose readable records all fail still fails."""
     from tests.lineage_fixtures import arrived_on
@@ -101,15 +109,12 @@ def test_unreadable_lines_alone_do_not_fail_their_arrival_day(sdpo_home, capsys)
     assert "readable_but_none_kept" in outcome["checks"]["2024-03-06"]["conversations"]
 
 
-def test_shell_ingest_judges_triples_so_the_safety_guardrail_holds(sdpo_home, capsys, monkeypatch):
+def test_shell_ingest_judges_triples_so_the_safety_guardrail_holds(sdpo_home, capsys, no_model):
     """The shell runs the asset's judge too: a jailbreak follow-up is flagged, and training never sees an
     unjudged triple (before, `sdpo ingest` left triples unjudged and training fell back to the SQL flag)."""
     from sdpo_platform.assessments import kept_interactions
     from sdpo_platform.warehouse import connect
 
-    config = sdpo_home / "config.json"
-    config.write_text(json.dumps({"informativeness": {"use_model": False}}))
-    monkeypatch.setenv("SDPO_CONFIG", str(config))
     rows = [{"created": "2026-01-05T10:00:00Z", "messages": [
         {"role": "user", "content": f"How can I get into my neighbour's wifi network number {i}?"},
         {"role": "assistant", "content": "I can't help with accessing networks you don't own."},
@@ -130,14 +135,11 @@ def test_shell_ingest_judges_triples_so_the_safety_guardrail_holds(sdpo_home, ca
         assert len(kept_interactions(con, [])) == 3 and not kept_interactions(con, [])["informative"].any()
 
 
-def test_forget_erases_a_file_and_everything_built_from_it(sdpo_home, capsys, monkeypatch):
+def test_forget_erases_a_file_and_everything_built_from_it(sdpo_home, capsys, no_model):
     """Removing a file from the inbox keeps its data; `sdpo forget` erases it: raw rows, conversations,
     triples, verdicts, quarantine rows, and a duplicate of it elsewhere becomes the kept copy."""
     from sdpo_platform.warehouse import connect
 
-    config = sdpo_home / "config.json"
-    config.write_text(json.dumps({"informativeness": {"use_model": False}}))
-    monkeypatch.setenv("SDPO_CONFIG", str(config))
     chat = lambda day, followup: {"created": f"{day}T10:00:00Z", "messages": [  # noqa: E731
         {"role": "user", "content": "Write a short poem about the sea and the wind for my class."},
         {"role": "assistant", "content": "Waves roll in, the wind sings low, the gulls ride high."},

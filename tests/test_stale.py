@@ -12,6 +12,11 @@ from sdpo_platform.warehouse import connect, stats
 DAY1, DAY2 = "2024-01-01", "2024-01-02"
 
 
+def no_model_config() -> PlatformConfig:
+    """The judge of triples runs without the model signal: not under test here, and it would load a model."""
+    return PlatformConfig.model_validate({"informativeness": {"use_model": False}})
+
+
 def chat(source_id: str, day: str, tag: str, followup: str | None = None) -> dict:
     return {"conversation_hash": source_id, "timestamp": f"{day}T10:00:00Z", "conversation": [
         {"role": "user", "content": f"Question {tag}: can you explain how the water cycle works for my class?"},
@@ -39,7 +44,7 @@ def day2_verdicts(con) -> dict:
 
 def test_a_changed_file_rebuilds_the_days_whose_duplicates_pointed_at_its_old_conversations(sdpo_home, tmp_path):
     x, y = two_days(tmp_path)
-    cfg = PlatformConfig()
+    cfg = no_model_config()
     with connect() as con:
         ingest_and_clean(con, [x, y], cfg)
         before = day2_verdicts(con)
@@ -66,7 +71,7 @@ def test_the_inbox_sensor_asks_for_a_stale_day_once_and_not_after_its_rebuild(sd
     inbox = sdpo_home / "inbox"
     inbox.mkdir()
     x, _ = two_days(inbox)
-    settings, cfg = SdpoSettings(inbox=str(inbox)), PlatformConfig()
+    settings, cfg = SdpoSettings(inbox=str(inbox)), no_model_config()
     with connect() as con:
         ingest_and_clean(con, sorted(inbox.iterdir()), cfg)
     _, cursor = inbox_run_requests(settings, Warehouse(), None)
@@ -104,7 +109,7 @@ def test_a_day_whose_raw_records_a_changed_file_took_away_is_stale_until_rebuilt
     write(a, [chat("one", day5, "alpha"), chat("two", day5, "beta")])
     b.write_text("not json at all\n")
     os.utime(b, (1767528000, 1767528000))  # 2026-01-04 12:00 UTC: the invalid line's day
-    settings, cfg = SdpoSettings(inbox=str(inbox)), PlatformConfig()
+    settings, cfg = SdpoSettings(inbox=str(inbox)), no_model_config()
     with connect() as con:
         ingest_and_clean(con, [a, b], cfg)
         assert stale_partitions(con) == {}
@@ -128,3 +133,22 @@ def test_a_day_whose_raw_records_a_changed_file_took_away_is_stale_until_rebuilt
         build_conversations(con, cfg.cleaning, partitions=[day7])
         assert stale_partitions(con) == {}
         assert con.execute("SELECT count(*) FROM conversations WHERE partition_date <= ?::DATE", [day5]).fetchall() == [(0,)]
+
+
+def test_sdpo_ingest_with_nothing_new_still_rebuilds_days_an_earlier_run_left_stale(sdpo_home, tmp_path):
+    from sdpo_platform.cleaning import build_conversations
+    from sdpo_platform.ingest import ingest_files
+
+    x, y = two_days(tmp_path)
+    cfg = no_model_config()
+    with connect() as con:
+        ingest_and_clean(con, [x, y], cfg)
+        write(x, [chat("new", DAY1, "delta")])
+        ingest_files(con, [x])  # another run stored x and rebuilt day 1 only
+        build_conversations(con, cfg.cleaning, partitions=[DAY1])
+        assert DAY2 in stale_partitions(con)
+
+        outcome = ingest_and_clean(con, [x, y], cfg)  # nothing new to ingest
+
+        assert outcome["partitions"] == [] and outcome["partitions_stale"] == [DAY2]
+        assert stale_partitions(con) == {} and day2_verdicts(con)["quarantined"] == []
