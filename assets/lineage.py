@@ -152,8 +152,10 @@ def hindsight_targets(
     selected = select_for_scoring(frame, cfg.targets)
     context.log.info(f"scoring {len(selected)} of {len(frame)} interactions with {teacher} (the round's base and teacher)")
     targets_cfg = cfg.targets.model_copy(update={"template": hindsight_template(cfg)})  # principles preamble, if on
-    result = materialize_targets(selected, targets_cfg, model_spec, progress=progress_logger(context.log.info), show_bar=False)
-    context.log.info(f"target set {result.target_set}: {result.shards_scored} shard(s) scored, {result.shards_reused} reused")
+    result = materialize_targets(selected, targets_cfg, model_spec, progress=progress_logger(context.log.info), show_bar=False,
+                                 log=context.log.info)  # logs the set's folder first: workers may join (docs/SCALE_OUT.md)
+    context.log.info(f"target set {result.target_set}: {result.shards_scored} shard(s) scored here, "
+                     f"{result.shards_scored_elsewhere} by other workers, {result.shards_reused} reused")
     targets = read_targets(result.path)
     base_model_path = resolve_model(model_spec)
     tokenizer = AutoTokenizer.from_pretrained(base_model_path)
@@ -183,6 +185,7 @@ def hindsight_targets(
             "path": dg.MetadataValue.path(result.path),
             "shards": result.shards,
             "shards_scored": result.shards_scored,
+            "shards_scored_elsewhere": result.shards_scored_elsewhere,
             "shards_reused": result.shards_reused,
             "mean_advantage": dg.MetadataValue.float(float(targets["mean_advantage"].mean())),
             "mean_abs_advantage": dg.MetadataValue.float(float(targets["mean_abs_advantage"].mean())),

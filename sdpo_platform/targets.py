@@ -1,15 +1,17 @@
 """Hindsight targets: per-token teacher and student log-probs of each logged response, and their gap.
 
 A_i = log π(y_i | x, o, y_<i) − log π(y_i | x, y_<i), scored once with the model that is champion now
-(the `frozen` teacher). A target set is one folder per (model revision, template hash) under the data
-root's `targets/`; a new champion or a new template gives a new set beside the old ones.
+(the `frozen` teacher). A target set is one folder per (model revision, template, scoring settings and
+float precision) under the data root's `targets/`: anything that changes the numbers gives a new set
+beside the old ones, so a set id names fixed numbers; new interactions (a new day) grow a set in place.
 
 Inside a set, work is never lost: `inputs.parquet` and `manifest.json` fix the plan (which interactions,
 in which shard, with which settings), and each shard is written atomically (temp file + rename) once
-scored. A killed run resumes with the shards still missing; a rerun of a complete set does nothing; and
-any process holding the model can score any shard (`score_shard`), so shards can run on many workers:
+scored. Shard boundaries follow content, so a grown plan keeps the shards it did not touch. A killed run
+resumes with the shards still missing; a rerun of a complete set does nothing; and any process holding
+the model scores pending shards, claiming each first (`shard_claims`) so that workers split a set:
 
-    python -m sdpo_platform.targets SET_DIR [--shards 0 3 7]
+    python -m sdpo_platform.targets SET_DIR [--shards 0 3 7] [--model PATH] [--wait]
 
 The plan is two files, hence two renames, so the manifest carries the sha256 of the inputs file: a
 planner rewrites whichever file differs from its plan (a plan killed between the renames is repaired by
@@ -21,12 +23,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import itertools
 import json
 import os
 import secrets
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import duckdb
 import numpy as np
@@ -36,6 +41,7 @@ from sdpo_platform.config import TargetsConfig
 from sdpo_platform.hindsight import PROMPT_ENCODING_VERSION, EncodedInteraction, encode_interaction, template_hash
 from sdpo_platform.paths import targets_dir
 from sdpo_platform.scoring import BranchJob, ProgressCallback, ScoringProgress, score_jobs
+from sdpo_platform.shard_claims import CLAIM_TIMEOUT_S, describe, read_claim, try_claim
 
 INPUT_COLUMNS = ("interaction_id", "context", "response", "followup", "split")
 TARGET_COLUMNS = (
@@ -53,11 +59,13 @@ SCORING_FIELDS = ("template", "max_prompt_tokens", "max_response_tokens", "neutr
 MANIFEST_FILE = "manifest.json"
 INPUTS_FILE = "inputs.parquet"
 LEGACY_TARGETS_FILE = "targets.parquet"
+MAX_SHARD_FACTOR = 4  # no shard passes this many times `shard_size` rows
+POLL_S, WAIT_LOG_S = 10.0, 60.0  # while others score the rest: look again / say so this often
 
 
 @dataclass
 class TargetSetResult:
-    """What one materialization did: the set's folder, its size, and how many shards it had to score."""
+    """What one materialization did: the set's folder, its size, and which process scored its shards."""
 
     path: str
     target_set: str
@@ -65,8 +73,9 @@ class TargetSetResult:
     template_hash: str
     rows: int
     shards: int
-    shards_scored: int
-    shards_reused: int
+    shards_scored: int  # written by this process
+    shards_reused: int  # on disk already when planned
+    shards_scored_elsewhere: int = 0  # written by other workers while this one ran
 
 
 def encode_interactions(tokenizer, interactions: pd.DataFrame, cfg: TargetsConfig) -> tuple[list[EncodedInteraction], list[BranchJob]]:
@@ -145,10 +154,12 @@ def select_for_scoring(interactions_df: pd.DataFrame, cfg: TargetsConfig) -> pd.
     Rows are chosen by an md5 of their content (context, response, follow-up; the id where a frame has
     none), so the choice is deterministic, does not depend on input order or on where the log files
     lived (ids hash the source path), and a grown table keeps most of an earlier selection. The chosen
-    rows come back grouped by conversation (in conversation-hash order, turns ascending), so a
-    conversation's turns land in the same shard, where the scoring engine runs the tokens they share
-    once. The order only decides the shards' composition; `bench/bench_scoring.py` takes its fixed set
-    of interactions from it.
+    rows come back grouped by conversation, turns ascending, so a conversation's turns land in the same
+    shard, where the scoring engine runs the tokens they share once; conversations come by the day they
+    start (`partition_date`, where the frame has one), then by conversation hash, so a new day's
+    conversations follow the shards of the days before instead of landing in all of them. The order
+    only decides the shards' composition; `bench/bench_scoring.py` takes its fixed set of interactions
+    from it.
     """
     missing = [c for c in ("interaction_id", "split", "informative") if c not in interactions_df.columns]
     if missing:
@@ -156,6 +167,7 @@ def select_for_scoring(interactions_df: pd.DataFrame, cfg: TargetsConfig) -> pd.
     keys = interactions_df[["interaction_id", "split", "informative"]].copy()
     keys["conversation_id"] = interactions_df.get("conversation_id", interactions_df["interaction_id"])
     keys["turn_index"] = interactions_df.get("turn_index", 0)
+    keys["day"] = interactions_df.get("partition_date")
     content = [c for c in ("context", "response", "followup") if c in interactions_df.columns]
     for column in content:
         keys[column] = interactions_df[column]
@@ -167,12 +179,15 @@ def select_for_scoring(interactions_df: pd.DataFrame, cfg: TargetsConfig) -> pd.
         con.register("interaction_keys", keys)
         chosen = con.execute(
             f"""
-            WITH keyed AS (SELECT *, md5({content_sql}) AS content_key FROM interaction_keys WHERE informative)
+            WITH keyed AS (
+                SELECT *, md5({content_sql}) AS content_key, min(day) OVER (PARTITION BY conversation_id) AS first_day
+                FROM interaction_keys WHERE informative
+            )
             SELECT interaction_id
             FROM keyed
             QUALIFY row_number() OVER (PARTITION BY split ORDER BY content_key, interaction_id)
                     <= CASE split WHEN 'train' THEN $max_train WHEN 'validation' THEN $max_validation ELSE 0 END
-            ORDER BY split, md5(conversation_id), conversation_id, turn_index, interaction_id
+            ORDER BY split, first_day NULLS FIRST, md5(conversation_id), conversation_id, turn_index, interaction_id
             """,
             {"max_train": cfg.max_train, "max_validation": cfg.max_validation},
         ).df()
@@ -181,31 +196,75 @@ def select_for_scoring(interactions_df: pd.DataFrame, cfg: TargetsConfig) -> pd.
     return chosen.merge(interactions_df, on="interaction_id", how="left")
 
 
-def target_set_id(model_revision: str, template_hash: str) -> str:
-    """Folder name of a target set: targets from one model revision under one hindsight template."""
-    return f"{model_revision}-{template_hash}"
+def scoring_key(cfg: TargetsConfig, dtype: str) -> str:
+    """Digest of everything that changes the numbers: the settings, the prompt encoding, the float precision."""
+    settings = {name: getattr(cfg, name) for name in SCORING_FIELDS} | {"prompt_encoding": PROMPT_ENCODING_VERSION, "dtype": dtype}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:8]
 
 
-def target_set_dir(model_revision: str, template: str, root: Path | None = None) -> Path:
-    """Where the target set of this model revision and template lives (it may not exist yet)."""
-    return targets_dir(root) / target_set_id(model_revision, template_hash(template))
+def target_set_id(model_revision: str, template_hash: str, scoring_key: str) -> str:
+    """Folder name of a target set: one model revision, one hindsight template, one `scoring_key`."""
+    return f"{model_revision}-{template_hash}-{scoring_key}"
 
 
-def plan_target_set(interactions: pd.DataFrame, cfg: TargetsConfig, model_path: str, model_revision: str, root: Path | None = None) -> Path:
-    """Fix which interactions go into which shard; returns the set's folder.
+def target_set_dir(model_revision: str, cfg: TargetsConfig, dtype: str = "float32", root: Path | None = None) -> Path:
+    """Where the target set of this model revision, these settings and this precision lives (it may not exist yet)."""
+    return targets_dir(root) / target_set_id(model_revision, template_hash(cfg.template), scoring_key(cfg, dtype))
 
-    Shards are consecutive runs of `cfg.shard_size` input rows. A shard's file name carries a digest of
-    its rows and of the settings that change the numbers, so a shard already on disk is reused exactly
-    when it would be recomputed identically. Files are only rewritten when the plan changes: the inputs
-    when the file on disk is not this plan's (its sha256, which the manifest records, differs), then the
-    manifest when it differs (inputs first: a kill in between leaves a manifest whose digest the inputs
-    fail, which workers refuse and the next plan repairs).
+
+def shard_numbers(conversations: list, splits: list, shard_size: int) -> list[int]:
+    """The shard of each row, with boundaries set by content, so that a grown plan keeps its other shards.
+
+    Rows come grouped by conversation. A shard ends after conversation c when md5(c) mod `shard_size`
+    < rows(c) (about every `shard_size` rows) and where the split changes, so adding or removing a
+    conversation changes only the shard it falls in (or joins two, or splits one, when it carries a
+    boundary); fixed-size shards would shift every later shard. A shard never passes `MAX_SHARD_FACTOR`
+    × `shard_size` rows: a longer run is cut into pieces of that size, which moves cuts only up to the
+    run's next content boundary.
+    """
+    cap = MAX_SHARD_FACTOR * shard_size
+    out: list[int] = []
+    index = length = 0
+    previous_split = None
+    for (split, conversation), group in itertools.groupby(zip(splits, conversations)):
+        n = len(list(group))
+        if length and (length + n > cap or split != previous_split):
+            index, length = index + 1, 0
+        for _ in range(n):
+            if length == cap:
+                index, length = index + 1, 0
+            out.append(index)
+            length += 1
+        if int(hashlib.md5(str(conversation).encode("utf-8")).hexdigest(), 16) % shard_size < n:
+            index, length = index + 1, 0
+        previous_split = split
+    return out
+
+
+def plan_target_set(
+    interactions: pd.DataFrame,
+    cfg: TargetsConfig,
+    model_path: str,
+    model_revision: str,
+    root: Path | None = None,
+    dtype: str = "float32",
+) -> Path:
+    """Fix which interactions go into which shard, scored in which precision; returns the set's folder.
+
+    Shards follow `shard_numbers` over the input order (conversations by `conversation_id` where the
+    frame has one). A shard's file name is a digest of its rows and of the settings, so a shard already
+    on disk is reused exactly when it would be recomputed identically, wherever the re-plan puts it.
+    Files are only rewritten when the plan changes: the inputs when the file on disk is not this
+    plan's (its sha256, which the manifest records, differs), then the manifest when it differs
+    (inputs first: a kill in between leaves a manifest whose digest the inputs fail, which workers
+    refuse and the next plan repairs).
     """
     missing = [c for c in INPUT_COLUMNS if c not in interactions.columns]
     if missing:
         raise ValueError(f"interactions lack columns {missing}")
-    folder = target_set_dir(model_revision, cfg.template, root)
+    folder = target_set_dir(model_revision, cfg, dtype, root)
     folder.mkdir(parents=True, exist_ok=True)
+    conversations = interactions.get("conversation_id", interactions["interaction_id"])
     inputs = pd.DataFrame(
         {
             "interaction_id": list(interactions["interaction_id"]),
@@ -213,17 +272,17 @@ def plan_target_set(interactions: pd.DataFrame, cfg: TargetsConfig, model_path: 
             "response": list(interactions["response"]),
             "followup": list(interactions["followup"]),
             "split": list(interactions["split"]),
-            "shard": np.arange(len(interactions)) // cfg.shard_size,
+            "shard": shard_numbers(list(conversations), list(interactions["split"]), cfg.shard_size),
         }
     )
     if inputs["interaction_id"].duplicated().any():
         raise ValueError("interaction ids must be unique within a target set")
-    settings = {name: getattr(cfg, name) for name in SCORING_FIELDS} | {"prompt_encoding": PROMPT_ENCODING_VERSION}
+    settings = {name: getattr(cfg, name) for name in SCORING_FIELDS} | {"prompt_encoding": PROMPT_ENCODING_VERSION, "dtype": dtype}
     shards = []
     for index, rows in inputs.groupby("shard", sort=True):
         payload = json.dumps([settings, rows.drop(columns="shard").values.tolist()], ensure_ascii=False)
-        digest = hashlib.sha256(payload.encode("utf-8")).hexdigest()[:12]
-        shards.append({"index": int(index), "file": f"shard-{int(index):05d}-{digest}.parquet", "rows": len(rows)})
+        digest = hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+        shards.append({"index": int(index), "file": f"shard-{digest}.parquet", "rows": len(rows)})
     buffer = io.BytesIO()
     inputs.to_parquet(buffer, index=False)
     inputs_bytes = buffer.getvalue()
@@ -231,6 +290,8 @@ def plan_target_set(interactions: pd.DataFrame, cfg: TargetsConfig, model_path: 
     manifest = {
         "model_revision": model_revision,
         "template_hash": template_hash(cfg.template),
+        "scoring_key": scoring_key(cfg, dtype),
+        "dtype": dtype,
         "model_path": model_path,
         "targets_config": cfg.model_dump(),
         "rows": len(inputs),
@@ -276,35 +337,151 @@ def pending_shards(set_dir: str | Path) -> list[int]:
     return [s["index"] for s in read_manifest(set_dir)["shards"] if not (set_dir / s["file"]).exists()]
 
 
+def checked_model_path(manifest: dict, model_path: str | None = None) -> str:
+    """`model_path` (this machine's copy) or the manifest's, if it has the set's revision; else a ValueError."""
+    from sdpo_platform.models import model_revision
+
+    path = model_path or manifest["model_path"]
+    if model_revision(path) != manifest["model_revision"]:
+        hint = "" if model_path or Path(path).exists() else ": it is not there, give this machine's copy with --model PATH"
+        raise ValueError(f"{path} does not have the set's model revision {manifest['model_revision']}{hint}")
+    return path
+
+
+def load_scoring_model(manifest: dict, model_path: str | None = None):
+    """The set's model (`checked_model_path`) in the set's precision."""
+    import torch
+
+    from sdpo_platform.models import load_model
+
+    dtype = manifest.get("dtype")
+    return load_model(checked_model_path(manifest, model_path), dtype=getattr(torch, dtype) if dtype else None)
+
+
 def score_shard(set_dir: str | Path, shard_index: int, model=None, tokenizer=None, progress: ProgressCallback | None = None) -> bool:
-    """Score one planned shard and write it atomically; False (and no work) when it already exists.
+    """Score one planned shard and write it atomically; True only when this call wrote it.
 
     Independent of any other process: the plan and the inputs are read from the set's folder, and
-    without `model` the manifest's model is loaded (and must still have the set's revision). Manifest
-    and inputs are read together after the model is loaded and checked against each other (`read_plan`),
-    so the shard is computed from, and named after, the rows of one plan.
+    without `model` the manifest's model is loaded (`load_scoring_model`). Manifest and inputs are read
+    together after the model is loaded and checked against each other (`read_plan`), so the shard is
+    computed from, and named after, the rows of one plan. False (no work) when the shard is on disk or
+    another live process claims it.
     """
     set_dir = Path(set_dir)
-    manifest = read_manifest(set_dir)
-    shard = next(s for s in manifest["shards"] if s["index"] == shard_index)
+    shard = _shard(read_manifest(set_dir), shard_index)
     if (set_dir / shard["file"]).exists():
         return False
     if model is None or tokenizer is None:
-        from sdpo_platform.models import load_model, model_revision
-
-        if model_revision(manifest["model_path"]) != manifest["model_revision"]:
-            raise ValueError(f"{manifest['model_path']} no longer has revision {manifest['model_revision']}")
-        model, tokenizer = load_model(manifest["model_path"])
+        model, tokenizer = load_scoring_model(read_manifest(set_dir))
     manifest, data = read_plan(set_dir)  # the plan may have changed while the model loaded
-    shard = next(s for s in manifest["shards"] if s["index"] == shard_index)
-    if (set_dir / shard["file"]).exists():
-        return False
-    inputs = pd.read_parquet(io.BytesIO(data), filters=[("shard", "==", shard_index)])
-    inputs["context"] = [json.loads(c) for c in inputs["context_json"]]
-    cfg = TargetsConfig.model_validate(manifest["targets_config"])
-    frame = compute_targets(model, tokenizer, inputs, cfg, manifest["model_revision"], progress=progress)
-    _atomic_write(set_dir / shard["file"], lambda tmp: frame.to_parquet(tmp, index=False))
-    return True
+    return _score_claimed(set_dir, manifest, data, _shard(manifest, shard_index), lambda: (model, tokenizer), progress)
+
+
+@dataclass
+class ScoringRun:
+    """What `score_pending` saw: shards it wrote, shards others wrote meanwhile, and those still missing."""
+
+    scored: list[int] = field(default_factory=list)
+    elsewhere: list[int] = field(default_factory=list)
+    reused: int = 0  # on disk at the start
+    left: list[int] = field(default_factory=list)  # claimed by others when it stopped (never when waiting)
+
+
+def score_pending(
+    set_dir: str | Path,
+    load: Callable[[], tuple],
+    only: list[int] | None = None,
+    wait: bool = False,
+    progress: ProgressCallback | None = None,
+    show_bar: bool = False,
+    log: Callable[[str], None] | None = None,
+    shard_lines: bool = False,
+    poll_s: float = POLL_S,
+    claim_timeout_s: float = CLAIM_TIMEOUT_S,
+) -> ScoringRun:
+    """Claim and score the set's missing shards (or those of `only`) until none is left to claim.
+
+    Shards claimed by live others are skipped; with `wait` this polls until they are on disk, taking
+    over claims that go stale, so the set is complete on return. `load()` gives `(model, tokenizer)` and
+    is called at the first claim won. `progress` gets a `ScoringProgress` over the pending interactions
+    (others' shards count once seen) after every batch, and with `extra["shards_done"]` after every
+    shard written here; `show_bar` draws a tqdm bar on stderr when it is a terminal; `log` gets the
+    waits and, with `shard_lines`, a line per shard.
+    """
+    from tqdm.auto import tqdm
+
+    set_dir, log = Path(set_dir), log or (lambda message: None)
+    manifest, data = read_plan(set_dir)
+    chosen = [s for s in manifest["shards"] if only is None or s["index"] in only]
+    pending = [s for s in chosen if not (set_dir / s["file"]).exists()]
+    run, total = ScoringRun(reused=len(chosen) - len(pending)), sum(s["rows"] for s in pending)
+    loaded: list[tuple] = []  # the model, once a claim is won: nothing is loaded when others do it all
+    seen: set[int] = set()
+
+    def get_model() -> tuple:
+        loaded[:] = loaded or [load()]
+        return loaded[0]
+
+    started, done_rows, tokens, last_wait_log = time.monotonic(), 0, 0, -WAIT_LOG_S
+    bar = tqdm(total=total, unit="interaction", desc="hindsight targets", disable=None if show_bar else True, file=sys.stderr)
+    try:
+        while True:
+            for s in pending:  # count shards others finished, once
+                if s["index"] not in seen and (set_dir / s["file"]).exists():
+                    seen.add(s["index"])
+                    run.elsewhere.append(s["index"])
+                    done_rows += s["rows"]
+                    bar.update(s["rows"])
+            todo = [s for s in pending if s["index"] not in seen]
+            if not todo:
+                break
+            wrote = False
+            for s in todo:
+                if (set_dir / s["file"]).exists():
+                    continue
+                shard_started, last = time.monotonic(), []
+
+                def report(p: ScoringProgress) -> None:
+                    overall = ScoringProgress(done_rows + p.interactions_done, total, tokens + p.tokens_done, time.monotonic() - started)
+                    bar.update(overall.interactions_done - bar.n)
+                    bar.set_postfix(tokens_per_s=f"{overall.tokens_per_s:.0f}")
+                    last[:] = [overall]
+                    if progress is not None:
+                        progress(overall)
+
+                if not _score_claimed(set_dir, manifest, data, s, get_model, report, claim_timeout_s):
+                    continue
+                wrote = True
+                seen.add(s["index"])
+                run.scored.append(s["index"])
+                done_rows += s["rows"]
+                tokens = last[-1].tokens_done if last else tokens
+                bar.update(done_rows - bar.n)
+                elapsed = time.monotonic() - started
+                if shard_lines:
+                    eta = (total - done_rows) * elapsed / max(done_rows, 1)
+                    log(
+                        f"shard {s['index']}: scored {s['rows']} interactions in {time.monotonic() - shard_started:.1f}s; "
+                        f"{done_rows}/{total} interactions, {tokens / max(elapsed, 1e-9):.0f} tokens/s, ETA {eta:.0f}s"
+                    )
+                if progress is not None:
+                    extra = {"shards_done": len(run.scored), "shards_total": len(pending), "shard": s["index"]}
+                    progress(ScoringProgress(done_rows, total, tokens, elapsed, extra))
+            if wrote:
+                continue
+            left = [s for s in todo if not (set_dir / s["file"]).exists()]
+            if left and not wait:
+                run.left = [s["index"] for s in left]
+                break
+            if left and time.monotonic() - last_wait_log >= WAIT_LOG_S:
+                holders = [describe(h) for s in left[:3] if (h := read_claim(_claim_path(set_dir, s)))]
+                log(f"waiting for {len(left)} shard(s) that other workers are scoring: {', '.join(holders)}{' ...' if len(left) > 3 else ''}")
+                last_wait_log = time.monotonic()
+            if left:
+                time.sleep(poll_s)
+    finally:
+        bar.close()
+    return run
 
 
 def materialize_targets(
@@ -316,48 +493,34 @@ def materialize_targets(
     model=None,
     tokenizer=None,
     show_bar: bool = True,
+    dtype: str | None = None,
+    log: Callable[[str], None] | None = None,
+    poll_s: float = POLL_S,
+    claim_timeout_s: float = CLAIM_TIMEOUT_S,
 ) -> TargetSetResult:
-    """Plan the set of `model_spec`'s current revision and score the shards still missing.
+    """Plan the set of `model_spec`'s current revision, score the shards still missing, return when complete.
 
-    The model is loaded only when something is left to score. `progress` gets a `ScoringProgress`
-    over the pending interactions after every batch, and with `extra["shards_done"]` after every shard
-    written; `show_bar` draws a tqdm bar on an interactive terminal.
+    Workers (`python -m sdpo_platform.targets SET_DIR`) may score shards of the same set meanwhile: each
+    shard is claimed before it is scored, and shards other workers hold are waited for (`score_pending`).
+    `dtype` is the precision the set is scored in: `model`'s when given, else what `load_model` picks
+    here (bf16 on CUDA, float32 on CPU). The model is loaded only when this process wins a shard. `log`
+    gets the set's folder once planned (for starting workers) and the waits.
     """
-    from tqdm.auto import tqdm
+    import torch
 
     from sdpo_platform.models import load_model, model_revision, resolve_model
 
     revision, model_path = model_revision(model_spec, root), resolve_model(model_spec, root)
-    set_dir = plan_target_set(interactions, cfg, model_path, revision, root)
+    dtype = dtype or (_dtype_name(model) if model is not None else "bfloat16" if torch.cuda.is_available() else "float32")
+    set_dir = plan_target_set(interactions, cfg, model_path, revision, root, dtype=dtype)
     manifest = read_manifest(set_dir)
-    todo = pending_shards(set_dir)
-    sizes = {s["index"]: s["rows"] for s in manifest["shards"]}
-    total = sum(sizes[i] for i in todo)
-    if todo and (model is None or tokenizer is None):
-        model, tokenizer = load_model(model_spec, root)
+    log = log or (lambda message: None)
+    log(f"target set {set_dir}: {len(manifest['shards'])} shard(s), {len(pending_shards(set_dir))} to score ({dtype})")
 
-    bar = tqdm(total=total, unit="interaction", desc="hindsight targets", disable=None if show_bar else True)
-    started, before, tokens_before = time.monotonic(), 0, 0
-    try:
-        for shards_done, index in enumerate(todo, start=1):
-            last: list[ScoringProgress] = []
+    def load():
+        return (model, tokenizer) if model is not None and tokenizer is not None else load_model(model_spec, root, dtype=getattr(torch, dtype))
 
-            def report(p: ScoringProgress) -> None:
-                overall = ScoringProgress(before + p.interactions_done, total, tokens_before + p.tokens_done, time.monotonic() - started)
-                bar.update(overall.interactions_done - bar.n)
-                bar.set_postfix(tokens_per_s=f"{overall.tokens_per_s:.0f}")
-                last[:] = [overall]
-                if progress is not None:
-                    progress(overall)
-
-            score_shard(set_dir, index, model, tokenizer, progress=report)
-            before += sizes[index]
-            tokens_before = last[-1].tokens_done if last else tokens_before
-            if progress is not None:
-                extra = {"shards_done": shards_done, "shards_total": len(todo), "shard": index}
-                progress(ScoringProgress(before, total, tokens_before, time.monotonic() - started, extra))
-    finally:
-        bar.close()
+    run = score_pending(set_dir, load, wait=True, progress=progress, show_bar=show_bar, log=log, poll_s=poll_s, claim_timeout_s=claim_timeout_s)
     return TargetSetResult(
         path=str(set_dir),
         target_set=set_dir.name,
@@ -365,8 +528,9 @@ def materialize_targets(
         template_hash=manifest["template_hash"],
         rows=manifest["rows"],
         shards=len(manifest["shards"]),
-        shards_scored=len(todo),
-        shards_reused=len(manifest["shards"]) - len(todo),
+        shards_scored=len(run.scored),
+        shards_reused=run.reused,
+        shards_scored_elsewhere=len(run.elsewhere),
     )
 
 
@@ -390,6 +554,43 @@ def read_targets(path: str | Path) -> pd.DataFrame:
         if column in df.columns:
             df[column] = df[column].map(_as_lists)
     return df
+
+
+def _shard(manifest: dict, index: int) -> dict:
+    for shard in manifest["shards"]:
+        if shard["index"] == index:
+            return shard
+    raise IndexError(f"the plan has no shard {index}: its shards are 0..{len(manifest['shards']) - 1}")
+
+
+def _claim_path(set_dir: Path, shard: dict) -> Path:
+    return set_dir / shard["file"].replace(".parquet", ".claim")
+
+
+def _dtype_name(model) -> str:
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def _score_claimed(set_dir: Path, manifest: dict, data: bytes, shard: dict, get_model, progress, claim_timeout_s: float = CLAIM_TIMEOUT_S) -> bool:
+    """Claim, score and write one shard of a checked plan (`read_plan`); False when it is done or claimed elsewhere.
+
+    `get_model()` gives `(model, tokenizer)`, which must have the set's precision: shards of one set never mix them.
+    """
+    claim = try_claim(_claim_path(set_dir, shard), claim_timeout_s)
+    if claim is None:
+        return False
+    with claim:
+        if (set_dir / shard["file"]).exists():
+            return False
+        model, tokenizer = get_model()
+        if manifest.get("dtype", _dtype_name(model)) != _dtype_name(model):
+            raise ValueError(f"the set is scored in {manifest['dtype']}, this model is {_dtype_name(model)}: load it in {manifest['dtype']}")
+        inputs = pd.read_parquet(io.BytesIO(data), filters=[("shard", "==", shard["index"])])
+        inputs["context"] = [json.loads(c) for c in inputs["context_json"]]
+        cfg = TargetsConfig.model_validate(manifest["targets_config"])
+        frame = compute_targets(model, tokenizer, inputs, cfg, manifest["model_revision"], progress=progress)
+        _atomic_write(set_dir / shard["file"], lambda tmp: frame.to_parquet(tmp, index=False))
+    return True
 
 
 def _as_lists(value):
@@ -420,23 +621,39 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Worker entry point: score some (default: all pending) shards of a planned target set."""
-    parser = argparse.ArgumentParser(prog="python -m sdpo_platform.targets", description=main.__doc__)
-    parser.add_argument("set_dir")
-    parser.add_argument("--shards", type=int, nargs="*", help="shard indices (default: every pending one)")
-    args = parser.parse_args(argv)
-    todo = [i for i in (args.shards or pending_shards(args.set_dir)) if i in pending_shards(args.set_dir)]
-    model = tokenizer = None
-    if todo:
-        from sdpo_platform.models import load_model, model_revision
+    """Worker: claim and score pending shards of a planned target set (all, or those of --shards)."""
+    from tqdm.auto import tqdm
 
-        manifest = read_manifest(args.set_dir)
-        if model_revision(manifest["model_path"]) != manifest["model_revision"]:
-            raise SystemExit(f"{manifest['model_path']} no longer has revision {manifest['model_revision']}")
-        model, tokenizer = load_model(manifest["model_path"])
-    for index in args.shards or todo:
-        scored = score_shard(args.set_dir, index, model, tokenizer)
-        print(f"shard {index}: {'scored' if scored else 'already done'}")
+    parser = argparse.ArgumentParser(prog="python -m sdpo_platform.targets", description=main.__doc__)
+    parser.add_argument("set_dir", help="the set's folder (the asset logs it: 'target set <folder>: ...')")
+    parser.add_argument("--shards", type=int, nargs="*", help="shard indices (default: every pending one)")
+    parser.add_argument("--model", help="this machine's copy of the set's model (default: the manifest's model_path)")
+    parser.add_argument("--wait", action="store_true", help="also wait for shards other workers hold, until the set is complete")
+    args = parser.parse_args(argv)
+    set_dir = Path(args.set_dir)
+    if not (set_dir / MANIFEST_FILE).exists():
+        parser.error(f"{set_dir} has no {MANIFEST_FILE}: not a planned target set")
+    manifest = read_manifest(set_dir)
+    if args.shards:
+        unknown = sorted(set(args.shards) - {s["index"] for s in manifest["shards"]})
+        if unknown:
+            parser.error(f"--shards {' '.join(map(str, unknown))}: this plan has shards 0..{len(manifest['shards']) - 1} (re-planned since?)")
+    pending = [i for i in pending_shards(set_dir) if not args.shards or i in args.shards]
+    if pending:
+        try:  # the weights are checked before any claim is made
+            checked_model_path(manifest, args.model)
+        except ValueError as error:
+            parser.exit(1, f"error: {error}\n")
+    interactive = sys.stderr.isatty()
+    log = (lambda message: tqdm.write(message, file=sys.stderr)) if interactive else (lambda message: print(message, flush=True))
+    run = score_pending(
+        set_dir, lambda: load_scoring_model(manifest, args.model), only=args.shards or None, wait=args.wait,
+        show_bar=interactive, log=log, shard_lines=not interactive,
+    )  # fmt: skip
+    print(
+        f"{set_dir.name}: {len(run.scored)} shard(s) scored here, {len(run.elsewhere)} by other workers, {run.reused} already done"
+        + (f"; {len(run.left)} still being scored by others ({' '.join(map(str, run.left))})" if run.left else "")
+    )
 
 
 if __name__ == "__main__":

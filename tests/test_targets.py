@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +24,13 @@ from sdpo_platform.targets import (
     materialize_targets,
     pending_shards,
     plan_target_set,
+    read_manifest,
     read_targets,
     score_shard,
+    scoring_key,
     select_for_scoring,
     target_set_dir,
+    target_set_id,
 )
 
 
@@ -192,8 +198,10 @@ def test_materialized_set_reads_back_as_computed_and_is_keyed_by_revision_and_te
     result = materialize_targets(interactions, cfg, str(tiny_model_dir), model=model, tokenizer=tok, show_bar=False)
 
     folder = sdpo_home / "targets" / result.target_set
-    assert result.path == str(folder) and result.target_set == f"{result.model_revision}-{template_hash(cfg.template)}"
-    assert (result.shards, result.shards_scored, result.shards_reused, result.rows) == (3, 3, 0, 5)
+    assert result.path == str(folder)
+    assert result.target_set == target_set_id(result.model_revision, template_hash(cfg.template), scoring_key(cfg, "float32"))
+    shards = len(read_manifest(folder)["shards"])
+    assert 1 < shards < 5 and (result.shards, result.shards_scored, result.shards_reused, result.rows) == (shards, shards, 0, 5)
     back = read_targets(folder)
     expected = compute_targets(model, tok, interactions, cfg, result.model_revision)
     pd.testing.assert_frame_equal(back, expected, check_exact=False, atol=1e-4)
@@ -204,7 +212,7 @@ def test_materialized_set_reads_back_as_computed_and_is_keyed_by_revision_and_te
 def test_killed_run_resumes_without_recomputing_finished_shards(tiny, tiny_model_dir, sdpo_home, tmp_path):
     model, tok = tiny
     interactions = make_interactions(6)
-    cfg = TargetsConfig(shard_size=2, top_k=0)
+    cfg = TargetsConfig(shard_size=1, top_k=0)  # one interaction per shard
 
     def crash_after_first_shard(progress):
         if progress.extra.get("shards_done") == 1:
@@ -212,14 +220,14 @@ def test_killed_run_resumes_without_recomputing_finished_shards(tiny, tiny_model
 
     with pytest.raises(KeyboardInterrupt):
         materialize_targets(interactions, cfg, str(tiny_model_dir), progress=crash_after_first_shard, model=model, tokenizer=tok, show_bar=False)
-    folder = target_set_dir(json.loads(next((sdpo_home / "targets").glob("*/manifest.json")).read_text())["model_revision"], cfg.template)
+    folder = target_set_dir(json.loads(next((sdpo_home / "targets").glob("*/manifest.json")).read_text())["model_revision"], cfg)
     first = shard_mtimes(folder)
-    assert len(first) == 1 and pending_shards(folder) == [1, 2]
+    assert len(first) == 1 and pending_shards(folder) == [1, 2, 3, 4, 5]
     with pytest.raises(FileNotFoundError):
         read_targets(folder)  # an incomplete set is never read as a smaller one
 
     resumed = materialize_targets(interactions, cfg, str(tiny_model_dir), model=model, tokenizer=tok, show_bar=False)
-    assert (resumed.shards_scored, resumed.shards_reused) == (2, 1)
+    assert (resumed.shards_scored, resumed.shards_reused, resumed.shards_scored_elsewhere) == (5, 1, 0)
     after = shard_mtimes(folder)
     assert {k: after[k] for k in first} == first  # shard 0 untouched
 
@@ -240,7 +248,7 @@ def test_rematerializing_is_a_no_op_and_new_template_or_revision_make_new_sets(t
     with monkeypatch.context() as patched:
         patched.setattr(sdpo_platform.models, "load_model", lambda *a, **k: pytest.fail("a complete set must not load the model"))
         again = materialize_targets(interactions, cfg, str(tiny_model_dir), show_bar=False)
-    assert (again.path, again.shards_scored, again.shards_reused) == (first.path, 0, 2)
+    assert (again.path, again.shards_scored, again.shards_reused) == (first.path, 0, first.shards)
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps  # nothing rewritten, manifest included
 
     other_template = cfg.model_copy(update={"template": "{last_user}\n\n[HINDSIGHT CONTEXT] Future User Message: {followup}"})
@@ -260,11 +268,11 @@ def test_rematerializing_is_a_no_op_and_new_template_or_revision_make_new_sets(t
 def test_an_independent_worker_scores_a_planned_shard(tiny, tiny_model_dir, sdpo_home):
     model, tok = tiny
     interactions = make_interactions(5)
-    cfg = TargetsConfig(shard_size=2, top_k=3)
+    cfg = TargetsConfig(shard_size=1, top_k=3)
     from sdpo_platform.models import model_revision
 
     folder = plan_target_set(interactions, cfg, str(tiny_model_dir), model_revision(str(tiny_model_dir)))
-    assert pending_shards(folder) == [0, 1, 2]
+    assert pending_shards(folder) == [0, 1, 2, 3, 4]
     assert score_shard(folder, 1)  # loads the manifest's model itself
     assert not score_shard(folder, 1)  # already there: no work
     targets_worker([str(folder)])  # the command-line worker takes the rest
@@ -282,7 +290,7 @@ def test_a_plan_killed_between_inputs_and_manifest_is_refused_by_workers_and_rep
 
     model, tok = tiny
     plan_a, plan_b = lettered("A"), lettered("B")
-    cfg = TargetsConfig(shard_size=2, top_k=0)
+    cfg = TargetsConfig(shard_size=1, top_k=0)
     folder = plan_target_set(plan_a, cfg, str(tiny_model_dir), "rev")
     manifest_a = (folder / "manifest.json").read_text()
     real_write = targets._atomic_write
@@ -299,7 +307,7 @@ def test_a_plan_killed_between_inputs_and_manifest_is_refused_by_workers_and_rep
     assert (folder / "manifest.json").read_text() == manifest_a
     with pytest.raises(RuntimeError, match="not the file manifest.json was planned with"):
         score_shard(folder, 0, model, tok)
-    assert pending_shards(folder) == [0, 1]  # nothing written under A's names
+    assert pending_shards(folder) == [0, 1, 2, 3]  # nothing written under A's names
 
     manifest_mtime = (folder / "manifest.json").stat().st_mtime_ns
     plan_target_set(plan_a, cfg, str(tiny_model_dir), "rev")  # the manifest is A's already, the inputs are not
@@ -314,7 +322,7 @@ def test_a_worker_scores_the_plan_it_read_when_the_set_is_replanned_while_its_mo
 
     model, tok = tiny
     plan_a, plan_b = lettered("A"), lettered("B")
-    cfg = TargetsConfig(shard_size=2, top_k=0)
+    cfg = TargetsConfig(shard_size=1, top_k=0)
     from sdpo_platform.models import model_revision
 
     revision = model_revision(str(tiny_model_dir))
@@ -329,7 +337,7 @@ def test_a_worker_scores_the_plan_it_read_when_the_set_is_replanned_while_its_mo
     manifest_b = json.loads((folder / "manifest.json").read_text())
     written = [p.name for p in folder.glob("shard-*.parquet")]
     assert written == [manifest_b["shards"][1]["file"]]  # named for the plan its rows came from
-    assert list(pd.read_parquet(folder / written[0])["interaction_id"]) == ["B2", "B3"]
+    assert list(pd.read_parquet(folder / written[0])["interaction_id"]) == ["B1"]
 
 
 def test_target_set_files_get_the_mode_a_normal_open_gives(tiny, tiny_model_dir, sdpo_home):
@@ -343,4 +351,221 @@ def test_target_set_files_get_the_mode_a_normal_open_gives(tiny, tiny_model_dir,
     finally:
         os.umask(previous)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in sorted(Path(result.path).iterdir())}
-    assert len(modes) == 4 and set(modes.values()) == {0o640}, modes  # inputs, manifest, two shards
+    assert len(modes) == 2 + result.shards and set(modes.values()) == {0o640}, modes  # inputs, manifest, shards
+
+
+def logged_day(day: str, conversations: int, turns: int = 1, split: str = "train") -> pd.DataFrame:
+    """Interactions as the warehouse holds them: conversations of a day, with their turns."""
+    rows = [
+        {
+            "interaction_id": f"{day}-c{c}:{t}",
+            "conversation_id": f"{day}-c{c}",
+            "turn_index": t,
+            "partition_date": pd.Timestamp(day),
+            "split": split,
+            "informative": True,
+            "context": [{"role": "user", "content": f"Question {c}.{t} of {day}?"}],
+            "response": f"Answer {c}.{t}.",
+            "followup": "Shorter please." if (c + t) % 2 else "Thanks!",
+        }
+        for c in range(conversations)
+        for t in range(turns)
+    ]
+    return pd.DataFrame(rows)
+
+
+def test_a_new_day_or_new_conversations_keep_the_shards_they_do_not_fall_in(sdpo_home):
+    cfg = TargetsConfig(shard_size=64, max_train=10**6)
+    day1 = pd.concat([logged_day("2026-01-05", 500), logged_day("2026-01-05", 70, turns=2).assign(
+        conversation_id=lambda f: "long-" + f["conversation_id"], interaction_id=lambda f: "long-" + f["interaction_id"])])
+    assert len(day1) == 640
+
+    def files(frame) -> list[str]:
+        return [s["file"] for s in read_manifest(plan_target_set(select_for_scoring(frame, cfg), cfg, "/m", "rev"))["shards"]]
+
+    before = files(day1)
+    after = files(pd.concat([day1, logged_day("2026-01-06", 64)]))  # a new day: its conversations come after
+    assert len(before) >= 5 and sum(f in before for f in after) >= len(before) - 1
+
+    undated = day1.drop(columns="partition_date")  # no days: conversations in hash order, new ones fall anywhere
+    before = files(undated)
+    after = files(pd.concat([undated, logged_day("2026-01-06", 8, turns=8).drop(columns="partition_date")]))
+    assert len(before) - sum(f in before for f in after) <= 8  # one shard per new conversation at most
+    assert max(s["rows"] for s in read_manifest(sdpo_home / "targets" / next(iter(os.listdir(sdpo_home / "targets"))))["shards"]) <= 4 * 64
+
+
+def test_a_grown_set_rescores_only_new_shards_and_reads_as_scored_from_scratch(tiny, tiny_model_dir, sdpo_home, tmp_path):
+    model, tok = tiny
+    cfg = TargetsConfig(shard_size=4, max_train=10**6, max_validation=10**6, top_k=0, max_response_tokens=8)
+    day1 = pd.concat([logged_day("2026-01-05", 12, turns=2), logged_day("2026-01-05", 4, split="validation").assign(
+        interaction_id=lambda f: "v" + f["interaction_id"], conversation_id=lambda f: "v" + f["conversation_id"])])
+    grown = pd.concat([day1, logged_day("2026-01-06", 3, turns=2)])
+    first = materialize_targets(select_for_scoring(day1, cfg), cfg, str(tiny_model_dir), model=model, tokenizer=tok, show_bar=False)
+    second = materialize_targets(select_for_scoring(grown, cfg), cfg, str(tiny_model_dir), model=model, tokenizer=tok, show_bar=False)
+
+    assert second.path == first.path and first.shards >= 4  # the set grows in place
+    assert second.shards_reused >= first.shards - 1 and second.shards_scored == second.shards - second.shards_reused  # at most the last train shard changes
+    scratch = materialize_targets(select_for_scoring(grown, cfg), cfg, str(tiny_model_dir), root=tmp_path / "scratch", model=model, tokenizer=tok, show_bar=False)
+    pd.testing.assert_frame_equal(read_targets(second.path), read_targets(scratch.path))
+    assert len(read_targets(second.path)) == len(grown)
+
+
+def test_settings_that_change_the_numbers_make_a_new_set_and_leave_the_old_one_alone(tiny_model_dir, sdpo_home):
+    rows = make_interactions(4)
+    cfg = TargetsConfig(shard_size=2)
+    folder = plan_target_set(rows, cfg, str(tiny_model_dir), "rev")
+    manifest = (folder / "manifest.json").read_text()
+    others = [
+        plan_target_set(rows, cfg.model_copy(update={"top_k": 0}), str(tiny_model_dir), "rev"),
+        plan_target_set(rows, cfg.model_copy(update={"max_prompt_tokens": 100}), str(tiny_model_dir), "rev"),
+        plan_target_set(rows, cfg.model_copy(update={"neutral_followup": "OK."}), str(tiny_model_dir), "rev"),
+        plan_target_set(rows, cfg, str(tiny_model_dir), "rev", dtype="bfloat16"),
+    ]
+    assert len({folder, *others}) == 5 and (folder / "manifest.json").read_text() == manifest
+    assert json.loads(manifest)["dtype"] == "float32" and read_manifest(others[-1])["dtype"] == "bfloat16"
+    same = [
+        plan_target_set(make_interactions(6), cfg, str(tiny_model_dir), "rev"),  # more rows: the same set, grown
+        plan_target_set(rows, cfg.model_copy(update={"shard_size": 3, "max_train": 5, "batch_token_budget": 99}), str(tiny_model_dir), "rev"),
+    ]
+    assert set(same) == {folder}
+
+
+def planned(tiny_model_dir, n: int = 6, **settings) -> Path:
+    """A set of `n` interactions, one per shard (shard_size=1, conversations of one turn)."""
+    from sdpo_platform.models import model_revision
+
+    cfg = TargetsConfig(shard_size=1, top_k=0, max_response_tokens=8, **settings)
+    return plan_target_set(make_interactions(n), cfg, str(tiny_model_dir), model_revision(str(tiny_model_dir)))
+
+
+def test_two_workers_without_a_shard_list_split_the_set(tiny, tiny_model_dir, sdpo_home):
+    from sdpo_platform.targets import score_pending
+
+    model, tok = tiny
+    folder = planned(tiny_model_dir)
+    runs = {}
+
+    def worker(name):
+        slow = lambda p: time.sleep(0.05)  # noqa: E731 - long enough for both to be at work
+        runs[name] = score_pending(folder, lambda: (model, tok), progress=slow)
+
+    threads = [threading.Thread(target=worker, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    a, b = runs["a"].scored, runs["b"].scored
+    assert a and b and not set(a) & set(b) and sorted(a + b) == list(range(6))  # disjoint, complete
+    assert pending_shards(folder) == [] and list(folder.glob("*.claim")) == []
+
+
+def test_shards_scored_counts_only_what_this_process_wrote(tiny, tiny_model_dir, sdpo_home):
+    model, tok = tiny
+    cfg = TargetsConfig(shard_size=1, top_k=0, max_response_tokens=8)
+    others = []
+
+    def another_worker_takes_the_rest(progress):
+        if progress.extra.get("shards_done") == 1:
+            folder = next((sdpo_home / "targets").iterdir())
+            for index in pending_shards(folder):
+                others.append(score_shard(folder, index, model, tok))
+
+    result = materialize_targets(make_interactions(4), cfg, str(tiny_model_dir), progress=another_worker_takes_the_rest, model=model, tokenizer=tok, show_bar=False)
+    assert others == [True] * 3
+    assert (result.shards, result.shards_scored, result.shards_scored_elsewhere, result.shards_reused) == (4, 1, 3, 0)
+
+
+def test_the_asset_waits_for_shards_claimed_by_live_workers_and_takes_over_abandoned_claims(tiny, tiny_model_dir, sdpo_home, tmp_path):
+    from sdpo_platform.targets import score_pending
+
+    model, tok = tiny
+    folder = planned(tiny_model_dir, n=4)
+    files = [s["file"] for s in read_manifest(folder)["shards"]]
+
+    def claim(i, age):
+        path = folder / files[i].replace(".parquet", ".claim")
+        path.write_text(json.dumps({"host": "gpu-node-7", "pid": 1, "token": f"t{i}", "started": 0}))
+        os.utime(path, (time.time() - age, time.time() - age))
+
+    claim(0, age=5)  # a live worker on another node
+    claim(1, age=3600)  # a worker that died an hour ago
+
+    run = score_pending(folder, lambda: (model, tok))  # a worker: takes what it can, leaves the live claim
+    assert sorted(run.scored) == [1, 2, 3] and run.left == [0]
+
+    node = plan_target_set(make_interactions(4), TargetsConfig.model_validate(read_manifest(folder)["targets_config"]),
+                           str(tiny_model_dir), read_manifest(folder)["model_revision"], root=tmp_path / "node")  # fmt: skip
+    assert score_shard(node, 0, model, tok)
+
+    def node_finishes():  # the node's worker lands its shard, then drops its claim
+        time.sleep(0.5)
+        shutil.copy(node / files[0], folder / f".{files[0]}.tmp")
+        os.replace(folder / f".{files[0]}.tmp", folder / files[0])
+        (folder / files[0].replace(".parquet", ".claim")).unlink()
+
+    logged = []
+    finisher = threading.Thread(target=node_finishes)
+    finisher.start()
+    cfg = TargetsConfig.model_validate(read_manifest(folder)["targets_config"])
+    result = materialize_targets(make_interactions(4), cfg, str(tiny_model_dir), model=model, tokenizer=tok, show_bar=False, log=logged.append, poll_s=0.05)
+    finisher.join()
+    assert (result.shards_scored, result.shards_scored_elsewhere, result.shards_reused) == (0, 1, 3) and pending_shards(folder) == []
+    assert any("waiting for 1 shard(s)" in line and "gpu-node-7" in line for line in logged), logged
+    assert str(folder) in logged[0]  # the set's folder, for starting workers
+
+
+def test_a_set_is_scored_in_one_precision(tiny, tiny_model_dir, sdpo_home, monkeypatch):
+    import torch
+
+    import sdpo_platform.models
+
+    model, tok = tiny
+    folder = planned(tiny_model_dir, n=2, max_prompt_tokens=300)
+    with pytest.raises(ValueError, match="scored in float32, this model is bfloat16"):
+        score_shard(folder, 0, model.to(torch.bfloat16), tok)
+    model.to(torch.float32)
+    assert pending_shards(folder) == [0, 1]
+
+    bf16 = planned(tiny_model_dir, n=2, max_prompt_tokens=301)
+    from sdpo_platform.models import model_revision
+
+    cfg = TargetsConfig.model_validate(read_manifest(bf16)["targets_config"])
+    bf16 = plan_target_set(make_interactions(2), cfg, str(tiny_model_dir), model_revision(str(tiny_model_dir)), dtype="bfloat16")
+    loads, real_load = [], sdpo_platform.models.load_model
+    monkeypatch.setattr(sdpo_platform.models, "load_model", lambda *a, **k: loads.append(k.get("dtype")) or real_load(*a, **k))
+    targets_worker([str(bf16)])  # the worker loads the model in the set's precision
+    assert loads == [torch.bfloat16] and pending_shards(bf16) == []
+
+
+def test_the_worker_refuses_shards_the_plan_lacks_and_scores_a_copy_given_with_model(tiny_model_dir, sdpo_home, tmp_path, capsys):
+    from sdpo_platform.models import model_revision
+
+    cfg = TargetsConfig(shard_size=1, top_k=0, max_response_tokens=8)
+    folder = plan_target_set(make_interactions(3), cfg, "/mnt/planner/models/tiny", model_revision(str(tiny_model_dir)))
+    with pytest.raises(SystemExit) as exit_info:
+        targets_worker([str(folder), "--shards", "1", "7"])
+    assert exit_info.value.code == 2 and "--shards 7: this plan has shards 0..2" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit) as exit_info:
+        targets_worker([str(folder)])  # the planner's model path does not exist here
+    assert exit_info.value.code == 1 and "--model PATH" in capsys.readouterr().err
+    elsewhere = tmp_path / "node_b" / "tiny"
+    shutil.copytree(tiny_model_dir, elsewhere)
+    targets_worker([str(folder), "--model", str(elsewhere)])
+    out = capsys.readouterr().out
+    assert pending_shards(folder) == [] and "3 shard(s) scored here" in out
+    assert [line.split(":")[0] for line in out.splitlines() if " interactions/s" in line or "ETA" in line] == ["shard 0", "shard 1", "shard 2"]
+
+
+def test_the_worker_draws_a_progress_bar_on_a_terminal(tiny_model_dir, sdpo_home, monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    folder = planned(tiny_model_dir, n=3)
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    targets_worker([str(folder)])
+    assert "interaction/s" in terminal.getvalue() and "3/3" in terminal.getvalue()
