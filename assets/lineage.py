@@ -139,7 +139,8 @@ def hindsight_targets(
     from sdpo_platform.models import resolve_model
     from sdpo_platform.registry import round_model
     from sdpo_platform.scoring import progress_logger
-    from sdpo_platform.targets import materialize_targets, read_targets, select_for_scoring
+    from sdpo_platform.target_workers import materialize_targets
+    from sdpo_platform.targets import read_targets, select_for_scoring
 
     cfg = settings.platform()
     mlflow_tracking.configure()

@@ -17,16 +17,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sdpo_platform.config import TargetsConfig
 from sdpo_platform.hindsight import encode_interaction, template_hash
 from sdpo_platform.logprobs import response_logprobs
+from sdpo_platform.target_workers import main as targets_worker, materialize_targets, score_pending, score_shard
 from sdpo_platform.targets import (
     TARGET_COLUMNS,
     compute_targets,
-    main as targets_worker,
-    materialize_targets,
     pending_shards,
     plan_target_set,
     read_manifest,
     read_targets,
-    score_shard,
     scoring_key,
     select_for_scoring,
     target_set_dir,
@@ -439,7 +437,6 @@ def planned(tiny_model_dir, n: int = 6, **settings) -> Path:
 
 
 def test_two_workers_without_a_shard_list_split_the_set(tiny, tiny_model_dir, sdpo_home):
-    from sdpo_platform.targets import score_pending
 
     model, tok = tiny
     folder = planned(tiny_model_dir)
@@ -476,7 +473,6 @@ def test_shards_scored_counts_only_what_this_process_wrote(tiny, tiny_model_dir,
 
 
 def test_the_asset_waits_for_shards_claimed_by_live_workers_and_takes_over_abandoned_claims(tiny, tiny_model_dir, sdpo_home, tmp_path):
-    from sdpo_platform.targets import score_pending
 
     model, tok = tiny
     folder = planned(tiny_model_dir, n=4)
