@@ -84,22 +84,14 @@ def test_a_large_drop_is_read_over_several_ticks_and_files_a_run_stored_early_ar
     """With a byte budget below the inbox, each tick reads one file; the other keeps its place for the next
     tick. When a run started for the first file has already ingested the second (runs ingest the whole inbox)
     but processed only the first file's day, the next tick still asks for the second file's day."""
-    import json
-
-    from assets.resources import SdpoSettings, Warehouse
+    from assets.resources import Warehouse
     from assets.sensors import inbox_run_requests
     from sdpo_platform.cleaning import build_conversations
     from sdpo_platform.gating import record_check
     from sdpo_platform.ingest import ingest_inbox
-    from tests.lineage_fixtures import arrived_on, tiny_config, write_inbox
+    from tests.lineage_fixtures import arrived_on
 
-    inbox = sdpo_home / "inbox"
-    write_inbox(inbox / "a", day="2026-02-01")
-    write_inbox(inbox / "b", day="2026-02-02")
-    config = json.loads(tiny_config(sdpo_home / "c.json", tiny_model_dir).read_text())
-    config["ingest"] = {"sensor_bytes_per_tick": 1}
-    (sdpo_home / "c.json").write_text(json.dumps(config))
-    settings = SdpoSettings(config_file=str(sdpo_home / "c.json"), inbox=str(inbox))
+    inbox, settings = two_days_one_file_per_tick(sdpo_home, tiny_model_dir)
 
     requests, cursor = inbox_run_requests(settings, Warehouse(), cursor=None)
     assert [r.partition_key for r in requests] == ["2026-02-01"]  # a/openai.jsonl only: one file per tick
@@ -129,22 +121,13 @@ def test_demo_drains_an_inbox_larger_than_one_tick_running_each_day_once(sdpo_ho
     """`make demo` asks the sensor's question until no changed file is left: with a byte budget of one file
     per tick, both files' days run (one tick alone would run only the first file's day), each once, and a
     second drain runs nothing."""
-    import json
-
-    from assets.resources import SdpoSettings, Warehouse
+    from assets.resources import Warehouse
     from assets.sensors import drain_inbox, inbox_run_requests
     from sdpo_platform.cleaning import build_conversations
     from sdpo_platform.gating import record_check
     from sdpo_platform.ingest import ingest_inbox
-    from tests.lineage_fixtures import tiny_config, write_inbox
 
-    inbox = sdpo_home / "inbox"
-    write_inbox(inbox / "a", day="2026-02-01")
-    write_inbox(inbox / "b", day="2026-02-02")
-    config = json.loads(tiny_config(sdpo_home / "c.json", tiny_model_dir).read_text())
-    config["ingest"] = {"sensor_bytes_per_tick": 1}
-    (sdpo_home / "c.json").write_text(json.dumps(config))
-    settings = SdpoSettings(config_file=str(sdpo_home / "c.json"), inbox=str(inbox))
+    inbox, settings = two_days_one_file_per_tick(sdpo_home, tiny_model_dir)
     assert [r.partition_key for r in inbox_run_requests(settings, Warehouse(), cursor=None)[0]] == ["2026-02-01"]
 
     def run_partition(day: str):  # what the ingest_partition job does, in library calls
@@ -164,3 +147,20 @@ def test_the_implicit_asset_job_runs_in_process():
     assert implicit.executor_def is dg.in_process_executor
     assert all(defs.resolve_job_def(name).executor_def is dg.in_process_executor
                for name in ("sdpo_lineage", "ingest_partition", "train_and_register"))
+
+
+def two_days_one_file_per_tick(sdpo_home, tiny_model_dir):
+    """An inbox of two folders (days 2026-02-01 and -02, two files each) and settings whose sensor byte
+    budget lets one file through per tick."""
+    import json
+
+    from assets.resources import SdpoSettings
+    from tests.lineage_fixtures import tiny_config, write_inbox
+
+    inbox = sdpo_home / "inbox"
+    write_inbox(inbox / "a", day="2026-02-01")
+    write_inbox(inbox / "b", day="2026-02-02")
+    config = json.loads(tiny_config(sdpo_home / "c.json", tiny_model_dir).read_text())
+    config["ingest"] = {"sensor_bytes_per_tick": 1}
+    (sdpo_home / "c.json").write_text(json.dumps(config))
+    return inbox, SdpoSettings(config_file=str(sdpo_home / "c.json"), inbox=str(inbox))

@@ -92,14 +92,19 @@ def test_quarantine_details_are_redacted_too(con, tmp_path):
     assert any("<EMAIL>" in d for d in details) and not any("alice@corp.com" in d for d in details)
 
 
-def test_check_fails_only_the_partition_where_a_pattern_survives(con, tmp_path):
-    lines = [json.dumps({"created": created, "messages": [
+def clean_two_days(con, tmp_path, **fields):
+    """One conversation on 2024-05-01 and one on 2024-05-02 (`fields` formatted with its timestamp), cleaned."""
+    lines = [json.dumps({"created": created, **{k: v.format(created=created) for k, v in fields.items()}, "messages": [
         {"role": "user", "content": f"What is the capital of France, and why is it there? ({created})"},
         {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "Why is that so?"}]})
         for created in (1714550400, 1714636800)]  # 2024-05-01, 2024-05-02
     (tmp_path / "two_days.jsonl").write_text("\n".join(lines) + "\n")
     ingest_files(con, [tmp_path / "two_days.jsonl"])
     build_conversations(con, CleaningConfig())
+
+
+def test_check_fails_only_the_partition_where_a_pattern_survives(con, tmp_path):
+    clean_two_days(con, tmp_path)
     assert check_pii(con).passed and con.execute("SELECT count(*) FROM conversations").fetchall() == [(2,)]
     # a leak slipped in by hand (e.g. a buggy upstream writer) on one day only
     con.execute("""UPDATE conversations SET messages = list_append(messages, {'role': 'user', 'content': 'mail me: eve@example.org'})
@@ -181,13 +186,7 @@ def test_new_kinds_are_counted_per_conversation(con, tmp_path):
 
 
 def test_check_scans_source_ids(con, tmp_path):
-    lines = [json.dumps({"created": created, "conversation_id": f"conv-{created}", "messages": [
-        {"role": "user", "content": f"What is the capital of France, and why is it there? ({created})"},
-        {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "Why is that so?"}]})
-        for created in (1714550400, 1714636800)]  # 2024-05-01, 2024-05-02
-    (tmp_path / "ids.jsonl").write_text("\n".join(lines) + "\n")
-    ingest_files(con, [tmp_path / "ids.jsonl"])
-    build_conversations(con, CleaningConfig())
+    clean_two_days(con, tmp_path, conversation_id="conv-{created}")
     assert check_pii(con).passed and con.execute("SELECT count(source_id) FROM conversations").fetchall() == [(2,)]
     # an id holding PII, whoever wrote it (the cleaning stage redacts it with `sdpo_redact_pii(source_id)`)
     con.execute("UPDATE conversations SET source_id = 'jane.doe@example.com' WHERE partition_date = DATE '2024-05-02'")
