@@ -10,8 +10,7 @@ import duckdb
 
 from assets.partitions import outside_message, outside_partitions
 from assets.resources import SdpoSettings, Warehouse
-from sdpo_platform.inbox import changed_files, held_files, remembered, stamps, stored_days, stored_hashes, within_bytes
-from sdpo_platform.ingest import record_days
+from sdpo_platform.inbox import changed_files, pending_partitions, remembered, stamps, within_bytes
 from sdpo_platform.stale import stale_partitions
 
 
@@ -22,7 +21,7 @@ def inbox_run_requests(settings: SdpoSettings, warehouse: Warehouse, cursor: str
     their rows point at conversations or raw records a changed file took away). Days outside the partitions
     get no request (one would fail the whole tick) but a `warn` line saying how to include them.
 
-    The warehouse is opened twice, for short queries only: files are hashed and read (up to
+    The warehouse is opened only for short queries: files are hashed and read (up to
     `ingest.sensor_bytes_per_tick`) with no connection open, so a run starting meanwhile is not locked out."""
     seen = json.loads(cursor) if cursor else {}
     current = stamps(settings.inbox_dir())
@@ -33,17 +32,10 @@ def inbox_run_requests(settings: SdpoSettings, warehouse: Warehouse, cursor: str
     if not taken and not stored:
         return [], json.dumps(current)
     try:
-        known = {}
-        if taken and stored:
-            with warehouse.connect() as con:
-                known = stored_hashes(con, taken)
-        held = held_files(taken, known)  # hashing and reading: no connection open
-        fresh = [path for path in taken if path not in held]
-        days = set(record_days(fresh, cfg)) if fresh else set()
+        days = set(pending_partitions(taken, warehouse.connect if stored else None, cfg))
         stale = {}
         if stored:
             with warehouse.connect() as con:
-                days |= stored_days(con, held, fresh)
                 stale = stale_partitions(con)
     except duckdb.IOException:  # the warehouse is locked by a running job: look again next tick
         return [], cursor or "{}"

@@ -9,6 +9,7 @@ without storing the records) plus the days a changed file's old rows lived in.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import duckdb
 
@@ -60,7 +61,8 @@ def remembered(seen: dict[str, str], current: dict[str, str], changed: list[str]
     return {**stamps_now, **{path: seen[path] for path in left if path in seen}}
 
 
-def pending_partitions(paths: list[str], warehouse: duckdb.DuckDBPyConnection | None = None, cfg: IngestConfig | None = None) -> list[str]:
+def pending_partitions(paths: list[str], connect: Callable[[], ContextManager[duckdb.DuckDBPyConnection]] | None = None,
+                       cfg: IngestConfig | None = None) -> list[str]:
     """ISO days that ingesting `paths` needs runs for: their records' days and their old rows' days.
 
     A file whose bytes the warehouse already holds (touched, or rewritten identically) adds only the days
@@ -68,46 +70,29 @@ def pending_partitions(paths: list[str], warehouse: duckdb.DuckDBPyConnection | 
     every new inbox file, so a file that arrived while runs were queued (or that an earlier tick left for
     later) may be stored before the sensor asks about it, and its days still need their run.
 
-    The steps on one open connection; the sensor runs them itself (`stored_hashes`, then `held_files` and
-    `ingest.record_days` with no connection open, then `stored_days`), so that reading a large drop of files
-    never keeps the warehouse locked against the runs."""
-    from sdpo_platform.ingest import record_days
+    `connect()` opens the warehouse (None: there is none yet) and is called twice, for short queries only:
+    the files are hashed and read (up to a sensor tick's share of a drop) with no connection open, so a run
+    starting meanwhile is not locked out."""
+    from sdpo_platform.ingest import file_hash, record_days
 
-    held = held_files(paths, stored_hashes(warehouse, paths) if warehouse is not None else {})
+    known = {}
+    if connect is not None and paths:
+        with connect() as con:
+            known = dict(con.execute(
+                "SELECT source_file, file_hash FROM source_files WHERE list_contains($paths, source_file)", {"paths": list(paths)}
+            ).fetchall())
+    held = [p for p in paths if p in known and known[p] == _hash_or_none(Path(p), file_hash)]
     fresh = [p for p in paths if p not in held]
     days = set(record_days(fresh, cfg)) if fresh else set()
-    if warehouse is not None:
-        days |= stored_days(warehouse, held, fresh)
+    if connect is not None and paths:
+        with connect() as con:
+            days |= _unprocessed_days(con, held)
+            if fresh:  # the days the changed files' old rows live in, which their re-ingestion empties
+                days |= {row[0] for row in con.execute(
+                    "SELECT DISTINCT strftime(partition_date, '%Y-%m-%d') FROM raw_records WHERE list_contains($paths, source_file)",
+                    {"paths": fresh},
+                ).fetchall()}
     return sorted(days)
-
-
-def stored_hashes(warehouse: duckdb.DuckDBPyConnection, paths: list[str]) -> dict[str, str]:
-    """path → the content hash the warehouse holds for it, for those of `paths` it has ingested."""
-    if not paths:
-        return {}
-    return dict(warehouse.execute(
-        "SELECT source_file, file_hash FROM source_files WHERE list_contains($paths, source_file)", {"paths": list(paths)}
-    ).fetchall())
-
-
-def held_files(paths: list[str], known: dict[str, str]) -> list[str]:
-    """Those of `paths` whose bytes are the ones stored (`known`, from `stored_hashes`): hashed here, with no
-    warehouse connection needed."""
-    from sdpo_platform.ingest import file_hash
-
-    return [p for p in paths if p in known and known[p] == _hash_or_none(Path(p), file_hash)]
-
-
-def stored_days(warehouse: duckdb.DuckDBPyConnection, held: list[str], fresh: list[str]) -> set[str]:
-    """The warehouse's share of `pending_partitions`: the unprocessed days of the `held` files' rows, and the days
-    the `fresh` (new or changed) files' old rows live in, which their re-ingestion will empty."""
-    days = _unprocessed_days(warehouse, held)
-    if fresh:
-        days |= {row[0] for row in warehouse.execute(
-            "SELECT DISTINCT strftime(partition_date, '%Y-%m-%d') FROM raw_records WHERE list_contains($paths, source_file)",
-            {"paths": list(fresh)},
-        ).fetchall()}
-    return days
 
 
 def _unprocessed_days(warehouse: duckdb.DuckDBPyConnection, held: list[str]) -> set[str]:

@@ -74,7 +74,6 @@ _OPEN: list = []
 def test_files_are_hashed_and_read_with_no_warehouse_connection_open(sdpo_home, monkeypatch):
     """Reading a tick's files (up to `ingest.sensor_bytes_per_tick`) takes long; a run that opens the warehouse
     meanwhile fails on DuckDB's lock if the sensor holds it. Both a stored file (hashed) and a new one (read)."""
-    import assets.sensors
     import sdpo_platform.ingest
     from sdpo_platform.ingest import ingest_files
 
@@ -95,7 +94,6 @@ def test_files_are_hashed_and_read_with_no_warehouse_connection_open(sdpo_home, 
     monkeypatch.setattr(sdpo_platform.ingest, "file_hash", closed("file_hash", sdpo_platform.ingest.file_hash))
     record_days = closed("record_days", sdpo_platform.ingest.record_days)
     monkeypatch.setattr(sdpo_platform.ingest, "record_days", record_days)
-    monkeypatch.setattr(assets.sensors, "record_days", record_days, raising=False)
     warehouse = SpyWarehouse()
     requests, _ = inbox_run_requests(SdpoSettings(inbox=str(inbox)), warehouse, None)
 
