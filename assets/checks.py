@@ -51,14 +51,11 @@ def interactions_well_formed(context: dg.AssetCheckExecutionContext, warehouse: 
 @dg.asset_check(asset=lineage.interactions, blocking=True)
 def interactions_judged(context: dg.AssetCheckExecutionContext, settings: SdpoSettings, warehouse: Warehouse) -> dg.AssetCheckResult:
     """Every triple judged, scores in [0, 1], kept fraction inside the configured bounds, no user above the cap."""
-    from sdpo_platform.assessments import judged_triples
-    from sdpo_platform.informativeness_checks import check_informativeness
+    from sdpo_platform.assessments import check_judged
 
     day = context.partition_key
     with warehouse.connect() as con:
-        judged, n_triples = judged_triples(con, day)
-        report = check_informativeness(judged, settings.platform().informativeness, n_triples, partition_column="partition_date")
-        return _gated(con, "interactions_judged", day, report)
+        return _gated(con, "interactions_judged", day, check_judged(con, day, settings.platform()))
 
 
 @dg.asset_check(asset=lineage.hindsight_targets, blocking=True)

@@ -107,6 +107,15 @@ def judged_triples(con: duckdb.DuckDBPyConnection, partition: str) -> tuple[pd.D
     return judged, int(n_triples)
 
 
+def check_judged(con: duckdb.DuckDBPyConnection, partition: str, cfg: PlatformConfig):
+    """The `interactions_judged` verdict of a day (asset check and `sdpo ingest` alike): every triple judged,
+    scores in [0, 1], kept fraction inside the bounds, no user or conversation above its cap."""
+    from sdpo_platform.informativeness_checks import check_informativeness
+
+    judged, n_triples = judged_triples(con, partition)
+    return check_informativeness(judged, cfg.informativeness, n_triples, partition_column="partition_date")
+
+
 def informativeness_weights(con: duckdb.DuckDBPyConnection) -> dict[str, float]:
     """interaction_id → informativeness, the per-triple loss weights of `training.weighting='informativeness'`."""
     con.execute(SCHEMA).fetchall()

@@ -67,7 +67,7 @@ def rebuild_days(con: duckdb.DuckDBPyConnection, cfg: PlatformConfig, days: list
         kept, quarantined, interactions = kept + cleaned.kept, quarantined + cleaned.quarantined, interactions + extracted.total
         built += todo
         todo = sorted(set(stale_partitions(con)) - set(built))
-    judge = _judge(con, cfg, built, log)
+    judge = _judge(con, cfg, log)
     verdicts = {}
     for day in sorted(built):
         for stage, report in (
@@ -87,12 +87,11 @@ def rebuild_days(con: duckdb.DuckDBPyConnection, cfg: PlatformConfig, days: list
     }
 
 
-def _judge(con: duckdb.DuckDBPyConnection, cfg: PlatformConfig, days: list[str], log: Callable[[str], None] | None):
+def _judge(con: duckdb.DuckDBPyConnection, cfg: PlatformConfig, log: Callable[[str], None] | None):
     """`day → report`: judge a day's triples as the `interactions` asset does (follow-up kind, the model signal,
     the safety guardrail, the caps; the model loaded once, only when a day has triples and the signal is on)
     and check the verdicts as its `interactions_judged` check does. Training keeps only judged triples."""
-    from sdpo_platform.assessments import assess_partition, judged_triples
-    from sdpo_platform.informativeness_checks import check_informativeness
+    from sdpo_platform.assessments import assess_partition, check_judged
 
     loaded: list = []
 
@@ -106,7 +105,6 @@ def _judge(con: duckdb.DuckDBPyConnection, cfg: PlatformConfig, days: list[str],
             loaded.extend(load_model(cfg.model))
         model, tokenizer = loaded or (None, None)
         assess_partition(con, day, cfg, model, tokenizer, progress=None if log is None else stage_logger(log, "informativeness"))
-        judged, n_triples = judged_triples(con, day)
-        return check_informativeness(judged, cfg.informativeness, n_triples, partition_column="partition_date")
+        return check_judged(con, day, cfg)
 
     return judge
