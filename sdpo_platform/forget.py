@@ -13,7 +13,8 @@ from pathlib import Path
 
 import duckdb
 
-from sdpo_platform.file_quarantine import STAGE as FILE_STAGE
+from sdpo_platform.file_quarantine import clear_file
+from sdpo_platform.ingest import remove_file_rows
 
 
 def forget_files(con: duckdb.DuckDBPyConnection, paths: list[str | Path], inbox: Path | None = None) -> tuple[list[str], list[str]]:
@@ -32,15 +33,13 @@ def forget_files(con: duckdb.DuckDBPyConnection, paths: list[str | Path], inbox:
             raise ValueError(f"still in the inbox {root} (the next run would ingest it again); move it out first: {', '.join(inside)}")
     con.begin()
     try:
-        days = [row[0] for row in con.execute(
-            "SELECT DISTINCT strftime(partition_date, '%Y-%m-%d') FROM raw_records WHERE list_contains($files, source_file) ORDER BY 1",
-            {"files": files}).fetchall()]
-        con.execute("DELETE FROM raw_records WHERE list_contains($files, source_file)", {"files": files}).fetchall()
-        con.execute("DELETE FROM quarantine WHERE stage = $stage AND list_contains($files, source_file)",
-                    {"stage": FILE_STAGE, "files": files}).fetchall()
-        con.execute("DELETE FROM source_files WHERE list_contains($files, source_file)", {"files": files}).fetchall()
+        removed: set = set()
+        for source_file in files:  # what ingestion does to a changed file's rows, and its `source_files` entry too
+            removed |= remove_file_rows(con, source_file)
+            clear_file(con, source_file)
+            con.execute("DELETE FROM source_files WHERE source_file = ?", [source_file]).fetchall()
         con.commit()
     except BaseException:
         con.rollback()
         raise
-    return files, days
+    return files, sorted(str(day) for day in removed)

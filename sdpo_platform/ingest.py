@@ -138,7 +138,7 @@ def _ingest_path(con, path: Path, partition_day: dt.date | None, format: str | N
     con.begin()  # a file is ingested whole or not at all (its replacement included)
     try:
         if previous:
-            touched |= _remove_file_rows(con, source_file)
+            touched |= remove_file_rows(con, source_file)
             result.files_replaced += 1
         clear_file(con, source_file)  # an earlier attempt's rows, a rejection included
         outcome = _ingest_one(con, path, source_file, digest, partition_day, format, cfg)
@@ -389,8 +389,8 @@ def _moved(con, source_file: str, partition_day: dt.date | None) -> bool:
                              {"file": source_file, "day": partition_day}))
 
 
-def _remove_file_rows(con, source_file: str) -> set:
-    """Delete a changed file's raw rows; return the days they were in."""
+def remove_file_rows(con, source_file: str) -> set:
+    """Delete a file's raw rows (it changed, or `forget` erases it); return the days they were in."""
     days = {row[0] for row in con.execute(
         "SELECT DISTINCT partition_date FROM raw_records WHERE source_file = ?", [source_file]).fetchall()}
     con.execute("DELETE FROM raw_records WHERE source_file = ?", [source_file])
