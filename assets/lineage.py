@@ -11,7 +11,7 @@ from dataclasses import asdict
 
 import dagster as dg
 
-from assets.metadata import examples_table, histogram_chart
+from assets.metadata import examples_table, heatmap_preview, histogram_chart
 from assets.partitions import daily_partitions
 from assets.resources import MlflowTracking, SdpoSettings, Warehouse
 from sdpo_platform import paths
@@ -161,7 +161,8 @@ def hindsight_targets(
     base_model_path = resolve_model(model_spec)
     tokenizer = AutoTokenizer.from_pretrained(base_model_path)
 
-    heatmap = publish_extremes(result, targets, selected, tokenizer, cfg.registry.experiment, mlflow_tracking.tracking_uri)
+    heatmap = publish_extremes(result, targets, selected, tokenizer, cfg.registry.experiment, mlflow_tracking.tracking_uri,
+                               run_label=context.run_id[:8])
 
     summary = {
         "path": result.path,
@@ -192,7 +193,9 @@ def hindsight_targets(
             "mean_abs_advantage": dg.MetadataValue.float(float(targets["mean_abs_advantage"].mean())),
             "strongest_signal": examples_table(ranked.head(3)[columns].to_dict("records")),
             "weakest_signal": examples_table(ranked.tail(3)[columns].to_dict("records")),
-            "heatmap": dg.MetadataValue.path(str(heatmap)),
+            "heatmap": dg.MetadataValue.path(str(heatmap.path)),
+            "heatmap_preview": heatmap_preview(heatmap.rows),
+            "heatmap_mlflow_run": heatmap.mlflow_run_id,
         },
     )
 

@@ -17,7 +17,7 @@ def examples_table(rows: list[dict], max_chars: int = 160) -> dg.MetadataValue:
         text = str(value).replace("\n", " ").replace("|", "\\|")
         return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = ["| " + " | ".join(cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
     return dg.MetadataValue.md("\n".join(lines))
 
@@ -42,3 +42,21 @@ def histogram_chart(buckets: list[dict], title: str, width: int = 30) -> dg.Meta
     lines = [f"**{title}**", "", "| bucket | count | |", "|---|---:|---|"]
     lines += [f"| {b['bucket']} | {b['count']} | {'█' * round(width * b['count'] / peak)} |" for b in buckets]
     return dg.MetadataValue.md("\n".join(lines))
+
+
+def heatmap_preview(rows) -> dg.MetadataValue:
+    """The extremes heatmap in words, for the UI (which shows no HTML): per interaction its mean |A|,
+    follow-up, and the tokens the follow-up reinforced and penalized most."""
+    from sdpo_platform.heatmap import strongest_tokens
+
+    def tokens(pairs) -> str:
+        shown = [(t.strip()[:24].replace("`", "'"), a) for t, a in pairs]
+        return ", ".join(f"`{t}` {a:+.2f}" for t, a in shown) or "–"
+
+    table = []
+    for row in rows:
+        reinforced, penalized = strongest_tokens(row)
+        mean_abs = sum(abs(a) for a in row.advantages) / len(row.advantages) if row.advantages else 0.0
+        table.append({"interaction": row.title, "mean |A|": f"{mean_abs:.4f}", "follow-up": row.followup,
+                      "reinforced": tokens(reinforced), "penalized": tokens(penalized)})
+    return examples_table(table, max_chars=200)

@@ -8,6 +8,7 @@ its value. All text from the logs is HTML-escaped; nothing from the data reaches
 from __future__ import annotations
 
 import html
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,38 +119,69 @@ def extremes(targets, n: int = 3):
     return ranked.iloc[list(range(n)) + list(range(len(ranked) - n, len(ranked)))]
 
 
-def extremes_page(targets, interactions, tokenizer, n: int = 3, heading: str = "Most and least informative interactions") -> str:
-    """The heatmap page of `extremes(targets, n)`; `interactions` supplies the text (context, followup)."""
+def strongest_tokens(row: HeatmapRow, k: int = 3) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    """The `k` most reinforced (largest A > 0) and `k` most penalized (smallest A < 0) tokens of a row:
+    what the follow-up changed most, for a one-line preview where the page cannot be shown."""
+    pairs = [(t, float(a)) for t, a in zip(row.tokens, row.advantages) if t.strip()]
+    reinforced = sorted((p for p in pairs if p[1] > 0), key=lambda p: -p[1])[:k]
+    penalized = sorted((p for p in pairs if p[1] < 0), key=lambda p: p[1])[:k]
+    return reinforced, penalized
+
+
+def extremes_rows(targets, interactions, tokenizer, n: int = 3) -> list[HeatmapRow]:
+    """HeatmapRows of `extremes(targets, n)`, titled most/least informative; `interactions` supplies the
+    text (context, followup)."""
     chosen = extremes(targets, n)
+    wanted = set(chosen["interaction_id"])
     text = {
         i: (list(c)[-1]["content"], f)
         for i, c, f in zip(interactions["interaction_id"], interactions["context"], interactions["followup"])
-        if i in set(chosen["interaction_id"])
+        if i in wanted
     }
     rows = rows_from_targets(chosen, tokenizer, text)
     for position, row in enumerate(rows):
         row.title = f"{'most' if position < min(n, len(rows)) else 'least'} informative · {row.title}"
-    return render_html(rows, heading)
+    return rows
 
 
-def publish_extremes(result, targets, interactions, tokenizer, experiment: str, tracking_uri: str | None = None):
-    """Write the extremes heatmap beside a target set and log it, with the set's summary, to an MLflow
-    run `targets-<set>`; returns the HTML path (for asset metadata)."""
-    from pathlib import Path
+@dataclass
+class PublishedHeatmap:
+    """Where one run's extremes page went: a file beside the set and an MLflow run's artifact."""
+
+    path: Path
+    mlflow_run_id: str
+    rows: list[HeatmapRow]
+
+
+def publish_extremes(
+    result, targets, interactions, tokenizer, experiment: str, tracking_uri: str | None = None, run_label: str | None = None
+) -> PublishedHeatmap:
+    """Write this run's extremes page under the set's `heatmaps/` and log it, with the set's summary, to an
+    MLflow run `targets-<set>`.
+
+    One page per run (`heatmaps/extremes-<run_label>.html`, the label defaulting to the time), not one per
+    set: a set grows in place, so each run's most and least informative interactions differ and an
+    earlier run's page must stay what that run showed.
+    """
+    import time
 
     import mlflow
 
     from sdpo_platform.registry import configure_mlflow
 
-    heatmap = Path(result.path).parent / f"{result.target_set}-heatmap.html"
-    heatmap.write_text(extremes_page(targets, interactions, tokenizer, heading=f"Hindsight targets {result.target_set}"), encoding="utf-8")
+    label = run_label or time.strftime("%Y%m%dT%H%M%S")
+    heatmap = Path(result.path) / "heatmaps" / f"extremes-{label}.html"
+    heatmap.parent.mkdir(parents=True, exist_ok=True)
+    rows = extremes_rows(targets, interactions, tokenizer)
+    heatmap.write_text(render_html(rows, heading=f"Hindsight targets {result.target_set} ({label})"), encoding="utf-8")
     configure_mlflow(tracking_uri, experiment)
-    with mlflow.start_run(run_name=f"targets-{result.target_set}"):
-        mlflow.set_tags({"target_set": result.target_set, "model_revision": result.model_revision, "template_hash": result.template_hash})
+    with mlflow.start_run(run_name=f"targets-{result.target_set}") as run:
+        mlflow.set_tags({"target_set": result.target_set, "model_revision": result.model_revision,
+                         "template_hash": result.template_hash, "run_label": label})
         mlflow.log_metrics({
             "rows": result.rows,
             "shards_scored": result.shards_scored,
             "mean_abs_advantage": float(targets["mean_abs_advantage"].mean()),
         })
         mlflow.log_artifact(str(heatmap), artifact_path="heatmaps")
-    return heatmap
+    return PublishedHeatmap(heatmap, run.info.run_id, rows)

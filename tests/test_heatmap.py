@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from sdpo_platform.heatmap import BLUE, RED, HeatmapRow, decode_tokens, intensity_scale, render_html, token_span
 
 
@@ -67,3 +69,43 @@ def test_sentencepiece_tokens_keep_their_leading_space():
         "Party", " ", "", "", "", "🎉", "", "", "", "👍", "", "", "", "🏽", " ", "", "", "日", "", "", "本", "", "", "語",
         " na", "", "ï", "ve", "</s>",
     ]
+
+
+def test_each_run_publishes_its_own_page_and_keeps_earlier_ones(tiny_model_dir, sdpo_home):
+    """A set grows in place, so one page per set would rewrite what an earlier run showed."""
+    import pandas as pd
+    from mlflow import MlflowClient
+    from transformers import AutoTokenizer
+
+    from sdpo_platform.heatmap import publish_extremes, strongest_tokens
+    from sdpo_platform.target_workers import TargetSetResult
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tokenizer("Sure, here it is", add_special_tokens=False)["input_ids"]
+    set_dir = sdpo_home / "targets" / "set-a"
+    result = TargetSetResult(str(set_dir), "set-a", "rev", "tmpl", rows=8, shards=1, shards_scored=1, shards_reused=0)
+
+    def frames(n):
+        advantages = [[0.1 * (i + 1) * (-1) ** j for j in range(len(ids))] for i in range(n)]
+        targets = pd.DataFrame({
+            "interaction_id": [f"i{i}" for i in range(n)], "response_ids": [ids] * n, "advantages": advantages,
+            "mean_abs_advantage": [sum(map(abs, a)) / len(a) for a in advantages],
+        })
+        interactions = pd.DataFrame({
+            "interaction_id": targets["interaction_id"],
+            "context": [[{"role": "user", "content": f"question {i}"}] for i in range(n)],
+            "followup": [f"too long {i}" for i in range(n)],
+        })
+        return targets, interactions
+
+    first = publish_extremes(result, *frames(8), tokenizer, "heatmaps-test", run_label="run1")
+    first_page = first.path.read_text()
+    second = publish_extremes(result, *frames(12), tokenizer, "heatmaps-test", run_label="run2")
+    assert first.path != second.path and first.path.read_text() == first_page  # the earlier run's page is kept
+    assert first.path.parent == set_dir / "heatmaps" and "i11" in second.path.read_text() and "i11" not in first_page
+    assert [r.title.split(" · ")[1] for r in second.rows] == ["i11", "i10", "i9", "i2", "i1", "i0"]
+    logged = MlflowClient().list_artifacts(second.mlflow_run_id, "heatmaps")
+    assert [a.path for a in logged] == ["heatmaps/extremes-run2.html"]
+
+    reinforced, penalized = strongest_tokens(second.rows[0], k=2)
+    assert [a for _, a in reinforced] == pytest.approx([1.2, 1.2]) and [a for _, a in penalized] == pytest.approx([-1.2, -1.2])

@@ -48,6 +48,11 @@ def test_whole_lineage_materializes_on_fixtures(sdpo_home, tiny_model_dir):
     assert interactions["total"] == expected["good_conversations"]  # one follow-up per fixture conversation
     targets = result.output_for_node("hindsight_targets")
     assert targets["train_rows"] >= 1 and targets["validation_rows"] >= 1
+    [scored_event] = [e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == "hindsight_targets"]
+    metadata = scored_event.materialization.metadata
+    heatmap = metadata["heatmap"].value  # this run's page, beside the set
+    assert heatmap == f"{targets['path']}/heatmaps/extremes-{result.run_id[:8]}.html" and "informative" in open(heatmap).read()
+    assert "most informative" in metadata["heatmap_preview"].value and metadata["heatmap_mlflow_run"].value
     checkpoint = result.output_for_node("distilled_checkpoint")
     assert checkpoint["steps"] == 2 and len(checkpoint["losses"]) == 2
     registered = result.output_for_node("registered_model")
