@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     adv.add_argument("--html", help="also write token heatmaps (blue = reinforced, red = penalized)")
     adv.add_argument("--model", help="model spec (default: the config's model)")
     adv.add_argument("--seed", type=int, default=0, help="seed for responses generated for rows without one")
+    tgt = sub.add_parser("targets", help="list target sets on disk, or prune what no plan needs (old shards, dead workers' files)")
+    tgt.add_argument("action", nargs="?", choices=("list", "prune"), default="list")
+    tgt.add_argument("--dry-run", action="store_true", help="prune: only say what would be removed")
+    tgt.add_argument("--grace-hours", type=float, default=1.0, help="prune: leave leftovers younger than this (default 1)")
+    tgt.add_argument("--json", action="store_true", help="print one JSON document")
     inf = sub.add_parser("informativeness", help="label JSONL follow-ups: kind, informativeness in [0, 1], keep, safety flag")
     inf.add_argument("input", help="JSONL rows: messages or prompt, followup, optional response (generated greedily when missing)")
     inf.add_argument("--out", required=True, help="JSONL written: each row plus followup_kind, informativeness, keep, safety_flag")
@@ -103,6 +108,8 @@ def run_command(args: argparse.Namespace) -> int:
         with connect() as con:
             counts = stats(con)
         print(json.dumps(counts) if args.json else "\n".join(f"{k}: {v}" for k, v in counts.items()))
+    elif args.command == "targets":
+        return _targets(args)
     elif args.command == "config":
         from sdpo_platform.config import config_reference
 
@@ -132,6 +139,38 @@ def _ingest(args) -> int:
     print(json.dumps(outcome, indent=2))
     failed = any(v != "passed" for day in outcome["checks"].values() for v in day.values())
     return 1 if outcome["errors"] or failed else 0
+
+
+def _targets(args) -> int:
+    from sdpo_platform import target_sets
+
+    if args.grace_hours < 0:
+        raise ValueError(f"--grace-hours must be >= 0, not {args.grace_hours}")
+    grace_s = args.grace_hours * 3600
+    if args.action == "list":
+        rows = target_sets.as_dicts(target_sets.summarize(d, grace_s) for d in target_sets.set_dirs())
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        for row in [] if args.json else rows:
+            print(f"{row['target_set']}  {row['model_revision']}  {row['dtype']}  {row['rows']} rows  "
+                  f"{row['shards_scored']}/{row['shards']} shards  {_mib(row['size_bytes'])}  last {row['last_written']}"
+                  + (f"  ({row['leftover_files']} leftover file(s), {_mib(row['leftover_bytes'])}: sdpo targets prune)" if row["leftover_files"] else ""))
+        if not rows and not args.json:
+            print("no target sets yet")
+        return 0
+    reports = target_sets.as_dicts(target_sets.prune_set(d, grace_s, args.dry_run) for d in target_sets.set_dirs())
+    if args.json:
+        print(json.dumps(reports, indent=2))
+        return 0
+    verb = "would remove" if args.dry_run else "removed"
+    for report in reports:
+        print(f"{report['target_set']}: {verb} {len(report['removed'])} file(s), {_mib(report['freed_bytes'])}"
+              + (f"; {report['kept_young']} younger than the grace period kept" if report["kept_young"] else ""))
+    return 0
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
 
 
 def _forget(args) -> int:

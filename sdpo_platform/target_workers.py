@@ -26,6 +26,7 @@ import pandas as pd
 from sdpo_platform.config import TargetsConfig
 from sdpo_platform.scoring import ProgressCallback, ScoringProgress
 from sdpo_platform.shard_claims import CLAIM_TIMEOUT_S, describe, read_claim, try_claim
+from sdpo_platform.target_sets import leftovers
 from sdpo_platform.targets import (
     MANIFEST_FILE, _atomic_write, _shard, compute_targets, pending_shards, plan_target_set, read_manifest, read_plan,
 )  # fmt: skip
@@ -232,6 +233,10 @@ def materialize_targets(
         return (model, tokenizer) if model is not None and tokenizer is not None else load_model(model_spec, root, dtype=getattr(torch, dtype))
 
     run = score_pending(set_dir, load, wait=True, progress=progress, show_bar=show_bar, log=log, poll_s=poll_s, claim_timeout_s=claim_timeout_s)
+    removable, young = leftovers(set_dir)
+    if removable or young:
+        log(f"{len(removable) + young} file(s) in {set_dir} belong to earlier plans or stopped workers: "
+            "`sdpo targets prune` removes them once no reader needs them (docs/SCALE_OUT.md)")
     return TargetSetResult(
         path=str(set_dir),
         target_set=set_dir.name,

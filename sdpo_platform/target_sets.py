@@ -1,0 +1,133 @@
+"""Target sets on disk: what each holds, and removing what no plan needs any more (`sdpo targets`).
+
+Sets never delete their own files while scoring: a set that grows is re-planned, and the shards of the
+old plan that the new one does not keep stay in the folder, as do temp files and claims of killed
+workers. They are safe to remove only once nothing reads the old plan, so removal is a separate,
+explicit step with a grace period:
+
+- shard files the current manifest does not name, once the manifest is older than the grace period
+  (a reader that read the previous manifest has long finished);
+- temp files (`.*.tmp`, `.*.stale`) older than the grace period (writers rename theirs within seconds);
+- claims whose holder is gone (`shard_claims.is_stale`): the next claimant would take them over anyway.
+
+Whole sets (an old champion's) are listed, never removed here: they record what a registered round
+was trained on.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sdpo_platform.paths import targets_dir
+from sdpo_platform.shard_claims import is_stale, read_claim
+from sdpo_platform.targets import MANIFEST_FILE, read_manifest
+
+GRACE_S = 3600.0  # leftovers younger than this are left alone: a reader or writer may still use them
+
+
+@dataclass
+class SetSummary:
+    """One set folder at a glance; `leftover_*` is what `prune_set` would remove now."""
+
+    target_set: str
+    model_revision: str
+    dtype: str
+    rows: int
+    shards: int
+    shards_scored: int
+    size_bytes: int
+    leftover_files: int
+    leftover_bytes: int
+    last_written: str
+
+
+@dataclass
+class PruneReport:
+    """What `prune_set` removed (or would remove, on a dry run)."""
+
+    target_set: str
+    removed: list[str] = field(default_factory=list)
+    freed_bytes: int = 0
+    kept_young: int = 0  # leftovers inside the grace period, left for a later prune
+
+
+def set_dirs(root: Path | None = None) -> list[Path]:
+    """Planned sets under the data root, oldest manifest first."""
+    found = [d for d in targets_dir(root).iterdir() if (d / MANIFEST_FILE).is_file()]
+    return sorted(found, key=lambda d: ((d / MANIFEST_FILE).stat().st_mtime, d.name))
+
+
+def leftovers(set_dir: str | Path, grace_s: float = GRACE_S, now: float | None = None) -> tuple[list[Path], int]:
+    """Files of the set that no current plan or live process needs, and how many more will be once older.
+
+    Returns `(removable, young)`. Heatmaps, the plan and the current shards are never leftovers.
+    """
+    set_dir, now = Path(set_dir), now if now is not None else time.time()
+    manifest_path = set_dir / MANIFEST_FILE
+    planned = {s["file"] for s in read_manifest(set_dir)["shards"]}
+    replanned_long_ago = now - manifest_path.stat().st_mtime > grace_s
+    removable, young = [], 0
+    for path in sorted(set_dir.iterdir()):
+        if not path.is_file():
+            continue
+        name = path.name
+        if name.startswith("shard-") and name.endswith(".parquet") and name not in planned:
+            orphan_ok = replanned_long_ago
+        elif name.startswith(".") and name.endswith((".tmp", ".stale")):
+            orphan_ok = now - path.stat().st_mtime > grace_s
+        elif name.endswith(".claim"):
+            holder = read_claim(path)
+            if holder is None or not is_stale(holder):
+                continue  # released meanwhile, or a live worker's
+            orphan_ok = True
+        else:
+            continue
+        if orphan_ok:
+            removable.append(path)
+        else:
+            young += 1
+    return removable, young
+
+
+def summarize(set_dir: str | Path, grace_s: float = GRACE_S) -> SetSummary:
+    set_dir = Path(set_dir)
+    manifest = read_manifest(set_dir)
+    files = [p for p in set_dir.rglob("*") if p.is_file()]
+    removable, _ = leftovers(set_dir, grace_s)
+    scored = [set_dir / s["file"] for s in manifest["shards"] if (set_dir / s["file"]).exists()]
+    newest = max((p.stat().st_mtime for p in scored), default=(set_dir / MANIFEST_FILE).stat().st_mtime)
+    return SetSummary(
+        target_set=set_dir.name,
+        model_revision=manifest["model_revision"],
+        dtype=manifest.get("dtype", "float32"),
+        rows=manifest["rows"],
+        shards=len(manifest["shards"]),
+        shards_scored=len(scored),
+        size_bytes=sum(p.stat().st_size for p in files),
+        leftover_files=len(removable),
+        leftover_bytes=sum(p.stat().st_size for p in removable),
+        last_written=time.strftime("%Y-%m-%d %H:%M", time.localtime(newest)),
+    )
+
+
+def prune_set(set_dir: str | Path, grace_s: float = GRACE_S, dry_run: bool = False) -> PruneReport:
+    """Remove the set's leftovers (see the module docstring); a dry run only reports them."""
+    set_dir = Path(set_dir)
+    removable, young = leftovers(set_dir, grace_s)
+    report = PruneReport(set_dir.name, kept_young=young)
+    for path in removable:
+        try:
+            size = path.stat().st_size
+            if not dry_run:
+                path.unlink()
+        except FileNotFoundError:
+            continue  # removed by someone else meanwhile
+        report.removed.append(path.name)
+        report.freed_bytes += size
+    return report
+
+
+def as_dicts(items) -> list[dict]:
+    return [asdict(item) for item in items]

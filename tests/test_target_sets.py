@@ -1,0 +1,86 @@
+"""`sdpo targets`: a grown set's old shards, dead workers' temp files and claims go; nothing a plan,
+a reader inside the grace period or a live worker needs does."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from sdpo_platform.cli import main as sdpo
+from sdpo_platform.config import TargetsConfig
+from sdpo_platform.target_sets import leftovers, prune_set, summarize
+from sdpo_platform.target_workers import materialize_targets
+from sdpo_platform.targets import read_manifest, read_targets, select_for_scoring
+from tests.test_targets import logged_day, tiny  # noqa: F401  (fixture)
+
+
+def age(path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_prune_removes_only_what_no_plan_reader_or_live_worker_needs(tiny, tiny_model_dir, sdpo_home, capsys):
+    model, tok = tiny
+    cfg = TargetsConfig(shard_size=2, max_train=10**6, max_validation=10**6, top_k=0, max_response_tokens=8)
+    day1 = logged_day("2026-01-05", 8, turns=2)
+    grown = pd.concat([day1.iloc[2:], logged_day("2026-01-06", 3, turns=2)])  # one conversation forgotten, a day added
+    first = materialize_targets(select_for_scoring(day1, cfg), cfg, str(tiny_model_dir), model=model, tokenizer=tok, show_bar=False)
+    before = {s["file"] for s in read_manifest(first.path)["shards"]}
+    second = materialize_targets(select_for_scoring(grown, cfg), cfg, str(tiny_model_dir), model=model, tokenizer=tok, show_bar=False)
+    set_dir = Path(second.path)
+    orphans = before - {s["file"] for s in read_manifest(set_dir)["shards"]}
+    assert orphans  # the grown plan replaced at least one shard
+
+    host = socket.gethostname()
+    (set_dir / "shard-dead.claim").write_text(json.dumps({"host": host, "pid": dead_pid(), "token": "a"}))
+    (set_dir / "shard-live.claim").write_text(json.dumps({"host": host, "pid": os.getpid(), "token": "b"}))
+    (set_dir / ".shard-x.parquet.old.tmp").write_bytes(b"x" * 10)
+    age(set_dir / ".shard-x.parquet.old.tmp", 7200)
+    (set_dir / ".shard-y.parquet.new.tmp").write_bytes(b"y")  # a writer at work
+    (set_dir / "heatmaps").mkdir()
+    (set_dir / "heatmaps" / "extremes-run1.html").write_text("<html>")
+
+    removable, young = leftovers(set_dir)  # the manifest was just re-planned: old shards may still be read
+    assert {p.name for p in removable} == {"shard-dead.claim", ".shard-x.parquet.old.tmp"}
+    assert young == len(orphans) + 1
+
+    age(set_dir / "manifest.json", 7200)
+    assert summarize(set_dir).leftover_files == len(orphans) + 2
+    dry = prune_set(set_dir, dry_run=True)
+    assert sorted(dry.removed) == sorted(orphans | {"shard-dead.claim", ".shard-x.parquet.old.tmp"})
+    assert all((set_dir / name).exists() for name in dry.removed)  # a dry run removes nothing
+
+    assert sdpo(["targets", "prune"]) == 0
+    assert f"{set_dir.name}: removed {len(orphans) + 2} file(s)" in capsys.readouterr().out
+    left = {p.name for p in set_dir.iterdir()}
+    assert not left & orphans and {"shard-live.claim", ".shard-y.parquet.new.tmp", "heatmaps"} <= left
+    assert (set_dir / "heatmaps" / "extremes-run1.html").exists()
+
+    # the set still reads in full and a rerun still scores nothing
+    assert len(read_targets(set_dir)) == len(grown)
+    again = materialize_targets(select_for_scoring(grown, cfg), cfg, str(tiny_model_dir), model=model, tokenizer=tok, show_bar=False)
+    assert again.shards_scored == 0 and again.shards_reused == again.shards
+
+    assert sdpo(["targets", "--json"]) == 0
+    [listed] = json.loads(capsys.readouterr().out)
+    assert listed["target_set"] == set_dir.name and listed["rows"] == len(grown)
+    assert listed["shards_scored"] == listed["shards"] and listed["leftover_files"] == 0
+
+
+def test_targets_command_on_an_empty_data_root(sdpo_home, capsys):
+    assert sdpo(["targets"]) == 0
+    assert "no target sets yet" in capsys.readouterr().out
+    assert sdpo(["targets", "prune", "--grace-hours", "-1"]) == 2
+    assert "--grace-hours must be >= 0" in capsys.readouterr().err
