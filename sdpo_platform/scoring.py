@@ -17,6 +17,8 @@ chain length, so little compute goes to padding: chains are right-padded (a real
 padding after it), their cached prefixes zero-padded to a common width and masked, position ids
 continuing from each chain's own start. Every row is exact, whatever its batch neighbours. On a CPU
 (budget 0: batching does not pay there, padding does cost) every chain runs alone, with no padding.
+Models with windowed attention (Mistral, Gemma 2/3, Phi-3) keep only the window in their cache, so a
+group with a sequence that reaches the window runs each sequence whole instead (`attention_window`).
 """
 
 from __future__ import annotations
@@ -234,6 +236,9 @@ def _group_states(model, jobs: list[BranchJob], pad_id: int, token_budget: int) 
     device = next(model.parameters()).device
     sequences = [list(p) + list(job.response_ids[:-1]) for job in jobs for p in job.prompts]
     reads_from = [len(p) - 1 for job in jobs for p in job.prompts]
+    window = attention_window(model)
+    if window is not None and max(map(len, sequences)) >= window - 1:
+        return _unshared_states(model, sequences, reads_from, pad_id, device, token_budget)
     tree = build_prefix_tree(sequences)
     chains = heavy_chains(tree)
     start = [tree.start[c[0]] for c in chains.nodes]
@@ -271,6 +276,36 @@ def _group_states(model, jobs: list[BranchJob], pad_id: int, token_budget: int) 
             if tree.end[node] > first:
                 c = chains.chain_of[node]
                 states.append(kept[c][max(tree.start[node], first) - keep_from[c] : tree.end[node] - keep_from[c]])
+    return torch.cat(states)
+
+
+def attention_window(model) -> int | None:
+    """How many recent tokens a model's windowed layers attend to; None when every layer sees the whole sequence.
+
+    Sliding-window (Mistral, Gemma 2/3, Phi-3, Qwen2 with `use_sliding_window`) and chunked (Llama 4)
+    layers keep a KV cache of the window only, so a cache cut at a branch point, or continued past the
+    window, is no longer the prefix the engine takes it for.
+    """
+    config = model.config.get_text_config()
+    layer_types = getattr(config, "layer_types", None) or []
+    if "chunked_attention" in layer_types:
+        return int(config.attention_chunk_size)
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    if layer_types and "sliding_attention" not in layer_types:
+        return None
+    return int(window)
+
+
+def _unshared_states(model, sequences: list[list[int]], reads_from: list[int], pad_id: int, device, token_budget: int) -> torch.Tensor:
+    """`_group_states` for sequences that outgrow a windowed model's cache: each sequence runs whole from
+    position 0 (right-padded in length batches, no cache kept), as the model's own forward would run it."""
+    states: list[torch.Tensor | None] = [None] * len(sequences)
+    for batch in length_batches([len(s) for s in sequences], token_budget):
+        hidden, _ = _run_rows(model, [sequences[q] for q in batch], [0] * len(batch), [None] * len(batch), pad_id, device, [False] * len(batch))
+        for row, q in enumerate(batch):
+            states[q] = hidden[row, reads_from[q] : len(sequences[q])]
     return torch.cat(states)
 
 

@@ -223,6 +223,10 @@ def tiny_architecture(name: str):
         "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 8, "final_logit_softcapping": 5.0}),
         "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 8.0}),
         "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.0625}),
+        # windowed attention: every layer, every other layer, and Qwen2's opt-in
+        "mistral-window8": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 8}),
+        "gemma3-window8": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 8, "sliding_window": 8, "sliding_window_pattern": 2}),
+        "qwen2-window8": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0}),
     }[name]
     torch.manual_seed(0)
     config = getattr(transformers, config_class)(**common, **extra)
@@ -302,3 +306,33 @@ def test_an_empty_prompt_fails_up_front(tiny):
         score_jobs(model, [BranchJob(([5, 6, 7], [5, 6, 8]), [9, 10]), BranchJob(([5], []), [9, 10])], tok.pad_token_id)
     with pytest.raises(ValueError, match="empty prompt"):
         response_logprobs(model, [], [9, 10])
+
+
+@pytest.mark.parametrize("name", ["mistral-window8", "gemma3-window8", "qwen2-window8"])
+def test_windowed_attention_stays_exact_past_the_window(name):
+    """Windowed layers cache only the last W tokens, so branching off a cut cache would be wrong: sequences
+    that reach the window run whole; shorter ones still share their prefix."""
+    from sdpo_platform.logprobs import batch_response_logprobs
+    from sdpo_platform.scoring import attention_window
+
+    model = tiny_architecture(name)
+    assert attention_window(model) == 8 and attention_window(tiny_architecture("llama")) is None
+    prefix = list(range(10, 40))
+    long_jobs = [
+        BranchJob((prefix + [50, 51], prefix + [60, 61, 62]), [70, 71, 72, 73]),
+        BranchJob((prefix + [50, 51, 70, 71, 72, 73, 80], prefix[:5] + [90]), [91, 92]),
+        BranchJob((prefix[:3], prefix[:4]), [93, 94, 95]),  # 6 and 7 positions next to 36-position neighbours
+    ]
+    short_jobs = [BranchJob(([5, 6, 7], [5, 6, 9]), [11, 12]), BranchJob(([5, 6, 7, 8], [5, 6]), [13])]
+    for jobs in (long_jobs, short_jobs):
+        expected = [reference(model, job) for job in jobs]
+        for budget in (0, 1, 100_000):
+            for got, want in zip(score_jobs(model, jobs, pad_id=0, token_budget=budget, top_k=3), expected):
+                for branch, reference_branch in zip(got.logprobs, want):
+                    np.testing.assert_allclose(branch, reference_branch, atol=1e-4)
+    prompts = [p for job in long_jobs for p in job.prompts]
+    responses = [job.response_ids for job in long_jobs for _ in job.prompts]
+    with torch.no_grad():
+        batched = batch_response_logprobs(model, prompts, responses, pad_id=0)  # training's padded batches
+    for got, want in zip(batched, [b for job in long_jobs for b in reference(model, job)]):
+        np.testing.assert_allclose(got.double().numpy(), want, atol=1e-4)
