@@ -26,6 +26,7 @@ class EncodedInteraction:
     student_prompt_ids: list[int]
     teacher_prompt_ids: list[int]
     response_ids: list[int]
+    other_teacher_prompt_ids: tuple[list[int], ...] = ()  # the teacher prompt with each of `other_followups`
 
 
 def _check_context(context: list[Message]) -> list[Message]:
@@ -64,8 +65,10 @@ def encode_interaction(
     template: str,
     max_prompt_tokens: int,
     max_response_tokens: int,
+    other_followups: tuple[str, ...] | list[str] = (),
 ) -> EncodedInteraction:
-    """Student prompt, teacher prompt and response ids for one interaction.
+    """Student prompt, teacher prompt and response ids for one interaction (and the teacher prompt with
+    each of `other_followups`, e.g. a neutral "OK." baseline or control follow-ups).
 
     The response is tokenized once without special tokens, cut to `max_response_tokens - 1` and ends
     with `tokenizer.eos_token_id` (the chat template's end of turn), so stopping is learned too.
@@ -77,7 +80,9 @@ def encode_interaction(
     of x (the teacher sees exactly the student's context plus o, and the scoring engine can still run
     that common prefix once). The hindsight block sits at the end of the teacher's last user turn, so it
     survives. Only a follow-up so long that the cut would reach past the common prefix makes each prompt
-    keep its own last `max_prompt_tokens` ids.
+    keep its own last `max_prompt_tokens` ids. Other follow-ups' prompts take part in both rules (the
+    longest prompt of all decides), so every branch sees the same conversation and a baseline measures
+    the follow-up alone, not a context one branch kept and another lost.
     """
     if max_response_tokens < 1 or max_prompt_tokens < 1:
         raise ValueError("max_prompt_tokens and max_response_tokens must be positive")
@@ -88,17 +93,19 @@ def encode_interaction(
 
     context = _check_context(context)
     while True:
-        student = _prompt_ids(tokenizer, student_messages(context))
-        teacher = _prompt_ids(tokenizer, teacher_messages(context, followup, template))
+        prompts = [_prompt_ids(tokenizer, student_messages(context))]
+        prompts += [_prompt_ids(tokenizer, teacher_messages(context, o, template)) for o in (followup, *other_followups)]
         later_user_turns = [i for i, m in enumerate(context) if m["role"] == "user" and i > 0]
-        if max(len(student), len(teacher)) <= max_prompt_tokens or not later_user_turns:
+        if max(map(len, prompts)) <= max_prompt_tokens or not later_user_turns:
             break
         context = context[later_user_turns[0] :]  # drop the oldest exchange; x still starts with a user turn
-    cut = max(len(student), len(teacher)) - max_prompt_tokens
-    if cut > 0 and cut < common_prefix_length(student, teacher):
-        student, teacher = student[cut:], teacher[cut:]
+    cut = max(map(len, prompts)) - max_prompt_tokens
+    if cut > 0 and cut < common_prefix_length(*prompts):
+        prompts = [prompt[cut:] for prompt in prompts]
+    student, teacher, *others = [prompt[-max_prompt_tokens:] for prompt in prompts]
     return EncodedInteraction(
-        student_prompt_ids=student[-max_prompt_tokens:],
-        teacher_prompt_ids=teacher[-max_prompt_tokens:],
+        student_prompt_ids=student,
+        teacher_prompt_ids=teacher,
         response_ids=response_ids,
+        other_teacher_prompt_ids=tuple(others),
     )

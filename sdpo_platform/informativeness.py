@@ -120,16 +120,16 @@ def model_signals(
 
     wanted = [s for s in signals if s in HINDSIGHT_SIGNALS]
     if wanted:
-        def encode(x, y, o):
-            return encode_interaction(tokenizer, x, y, o, template, cfg.max_prompt_tokens, cfg.max_response_tokens)
-
         controls = list(cfg.control_followups) if {"control_contrast", "control_shift", "control_z", "sign_flip_share"} & set(wanted) else []
         if "neutral_contrast" in wanted and NEUTRAL_FOLLOWUP not in controls:
             controls.append(NEUTRAL_FOLLOWUP)
-        real = [encode(x, y, o) for x, y, o in zip(contexts, responses, followups)]
+        real = [  # the control prompts are cut with the real ones: every branch sees the same conversation
+            encode_interaction(tokenizer, x, y, o, template, cfg.max_prompt_tokens, cfg.max_response_tokens, controls)
+            for x, y, o in zip(contexts, responses, followups)
+        ]
         jobs = [(e.student_prompt_ids, e.response_ids) for e in real] + [(e.teacher_prompt_ids, e.response_ids) for e in real]
-        for c in controls:
-            jobs += [(encode(x, y, c).teacher_prompt_ids, e.response_ids) for x, y, e in zip(contexts, responses, real)]
+        for k in range(len(controls)):
+            jobs += [(e.other_teacher_prompt_ids[k], e.response_ids) for e in real]
         scores = score_jobs(model, tokenizer, jobs, cfg, cache, progress)
         student, teacher = scores[:n], scores[n : 2 * n]
         control_scores = {c: scores[(2 + k) * n : (3 + k) * n] for k, c in enumerate(controls)}

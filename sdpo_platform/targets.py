@@ -61,18 +61,12 @@ def encode_interactions(tokenizer, interactions: pd.DataFrame, cfg: TargetsConfi
     if missing:
         raise ValueError(f"interactions lack columns {missing}")
 
-    def encode(followups) -> list[EncodedInteraction]:
-        return [
-            encode_interaction(tokenizer, _messages(context), response, followup, cfg.template, cfg.max_prompt_tokens, cfg.max_response_tokens)
-            for context, response, followup in zip(interactions["context"], interactions["response"], followups)
-        ]
-
-    encoded = encode(interactions["followup"])
-    branches = [[e.student_prompt_ids, e.teacher_prompt_ids] for e in encoded]
-    if cfg.neutral_followup is not None:
-        for prompts, neutral in zip(branches, encode([cfg.neutral_followup] * len(interactions))):
-            prompts.append(neutral.teacher_prompt_ids)
-    jobs = [BranchJob(tuple(prompts), e.response_ids) for prompts, e in zip(branches, encoded)]
+    others = () if cfg.neutral_followup is None else (cfg.neutral_followup,)  # cut alike: the same conversation
+    encoded = [
+        encode_interaction(tokenizer, _messages(context), response, followup, cfg.template, cfg.max_prompt_tokens, cfg.max_response_tokens, others)
+        for context, response, followup in zip(interactions["context"], interactions["response"], interactions["followup"])
+    ]
+    jobs = [BranchJob((e.student_prompt_ids, e.teacher_prompt_ids, *e.other_teacher_prompt_ids), e.response_ids) for e in encoded]
     return encoded, jobs
 
 
@@ -173,10 +167,17 @@ def select_for_scoring(interactions_df: pd.DataFrame, cfg: TargetsConfig) -> pd.
     return chosen.merge(interactions_df, on="interaction_id", how="left")
 
 
-def scoring_key(cfg: TargetsConfig, dtype: str) -> str:
-    """Digest of everything that changes the numbers: the settings, the prompt encoding, the float precision."""
+def scoring_settings(cfg: TargetsConfig, dtype: str) -> dict:
+    """Everything that changes the numbers: the settings, the prompt encoding, the float precision."""
     settings = {name: getattr(cfg, name) for name in SCORING_FIELDS} | {"prompt_encoding": PROMPT_ENCODING_VERSION, "dtype": dtype}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:8]
+    if cfg.neutral_followup is not None:
+        settings["neutral_shares_context"] = True  # the neutral prompt is cut with the others (was cut alone)
+    return settings
+
+
+def scoring_key(cfg: TargetsConfig, dtype: str) -> str:
+    """Digest of `scoring_settings`: part of the set's folder name."""
+    return hashlib.sha256(json.dumps(scoring_settings(cfg, dtype), sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:8]
 
 
 def target_set_id(model_revision: str, template_hash: str, scoring_key: str) -> str:
@@ -254,7 +255,7 @@ def plan_target_set(
     )
     if inputs["interaction_id"].duplicated().any():
         raise ValueError("interaction ids must be unique within a target set")
-    settings = {name: getattr(cfg, name) for name in SCORING_FIELDS} | {"prompt_encoding": PROMPT_ENCODING_VERSION, "dtype": dtype}
+    settings = scoring_settings(cfg, dtype)
     shards = []
     for index, rows in inputs.groupby("shard", sort=True):
         payload = json.dumps([settings, rows.drop(columns="shard").values.tolist()], ensure_ascii=False)

@@ -106,3 +106,29 @@ def test_a_followup_longer_than_the_budget_falls_back_to_separate_windows(tokeni
     enc = encode_interaction(tokenizer, context, RESPONSE, "complaint " * 200, DEFAULT_HINDSIGHT_TEMPLATE, 64, 128)
     assert len(enc.teacher_prompt_ids) == 64
     assert tokenizer.decode(enc.student_prompt_ids).endswith("short question?<|im_end|>\n" + GENERATION_PROMPT)
+
+
+def test_other_followups_are_cut_with_the_real_one_so_every_branch_sees_the_same_conversation(tokenizer):
+    """A neutral or control follow-up is a baseline for the real one: if the long real follow-up drops an
+    old exchange, the short baseline prompt must drop it too, or the baseline measures a context change."""
+    long_context = [
+        {"role": "user", "content": "First question about gardening " * 10},
+        {"role": "assistant", "content": "A long gardening answer " * 10},
+    ] + CONTEXT
+    long_followup = "No, you ignored what I said about the capitals. " * 4
+    fits_neutral = encode_interaction(tokenizer, long_context, RESPONSE, "OK.", DEFAULT_HINDSIGHT_TEMPLATE, 10_000, 128)
+    budget = len(fits_neutral.teacher_prompt_ids) + 5  # the neutral prompt alone would keep the first exchange
+    enc = encode_interaction(tokenizer, long_context, RESPONSE, long_followup, DEFAULT_HINDSIGHT_TEMPLATE, budget, 128, ("OK.",))
+    [neutral] = enc.other_teacher_prompt_ids
+    kept = [m for m in long_context if "gardening" not in m["content"]]
+    assert neutral == tokenizer.apply_chat_template(teacher_messages(kept, "OK.", DEFAULT_HINDSIGHT_TEMPLATE), add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert all("gardening" not in tokenizer.decode(p) for p in (enc.student_prompt_ids, enc.teacher_prompt_ids, neutral))
+    alone = encode_interaction(tokenizer, long_context, RESPONSE, long_followup, DEFAULT_HINDSIGHT_TEMPLATE, budget, 128)
+    assert (alone.student_prompt_ids, alone.teacher_prompt_ids) == (enc.student_prompt_ids, enc.teacher_prompt_ids)
+
+    # left-truncated alike: all three start at the same token of x
+    context = [{"role": "user", "content": "word " * 300 + "final question?"}]
+    enc = encode_interaction(tokenizer, context, RESPONSE, FOLLOWUP, DEFAULT_HINDSIGHT_TEMPLATE, 64, 128, ("OK.", "Thanks!"))
+    prompts = (enc.student_prompt_ids, enc.teacher_prompt_ids, *enc.other_teacher_prompt_ids)
+    tail = len(tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=True, return_dict=False))
+    assert max(map(len, prompts)) == 64 and common_prefix_length(*prompts) >= len(enc.student_prompt_ids) - tail

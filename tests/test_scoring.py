@@ -28,11 +28,8 @@ def hindsight_jobs(tok, n: int, neutral: bool = False) -> list[BranchJob]:
         if i % 2:
             context = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello! " * i}] + context
         followup = "No, that's wrong." * (1 + i % 3)
-        enc = encode_interaction(tok, context, "An answer. " * (1 + i % 5), followup, cfg.template, cfg.max_prompt_tokens, 24)
-        prompts = [enc.student_prompt_ids, enc.teacher_prompt_ids]
-        if neutral:
-            prompts.append(encode_interaction(tok, context, "x", "OK.", cfg.template, cfg.max_prompt_tokens, 24).teacher_prompt_ids)
-        jobs.append(BranchJob(tuple(prompts), enc.response_ids))
+        enc = encode_interaction(tok, context, "An answer. " * (1 + i % 5), followup, cfg.template, cfg.max_prompt_tokens, 24, ("OK.",) if neutral else ())
+        jobs.append(BranchJob((enc.student_prompt_ids, enc.teacher_prompt_ids, *enc.other_teacher_prompt_ids), enc.response_ids))
     return jobs
 
 

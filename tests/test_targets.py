@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sdpo_platform.config import TargetsConfig
@@ -21,6 +22,7 @@ from sdpo_platform.target_workers import main as targets_worker, materialize_tar
 from sdpo_platform.targets import (
     TARGET_COLUMNS,
     compute_targets,
+    encode_interactions,
     pending_shards,
     plan_target_set,
     read_manifest,
@@ -113,6 +115,24 @@ def test_neutral_followup_scores_the_teacher_with_the_neutral_message(tiny):
     neutral_run = compute_targets(model, tok, interactions.assign(followup="OK."), TargetsConfig(), "rev")
     for got, expected in zip(out["neutral_logprobs"], neutral_run["teacher_logprobs"]):
         np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_the_neutral_branch_sees_the_conversation_the_long_followup_left(tiny):
+    """A long real follow-up drops the oldest exchange from student and teacher; the neutral baseline's
+    prompt must drop it too, or teacher − neutral measures the lost context as well as the follow-up."""
+    model, tok = tiny
+    context = [{"role": "user", "content": "First question about apples. " * 8},
+               {"role": "assistant", "content": "A long first answer about apples. " * 8},
+               {"role": "user", "content": "Second question: and pears?"}]
+    rows = pd.DataFrame([{"interaction_id": "a", "context": context, "response": "Pears are fruit.", "split": "train",
+                          "followup": "No, that is wrong, you ignored what I said about pears being different. " * 3}])
+    cfg = TargetsConfig(max_prompt_tokens=200, neutral_followup="OK.")
+    _, [job] = encode_interactions(tok, rows, cfg)
+    assert ["apples" in tok.decode(prompt) for prompt in job.prompts] == [False, False, False]
+    out = compute_targets(model, tok, rows, cfg, "rev")
+    with torch.inference_mode():
+        expected = response_logprobs(model, job.prompts[2], job.response_ids).double().numpy()
+    np.testing.assert_allclose(out["neutral_logprobs"][0], expected, atol=1e-4)
 
 
 def test_scoring_leaves_the_model_mode_alone(tiny):
