@@ -73,20 +73,22 @@ def load_scoring_model(manifest: dict, model_path: str | None = None):
 def score_shard(set_dir: str | Path, shard_index: int, model=None, tokenizer=None, progress: ProgressCallback | None = None) -> bool:
     """Score one planned shard and write it atomically; True only when this call wrote it.
 
-    Independent of any other process: the plan and the inputs are read from the set's folder, and
-    without `model` the manifest's model is loaded (`load_scoring_model`). Manifest and inputs are read
-    together after the model is loaded and checked against each other (`read_plan`), so the shard is
-    computed from, and named after, the rows of one plan. False (no work) when the shard is on disk or
-    another live process claims it.
+    Independent of any other process: the plan and the inputs are read from the set's folder and
+    checked against each other (`read_plan`), so the shard is computed from, and named after, the rows
+    of one plan. Without `model` the manifest's model is loaded (`load_scoring_model`), and only once
+    the shard is claimed: False, without loading anything, when the shard is on disk or another live
+    process claims it.
     """
     set_dir = Path(set_dir)
-    shard = _shard(read_manifest(set_dir), shard_index)
+    manifest, data = read_plan(set_dir)
+    shard = _shard(manifest, shard_index)
     if (set_dir / shard["file"]).exists():
         return False
-    if model is None or tokenizer is None:
-        model, tokenizer = load_scoring_model(read_manifest(set_dir))
-    manifest, data = read_plan(set_dir)  # the plan may have changed while the model loaded
-    return _score_claimed(set_dir, manifest, data, _shard(manifest, shard_index), lambda: (model, tokenizer), progress)
+
+    def get_model() -> tuple:
+        return (model, tokenizer) if model is not None and tokenizer is not None else load_scoring_model(manifest)
+
+    return _score_claimed(set_dir, manifest, data, shard, get_model, progress)
 
 
 @dataclass
@@ -130,9 +132,18 @@ def score_pending(
     loaded: list[tuple] = []  # the model, once a claim is won: nothing is loaded when others do it all
     seen: set[int] = set()
 
+    load_window = [0.0, 0.0]  # when the model loaded: rates and ETAs count scoring time, not the load
+
     def get_model() -> tuple:
-        loaded[:] = loaded or [load()]
+        if not loaded:
+            load_window[0] = time.monotonic()
+            loaded.append(load())
+            load_window[1] = time.monotonic()
         return loaded[0]
+
+    def scoring_s(since: float) -> float:
+        now = time.monotonic()
+        return now - since - max(0.0, min(now, load_window[1]) - max(since, load_window[0]))
 
     started, done_rows, tokens, last_wait_log = time.monotonic(), 0, 0, -WAIT_LOG_S
     bar = tqdm(total=total, unit="interaction", desc="hindsight targets", disable=None if show_bar else True, file=sys.stderr)
@@ -154,7 +165,7 @@ def score_pending(
                 shard_started, last = time.monotonic(), []
 
                 def report(p: ScoringProgress) -> None:
-                    overall = ScoringProgress(done_rows + p.interactions_done, total, tokens + p.tokens_done, time.monotonic() - started)
+                    overall = ScoringProgress(done_rows + p.interactions_done, total, tokens + p.tokens_done, scoring_s(started))
                     bar.update(overall.interactions_done - bar.n)
                     bar.set_postfix(tokens_per_s=f"{overall.tokens_per_s:.0f}")
                     last[:] = [overall]
@@ -169,11 +180,11 @@ def score_pending(
                 done_rows += s["rows"]
                 tokens = last[-1].tokens_done if last else tokens
                 bar.update(done_rows - bar.n)
-                elapsed = time.monotonic() - started
+                elapsed = scoring_s(started)
                 if shard_lines:
                     eta = (total - done_rows) * elapsed / max(done_rows, 1)
                     log(
-                        f"shard {s['index']}: scored {s['rows']} interactions in {time.monotonic() - shard_started:.1f}s; "
+                        f"shard {s['index']}: scored {s['rows']} interactions in {scoring_s(shard_started):.1f}s; "
                         f"{done_rows}/{total} interactions, {tokens / max(elapsed, 1e-9):.0f} tokens/s, ETA {eta:.0f}s"
                     )
                 if progress is not None:

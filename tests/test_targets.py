@@ -585,3 +585,35 @@ def test_the_worker_draws_a_progress_bar_on_a_terminal(tiny_model_dir, sdpo_home
     monkeypatch.setattr("sys.stderr", terminal)
     targets_worker([str(folder)])
     assert "interaction/s" in terminal.getvalue() and "3/3" in terminal.getvalue()
+
+
+def test_rates_and_eta_count_scoring_time_not_the_model_load(tiny, tiny_model_dir, sdpo_home, monkeypatch):
+    """A real model takes minutes to load: counted as scoring, the first reports' rate and ETA are off by it."""
+    model, tok = tiny
+    clock = [0.0]  # seconds the fake model load adds to every monotonic reading
+    real_monotonic = time.monotonic
+    monkeypatch.setattr(time, "monotonic", lambda: real_monotonic() + clock[0])
+
+    def slow_load():
+        clock[0] += 1000.0
+        return model, tok
+
+    folder = planned(tiny_model_dir, n=3)
+    reports, lines = [], []
+    score_pending(folder, slow_load, progress=reports.append, log=lines.append, shard_lines=True)
+    assert reports and all(r.elapsed_s < 100 for r in reports)  # the 1000 s load is not in the rate or the ETA
+    assert all(float(line.split(" in ")[1].split("s;")[0]) < 100 for line in lines if line.startswith("shard "))
+
+
+def test_score_shard_claims_before_it_loads_the_model(tiny_model_dir, sdpo_home, monkeypatch):
+    """A shard a live worker holds costs a second process nothing: no model load (minutes, GPU memory)."""
+    import sdpo_platform.target_workers as workers
+    from sdpo_platform.shard_claims import try_claim
+
+    folder = planned(tiny_model_dir, n=2)
+    loads = []
+    monkeypatch.setattr(workers, "load_scoring_model", lambda *a, **k: loads.append(1) or pytest.fail("loaded the model"))
+    shard = read_manifest(folder)["shards"][0]
+    with try_claim(folder / shard["file"].replace(".parquet", ".claim")):
+        assert not score_shard(folder, 0)
+    assert loads == []
