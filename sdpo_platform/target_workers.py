@@ -70,25 +70,38 @@ def load_scoring_model(manifest: dict, model_path: str | None = None):
     return load_model(checked_model_path(manifest, model_path), dtype=getattr(torch, dtype) if dtype else None)
 
 
+class _Replanned(Exception):
+    """The set was re-planned while this process loaded the model: score the new plan's shard instead."""
+
+
 def score_shard(set_dir: str | Path, shard_index: int, model=None, tokenizer=None, progress: ProgressCallback | None = None) -> bool:
     """Score one planned shard and write it atomically; True only when this call wrote it.
 
     Independent of any other process: the plan and the inputs are read from the set's folder and
     checked against each other (`read_plan`), so the shard is computed from, and named after, the rows
-    of one plan. Without `model` the manifest's model is loaded (`load_scoring_model`), and only once
-    the shard is claimed: False, without loading anything, when the shard is on disk or another live
-    process claims it.
+    of one plan. Without `model` the manifest's model is loaded (`load_scoring_model`), only once the
+    shard is claimed: False, without loading anything, when the shard is on disk or another live
+    process claims it. A set re-planned while the model loaded is read again, and its shard scored.
     """
     set_dir = Path(set_dir)
-    manifest, data = read_plan(set_dir)
-    shard = _shard(manifest, shard_index)
-    if (set_dir / shard["file"]).exists():
-        return False
+    loaded = [(model, tokenizer)] if model is not None and tokenizer is not None else []
+    while True:
+        manifest, data = read_plan(set_dir)
+        shard = _shard(manifest, shard_index)
+        if (set_dir / shard["file"]).exists():
+            return False
 
-    def get_model() -> tuple:
-        return (model, tokenizer) if model is not None and tokenizer is not None else load_scoring_model(manifest)
+        def get_model() -> tuple:
+            if not loaded:
+                loaded.append(load_scoring_model(manifest))
+                if read_manifest(set_dir).get("inputs_sha256") != manifest["inputs_sha256"]:
+                    raise _Replanned  # releases the claim of the old plan's shard
+            return loaded[0]
 
-    return _score_claimed(set_dir, manifest, data, shard, get_model, progress)
+        try:
+            return _score_claimed(set_dir, manifest, data, shard, get_model, progress)
+        except _Replanned:
+            continue
 
 
 @dataclass
