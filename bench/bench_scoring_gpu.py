@@ -55,6 +55,7 @@ CONFIGS = {
                      tie_word_embeddings=True, rope_theta=1000000.0, max_position_embeddings=40960),
 }
 DATASHEET_BF16_DENSE = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+MIN_TRANSFORMERS = (5, 24)  # pyproject's pin
 
 
 def build_model(name: str, device, dtype):
@@ -142,7 +143,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    import transformers
 
+    found = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+    if found < MIN_TRANSFORMERS:  # older 5.x ignore the decoder's `cache=` keyword: the engine would crash
+        sys.exit(f"transformers {transformers.__version__} is too old: the engine needs >= {'.'.join(map(str, MIN_TRANSFORMERS))} "
+                 "(carry .whl/ and install it first: docs/BENCHMARKS.md, 'On a GPU')")
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 in the exactness check
     device = torch.device(args.device)
     with gzip.open(args.jobs, "rt") if args.jobs.endswith(".gz") else open(args.jobs) as f:
@@ -182,32 +188,41 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     for name in args.models:
-        model = build_model(name, device, torch.bfloat16)
-        flops = FlopCounter(model.config)
-        naive_flops = sum(flops.naive(j) for j in jobs)
-        naive_scores(model, jobs[:4], device)  # warm-up: kernels, allocator
-        naive, naive_s = timed(lambda: naive_scores(model, jobs, device), sync)
-        if on_gpu:
-            torch.cuda.reset_peak_memory_stats()
-        emit({"model": name, "method": "naive", "params": sum(p.numel() for p in model.parameters()), "wall_s": naive_s,
-              "tokens_per_s": sequence_tokens / naive_s, "flops": naive_flops,
-              "mfu_datasheet": datasheet and naive_flops / naive_s / datasheet,
-              "mfu_measured_peak": measured and naive_flops / naive_s / measured})
-        for budget in args.budgets:
-            score_jobs(model, jobs[:32], pad_id, token_budget=budget, top_k=20)  # warm-up
-            engine, engine_s = timed(lambda: score_jobs(model, jobs, pad_id, token_budget=budget, top_k=20), sync)
-            worst, mean = max_diff(engine, naive)
-            engine_flops = flops.engine(jobs, budget)
-            emit({"model": name, "method": "engine", "budget": budget, "wall_s": engine_s,
-                  "tokens_per_s": sequence_tokens / engine_s, "speedup_vs_naive": naive_s / engine_s, "flops": engine_flops,
-                  "mfu_datasheet": datasheet and engine_flops / engine_s / datasheet,
-                  "mfu_measured_peak": measured and engine_flops / engine_s / measured,
-                  "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None,
-                  "bf16_max_abs_diff_vs_naive": worst, "bf16_mean_abs_diff_vs_naive": mean})
-        del model
+        try:  # one model running out of memory must not cost the others' figures
+            measure_model(name, jobs, pad_id, device, args.budgets, sequence_tokens, datasheet, measured, sync, emit)
+        except torch.OutOfMemoryError as error:
+            emit({"model": name, "error": f"out of memory: {str(error).splitlines()[0]}"})
         if on_gpu:
             torch.cuda.empty_cache()
 
+
+def measure_model(name, jobs, pad_id, device, budgets, sequence_tokens, datasheet, measured, sync, emit) -> None:
+    """Naive and engine timings of one model, each emitted as soon as it exists."""
+    import torch
+
+    on_gpu = device.type == "cuda"
+    model = build_model(name, device, torch.bfloat16)
+    flops = FlopCounter(model.config)
+    naive_flops = sum(flops.naive(j) for j in jobs)
+    naive_scores(model, jobs[:4], device)  # warm-up: kernels, allocator
+    naive, naive_s = timed(lambda: naive_scores(model, jobs, device), sync)
+    emit({"model": name, "method": "naive", "params": sum(p.numel() for p in model.parameters()), "wall_s": naive_s,
+          "tokens_per_s": sequence_tokens / naive_s, "flops": naive_flops,
+          "mfu_datasheet": datasheet and naive_flops / naive_s / datasheet,
+          "mfu_measured_peak": measured and naive_flops / naive_s / measured})
+    for budget in budgets:
+        score_jobs(model, jobs[:32], pad_id, token_budget=budget, top_k=20)  # warm-up
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        engine, engine_s = timed(lambda: score_jobs(model, jobs, pad_id, token_budget=budget, top_k=20), sync)
+        worst, mean = max_diff(engine, naive)
+        engine_flops = flops.engine(jobs, budget)
+        emit({"model": name, "method": "engine", "budget": budget, "wall_s": engine_s,
+              "tokens_per_s": sequence_tokens / engine_s, "speedup_vs_naive": naive_s / engine_s, "flops": engine_flops,
+              "mfu_datasheet": datasheet and engine_flops / engine_s / datasheet,
+              "mfu_measured_peak": measured and engine_flops / engine_s / measured,
+              "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None,
+              "bf16_max_abs_diff_vs_naive": worst, "bf16_mean_abs_diff_vs_naive": mean})
 
 if __name__ == "__main__":
     main()
