@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     adv.add_argument("--out", required=True, help="JSONL written: each row plus response, tokens, advantages, means")
     adv.add_argument("--html", help="also write token heatmaps (blue = reinforced, red = penalized)")
     adv.add_argument("--model", help="model spec (default: the config's model)")
-    adv.add_argument("--seed", type=int, default=0, help="seed for responses generated for rows without one")
+    adv.add_argument("--seed", type=int, default=0, help="torch seed set before generating responses for rows without one (decoding is greedy, so the text does not depend on it)")
     tgt = sub.add_parser("targets", help="list target sets on disk, or prune what no plan needs (old shards, dead workers' files)")
     tgt.add_argument("action", nargs="?", choices=("list", "prune"), default="list")
     tgt.add_argument("--dry-run", action="store_true", help="prune: only say what would be removed")

@@ -50,23 +50,40 @@ def mlflow_artifact_root(root: Path | None = None) -> str:
     return path.as_uri()
 
 
+def atomic_write(path: str | Path, write) -> None:
+    """`write(temp_path)` next to `path`, then rename over it: readers never see half a file, and a failed
+    write leaves the previous file as it was.
+
+    The temp file is created as `open` would create `path` (mode 0666 less the umask, not mkstemp's
+    0600), so workers, trainers and the inbox sensor running as other users can read it.
+    """
+    import secrets
+
+    path = Path(path)
+    staging = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")
+    os.close(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        write(staging)
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
+
+
 def write_jsonl_atomic(out_path: str | Path, rows, default=None) -> int:
-    """Write `rows` (dicts) as JSONL through a temporary file renamed over `out_path`, so readers (the
-    inbox sensor, ingestion) never see half a file; returns how many rows were written."""
+    """Write `rows` (dicts) as JSONL through `atomic_write` (creating the folder), so readers (the inbox
+    sensor, ingestion) never see half a file; returns how many rows were written."""
     import json
-    import tempfile
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    written = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
+    written = [0]
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as out:
             for row in rows:
                 out.write(json.dumps(row, ensure_ascii=False, default=default) + "\n")
-                written += 1
-        os.replace(tmp_name, out_path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return written
+                written[0] += 1
+
+    atomic_write(out_path, write)
+    return written[0]

@@ -24,11 +24,12 @@ from typing import Callable
 import pandas as pd
 
 from sdpo_platform.config import TargetsConfig
+from sdpo_platform.paths import atomic_write
 from sdpo_platform.scoring import ProgressCallback, ScoringProgress
 from sdpo_platform.shard_claims import CLAIM_TIMEOUT_S, describe, read_claim, try_claim
 from sdpo_platform.target_sets import leftovers
 from sdpo_platform.targets import (
-    MANIFEST_FILE, _atomic_write, _shard, compute_targets, pending_shards, plan_target_set, read_manifest, read_plan,
+    MANIFEST_FILE, _shard, compute_targets, pending_shards, plan_target_set, read_manifest, read_plan,
 )  # fmt: skip
 
 POLL_S, WAIT_LOG_S = 10.0, 60.0  # while others score the rest: look again / say so this often
@@ -300,7 +301,7 @@ def _score_claimed(set_dir: Path, manifest: dict, data: bytes, shard: dict, get_
         inputs["context"] = [json.loads(c) for c in inputs["context_json"]]
         cfg = TargetsConfig.model_validate(manifest["targets_config"])
         frame = compute_targets(model, tokenizer, inputs, cfg, manifest["model_revision"], progress=progress)
-        _atomic_write(set_dir / shard["file"], lambda tmp: frame.to_parquet(tmp, index=False))
+        atomic_write(set_dir / shard["file"], lambda tmp: frame.to_parquet(tmp, index=False))
     return True
 
 

@@ -22,8 +22,6 @@ import hashlib
 import io
 import itertools
 import json
-import os
-import secrets
 import time
 from pathlib import Path
 
@@ -33,7 +31,7 @@ import pandas as pd
 
 from sdpo_platform.config import TargetsConfig
 from sdpo_platform.hindsight import PROMPT_ENCODING_VERSION, EncodedInteraction, encode_interaction, template_hash
-from sdpo_platform.paths import targets_dir
+from sdpo_platform.paths import atomic_write, targets_dir
 from sdpo_platform.scoring import BranchJob, ProgressCallback, score_jobs
 
 INPUT_COLUMNS = ("interaction_id", "context", "response", "followup", "split")
@@ -278,9 +276,9 @@ def plan_target_set(
     }
     inputs_path, manifest_path = folder / INPUTS_FILE, folder / MANIFEST_FILE
     if not inputs_path.exists() or hashlib.sha256(inputs_path.read_bytes()).hexdigest() != inputs_sha256:
-        _atomic_write(inputs_path, lambda tmp: Path(tmp).write_bytes(inputs_bytes))
+        atomic_write(inputs_path, lambda tmp: Path(tmp).write_bytes(inputs_bytes))
     if not manifest_path.exists() or json.loads(manifest_path.read_text()) != manifest:
-        _atomic_write(manifest_path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2, ensure_ascii=False)))
+        atomic_write(manifest_path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2, ensure_ascii=False)))
     return folder
 
 
@@ -353,21 +351,3 @@ def _as_lists(value):
 def _messages(context) -> list[dict]:
     """Context messages as plain dicts (DuckDB hands back numpy arrays of structs)."""
     return [{"role": m["role"], "content": m["content"]} for m in context]
-
-
-def _atomic_write(path: Path, write) -> None:
-    """`write(temp_path)` next to `path`, then rename over it: readers never see half a file.
-
-    The temp file is created as `open` would create `path` (mode 0666 less the umask, not mkstemp's
-    0600), so workers and trainers running as other users can read the set.
-    """
-    staging = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")
-    os.close(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        write(staging)
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
-
-

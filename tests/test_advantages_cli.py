@@ -77,6 +77,9 @@ BAD_ROWS = [  # (line 2 of the input, what the error must say)
     ('{"messages": [{"role": "robot", "content": "hi"}], "followup": "ok"}', "unknown role 'robot'"),
     ('{"messages": [], "followup": "ok"}', "start and end with a user message"),
     ('{"messages": [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}], "followup": "ok"}', "start and end with a user message"),
+    ('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "response": "Hey", "followup": "ok"}', "two responses"),
+    ('{"prompt": "cut emoji \\ud83d here", "followup": "ok"}', "half of a surrogate pair"),
+    ('{"prompt": "ok", "followup": "fine", "note": "\\udfff"}', "half of a surrogate pair"),  # any field: it is written back
 ]
 
 
@@ -147,3 +150,74 @@ def test_output_with_raw_line_separators_reads_back(tiny_model_dir, sdpo_home, t
     assert {k: again[k] for k in row} == row and again["advantages"] == json.loads(first.read_text(encoding="utf-8"))["advantages"]
     assert main(["informativeness", str(first), "--out", str(labelled), "--model", str(tiny_model_dir)]) == 0
     assert json.loads(labelled.read_text(encoding="utf-8"))["prompt"] == row["prompt"]
+
+
+@pytest.mark.parametrize("option", ["--out", "--html"])
+def test_an_unwritable_output_is_refused_before_the_model_loads(tmp_path, sdpo_home, no_model, capsys, option):
+    source = tmp_path / "in.jsonl"
+    write_rows(source, [{"prompt": "ok", "response": "yes", "followup": "fine"}])
+    paths = {"--out": str(tmp_path / "out.jsonl"), "--html": str(tmp_path / "page.html")}
+    paths[option] = str(tmp_path / "no-such-folder" / "file")
+    assert main(["advantages", str(source), "--out", paths["--out"], "--html", paths["--html"]]) == 2
+    assert f"{option} {paths[option]}: folder {tmp_path / 'no-such-folder'} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_failed_run_leaves_the_previous_output(tiny_model_dir, sdpo_home, tmp_path, monkeypatch):
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_rows(source, [{"prompt": "ok", "response": "yes", "followup": "fine"}])
+    out.write_text("previous results\n")
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("sdpo_platform.heatmap.html.escape", crash)  # fails while the page is rendered
+    with pytest.raises(RuntimeError):
+        main(["advantages", str(source), "--out", str(out), "--html", str(tmp_path / "p.html"), "--model", str(tiny_model_dir)])
+    assert out.read_text() == "previous results\n" and [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_long_responses_are_scored_as_training_scores_them_and_marked(tiny_model_dir, sdpo_home, tmp_path, monkeypatch):
+    monkeypatch.delenv("SDPO_CONFIG", raising=False)  # defaults: max_response_tokens 128
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_rows(source, [{"prompt": "Count.", "response": "one two three four. " * 60, "followup": "Shorter."},
+                        {"prompt": "Hi", "response": "Hello!", "followup": "ok"}])
+    assert main(["advantages", str(source), "--out", str(out), "--model", str(tiny_model_dir)]) == 0
+    long, short = [json.loads(line) for line in out.read_text().splitlines()]
+    assert long["truncated"] is True and len(long["tokens"]) == TargetsConfig().max_response_tokens
+    assert short["truncated"] is False and "".join(short["tokens"][:-1]) == "Hello!"
+
+
+def test_the_principles_preamble_is_scored_as_training_scores_it(tiny_model_dir, sdpo_home, tmp_path, monkeypatch):
+    """With the preamble on, the targets asset scores under it: so must the command."""
+    from sdpo_platform.safety import principled_template
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"informativeness": {"principles_preamble": True}}))
+    monkeypatch.setenv("SDPO_CONFIG", str(config))
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    row = {"prompt": "What is the capital of Australia?", "response": "Sydney.", "followup": "Wrong, it is Canberra."}
+    write_rows(source, [row])
+    assert main(["advantages", str(source), "--out", str(out), "--model", str(tiny_model_dir)]) == 0
+    model, tok = load_model(str(tiny_model_dir))
+    cfg = TargetsConfig()
+    enc = encode_interaction(tok, [{"role": "user", "content": row["prompt"]}], row["response"], row["followup"],
+                             principled_template(cfg.template), cfg.max_prompt_tokens, cfg.max_response_tokens)
+    expected = (response_logprobs(model, enc.teacher_prompt_ids, enc.response_ids) - response_logprobs(model, enc.student_prompt_ids, enc.response_ids)).detach().numpy()
+    np.testing.assert_allclose(json.loads(out.read_text())["advantages"], expected, atol=1e-4)
+
+
+def test_progress_bars_on_a_terminal(tiny_model_dir, sdpo_home, tmp_path, monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    source = tmp_path / "in.jsonl"
+    write_rows(source, [{"prompt": f"Question {i}", "followup": "Shorter."} for i in range(3)] + [{"prompt": "Hi", "response": "Hello", "followup": "ok"}])
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    assert main(["advantages", str(source), "--out", str(tmp_path / "out.jsonl"), "--model", str(tiny_model_dir)]) == 0
+    shown = terminal.getvalue()
+    assert "generating responses" in shown and "3/3" in shown and "scoring" in shown and "4/4" in shown and "tokens_per_s" in shown

@@ -311,7 +311,7 @@ def test_a_plan_killed_between_inputs_and_manifest_is_refused_by_workers_and_rep
     cfg = TargetsConfig(shard_size=1, top_k=0)
     folder = plan_target_set(plan_a, cfg, str(tiny_model_dir), "rev")
     manifest_a = (folder / "manifest.json").read_text()
-    real_write = targets._atomic_write
+    real_write = targets.atomic_write
 
     def killed_before_the_manifest(path, write):
         if path.name == "manifest.json":
@@ -319,7 +319,7 @@ def test_a_plan_killed_between_inputs_and_manifest_is_refused_by_workers_and_rep
         real_write(path, write)
 
     with monkeypatch.context() as patched:
-        patched.setattr(targets, "_atomic_write", killed_before_the_manifest)
+        patched.setattr(targets, "atomic_write", killed_before_the_manifest)
         with pytest.raises(KeyboardInterrupt):
             plan_target_set(plan_b, cfg, str(tiny_model_dir), "rev")  # B's inputs, A's manifest
     assert (folder / "manifest.json").read_text() == manifest_a
