@@ -181,16 +181,18 @@ def heatmap_rows(scored: list[dict]) -> list[HeatmapRow]:
     return rows
 
 
-def check_writable(path: str | Path, option: str) -> None:
-    """Fail before any work when `path` cannot be written: hours of scoring must not end in a bad path."""
+def prepare_output(path: str | Path, option: str) -> None:
+    """Make `path`'s folder and check it can be written, before any work: hours of scoring must not end
+    in a bad path."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{option} {path}: is a folder, give a file")
-    folder = path.parent
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{option} {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"{option} {path}: folder {folder} is not writable")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise NotADirectoryError(f"{option} {path}: {path.parent} is not a folder") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{option} {path}: folder {path.parent} is not writable")
 
 
 def run(input_path: str, out_path: str, html_path: str | None = None, model_spec: str | None = None, seed: int = 0) -> int:
@@ -203,9 +205,9 @@ def run(input_path: str, out_path: str, html_path: str | None = None, model_spec
         raise ValueError(f"{input_path}: no rows")
     for where, row in located:
         context_and_response(row, where)  # fail on a bad row before loading the model
-    check_writable(out_path, "--out")
+    prepare_output(out_path, "--out")
     if html_path:
-        check_writable(html_path, "--html")
+        prepare_output(html_path, "--html")
     rows = [row for _, row in located]
     model, tokenizer = load_model(model_spec or cfg.model)
     scoring = cfg.targets.model_copy(update={"template": hindsight_template(cfg)})  # as the targets asset scores

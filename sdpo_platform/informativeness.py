@@ -247,13 +247,12 @@ def run_jsonl(input_path: str, out_path: str, model_spec: str | None = None, con
     optional `id`, `conversation_id`, `user_id`. Each row is written back with `response`, `followup_kind`, `followup_features`, `informativeness`, `keep`,
     `safety_flag`, `safety_reasons` and `exclusion_reason`. Returns the number of rows written.
     """
-    import json
-    from pathlib import Path
 
-    from sdpo_platform.advantages import context_and_response, read_rows
+    from sdpo_platform.advantages import context_and_response, prepare_output, read_rows
+    from sdpo_platform.assessments import hindsight_template
     from sdpo_platform.config import PlatformConfig
     from sdpo_platform.models import load_model
-    from sdpo_platform.safety import principled_template
+    from sdpo_platform.paths import write_jsonl_atomic
 
     config = config or PlatformConfig.load()
     cfg = config.informativeness
@@ -274,30 +273,27 @@ def run_jsonl(input_path: str, out_path: str, model_spec: str | None = None, con
     )
     if frame["interaction_id"].duplicated().any():
         raise ValueError("row ids must be unique")
+    prepare_output(out_path, "--out")
     model = tokenizer = None
     needs_generation = not all(isinstance(r, str) and r.strip() for r in frame["response"])
     if cfg.use_model or needs_generation:
         model, tokenizer = load_model(model_spec or config.model)
     if needs_generation:
         frame["response"] = generate_missing_responses(model, tokenizer, list(frame["context"]), list(frame["response"]), cfg.max_response_tokens)
-    template = config.targets.template
-    if cfg.principles_preamble:
-        template = principled_template(template)
-    assessed = assess_interactions(frame, cfg, model, tokenizer, template)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", encoding="utf-8") as handle:
-        for row, response, result in zip(rows, frame["response"], assessed.to_dict("records")):
-            row = dict(row, response=response)
-            row.update(
-                followup_kind=result["followup_kind"],
-                followup_features=list(result["followup_features"]),
-                informativeness=float(result["informativeness"]),
-                model_signal=None if pd.isna(result["model_signal"]) else float(result["model_signal"]),
-                keep=bool(result["keep"]),
-                safety_flag=bool(result["safety_flag"]),
-                safety_reasons=list(result["safety_reasons"]),
-                exclusion_reason=result["exclusion_reason"],
-            )
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    assessed = assess_interactions(frame, cfg, model, tokenizer, hindsight_template(config))
+    labelled = []
+    for row, response, result in zip(rows, frame["response"], assessed.to_dict("records")):
+        row = dict(row, response=response)
+        row.update(
+            followup_kind=result["followup_kind"],
+            followup_features=list(result["followup_features"]),
+            informativeness=float(result["informativeness"]),
+            model_signal=None if pd.isna(result["model_signal"]) else float(result["model_signal"]),
+            keep=bool(result["keep"]),
+            safety_flag=bool(result["safety_flag"]),
+            safety_reasons=list(result["safety_reasons"]),
+            exclusion_reason=result["exclusion_reason"],
+        )
+        labelled.append(row)
+    write_jsonl_atomic(out_path, labelled)
     return len(rows)

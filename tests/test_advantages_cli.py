@@ -157,9 +157,10 @@ def test_an_unwritable_output_is_refused_before_the_model_loads(tmp_path, sdpo_h
     source = tmp_path / "in.jsonl"
     write_rows(source, [{"prompt": "ok", "response": "yes", "followup": "fine"}])
     paths = {"--out": str(tmp_path / "out.jsonl"), "--html": str(tmp_path / "page.html")}
-    paths[option] = str(tmp_path / "no-such-folder" / "file")
+    (tmp_path / "a-file").write_text("x")
+    paths[option] = str(tmp_path / "a-file" / "file")
     assert main(["advantages", str(source), "--out", paths["--out"], "--html", paths["--html"]]) == 2
-    assert f"{option} {paths[option]}: folder {tmp_path / 'no-such-folder'} does not exist" in capsys.readouterr().err
+    assert f"{option} {paths[option]}: {tmp_path / 'a-file'} is not a folder" in capsys.readouterr().err
     assert not (tmp_path / "out.jsonl").exists()
 
 
