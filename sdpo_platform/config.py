@@ -87,7 +87,7 @@ class TargetsConfig(Section):
         "(batching does not pay there, padding does cost), 65536 on a GPU (lower it if the GPU runs out of memory).",
     )
     neutral_followup: str | None = Field(None, description="If set, also score y under the template with this follow-up (e.g. 'OK.') for the neutral_followup baseline.")
-    top_k: int = Field(20, description="Also store the teacher's k most likely tokens per response position (ids, log-probs, tail mass) for a top-k loss; 0 turns it off.")
+    top_k: int = Field(20, description="Also store the teacher's k most likely tokens per response position (ids, log-probs, tail mass) for the top-k loss (training.loss topk_kl); 0 turns it off.")
     shard_size: int = Field(64, description="Interactions per Parquet shard of a target set: the unit of resuming and of scoring by independent workers.")
 
 
@@ -110,6 +110,11 @@ class TrainingConfig(Section):
         "none", description="none: every kept triple counts the same (paper); informativeness: weighted mean of the per-triple losses by their informativeness score."
     )
     teacher: Literal["frozen", "live"] = Field("frozen", description="frozen: read targets; live: recompute with current weights.")
+    loss: Literal["sdpo", "topk_kl"] = Field(
+        "sdpo",
+        description="sdpo: the paper's advantage-weighted log-likelihood; topk_kl: forward KL from the stored teacher's top-k tokens "
+        "plus a tail bucket (frozen teacher, targets.top_k > 0, baseline none).",
+    )
     seed: int = Field(0, description="Seeds LoRA init and batch sampling.")
     warmup_fraction: float = Field(0.05, description="Share of steps with linear warm-up before the cosine decay.")
     device: str = Field("cpu", description="Torch device for training ('cpu', 'cuda', 'cuda:1', ...); weights stay float32.")

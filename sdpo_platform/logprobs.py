@@ -36,6 +36,27 @@ def batch_response_logprobs(model, prompts: list[list[int]], responses: list[lis
     Right padding keeps position ids identical to the unbatched call, so results match it. A model's
     first use checks that `lm_logits` reproduces its forward (`heads.check_lm_logits`).
     """
+    return [
+        log_probs.gather(-1, torch.tensor(r, device=log_probs.device)[:, None]).squeeze(-1)
+        for log_probs, r in zip(_response_log_softmax(model, prompts, responses, pad_id), responses)
+    ]
+
+
+def batch_response_logprobs_at(
+    model, prompts: list[list[int]], responses: list[list[int]], ids: list[torch.Tensor], pad_id: int = 0
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """`batch_response_logprobs` plus, per row, the log-probs of the token ids `ids[row]` ([len(response), k])
+    at each response position: the student's side of a top-k loss over the teacher's top-k ids."""
+    sampled, chosen = [], []
+    for log_probs, r, at in zip(_response_log_softmax(model, prompts, responses, pad_id), responses, ids, strict=True):
+        sampled.append(log_probs.gather(-1, torch.tensor(r, device=log_probs.device)[:, None]).squeeze(-1))
+        chosen.append(log_probs.gather(-1, at.to(log_probs.device)))
+    return sampled, chosen
+
+
+def _response_log_softmax(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):
+    """Per row, the float32 log-softmax [len(response), vocab] at the positions predicting the response:
+    one right-padded decoder pass, the head only where a response token is predicted."""
     if not all(prompts):
         raise ValueError("empty prompt: a response is scored after at least one token")
     check_lm_logits(model, list(prompts[0]) + list(responses[0]))
@@ -48,10 +69,6 @@ def batch_response_logprobs(model, prompts: list[list[int]], responses: list[lis
         ids[row, : len(seq)] = torch.tensor(seq, device=device)
         mask[row, : len(seq)] = 1
     hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-    results = []
     for row, (p, r) in enumerate(zip(prompts, responses)):
         start = len(p) - 1
-        logits = lm_logits(model, hidden[row, start : start + len(r)]).float()
-        targets = torch.tensor(r, device=device)
-        results.append(torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1))
-    return results
+        yield torch.log_softmax(lm_logits(model, hidden[row, start : start + len(r)]).float(), dim=-1)

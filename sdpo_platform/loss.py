@@ -4,6 +4,15 @@
 
 The advantage is detached here, so whatever the caller passes, gradients flow only through the
 student log-probs. |y| is the full response length (skipped tokens included), as in the paper.
+
+The optional top-k forward KL (the earlier SDPO paper's full-logit variant, DESIGN.md) matches the
+student to the frozen teacher over the teacher's top-k tokens plus one bucket for the rest:
+
+    L = mean over interactions of (1/|y|) Σ_{i ≥ skip} [ Σ_{v ∈ topk_i} p_T(v) (log p_T(v) − log π_θ(v))
+                                                        + m_T (log m_T − log (1 − Σ_{v ∈ topk_i} π_θ(v))) ]
+
+with m_T the teacher's tail mass. It is KL(teacher ‖ student) on that partition of the vocabulary:
+forward, not reverse (top-k reverse KL is known to be unstable), and exact when k covers the vocabulary.
 """
 
 from __future__ import annotations
@@ -39,19 +48,63 @@ def sdpo_loss(
         if baseline == "sequence_mean" and a.numel() > 0:
             a = a - a.mean()
         per_interaction.append(-(a * logp[skip:]).sum() / logp.numel())
+    return _interaction_mean(per_interaction, weights), advantage_diagnostics(advantages, skip)
+
+
+def topk_forward_kl(
+    student_topk_logprobs: list[torch.Tensor],
+    teacher_topk_logprobs: list[torch.Tensor],
+    teacher_tail_mass: list[torch.Tensor],
+    skip: int = 2,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Top-k forward KL (module docstring) over a batch: per interaction the student's log-probs at the
+    teacher's top-k ids [|y|, k], the teacher's top-k log-probs [|y|, k] and tail mass [|y|].
+
+    The teacher side is detached (a frozen target). Diagnostics: `kl_per_token` (the mean KL over
+    counted tokens) and `student_topk_mass` (how much of the student's probability lies on the
+    teacher's top-k: 1 when the student has learned the teacher's support).
+    """
+    per_interaction, per_token, mass = [], [], []
+    for student, teacher, tail in zip(student_topk_logprobs, teacher_topk_logprobs, teacher_tail_mass, strict=True):
+        s, t, m = student[skip:], teacher.detach().to(student.dtype)[skip:], tail.detach().to(student.dtype)[skip:]
+        student_tail = log1mexp(torch.logsumexp(s, dim=-1))  # log(1 − Σ_topk π_θ)
+        kl = (t.exp() * (t - s)).sum(-1) + torch.xlogy(m, m) - m * student_tail
+        per_interaction.append(kl.sum() / student.shape[0])
+        per_token.append(kl.detach())
+        mass.append(torch.logsumexp(s.detach(), dim=-1).exp())
+    counted, mass = torch.cat(per_token), torch.cat(mass)
+    diagnostics = {
+        "kl_per_token": counted.mean().item() if counted.numel() else 0.0,
+        "student_topk_mass": mass.mean().item() if mass.numel() else 0.0,
+    }
+    return _interaction_mean(per_interaction, weights), diagnostics
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − eˣ) for x ≤ 0, accurate at both ends (Mächler 2012); x is clamped just below 0, so a top-k
+    that holds all of the student's mass gives a large negative log tail, never −inf or NaN."""
+    x = x.clamp(max=-1e-7)
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _interaction_mean(per_interaction: list[torch.Tensor], weights: torch.Tensor | None) -> torch.Tensor:
+    """The mean over interactions, or Σ w_n L_n / Σ w_n with `weights`."""
     terms = torch.stack(per_interaction)
     if weights is None:
-        loss = terms.mean()
-    else:
-        weights = weights.detach().to(terms.dtype)
-        loss = (weights * terms).sum() / weights.sum().clamp_min(1e-12)
+        return terms.mean()
+    weights = weights.detach().to(terms.dtype)
+    return (weights * terms).sum() / weights.sum().clamp_min(1e-12)
 
+
+def advantage_diagnostics(advantages: list[torch.Tensor], skip: int = 2) -> dict[str, float]:
+    """What the raw advantages say, over the counted tokens i ≥ skip, except `eos_advantage`, the advantage
+    on the last token (EOS): does the follow-up want the answer to stop?"""
     counted = torch.cat([adv.detach()[skip:].float() for adv in advantages])
-    diagnostics = {
+    return {
         "mean_advantage": counted.mean().item() if counted.numel() else 0.0,
         "mean_abs_advantage": counted.abs().mean().item() if counted.numel() else 0.0,
         "eos_advantage": torch.stack([adv.detach()[-1].float() for adv in advantages]).mean().item(),
         "positive_fraction": (counted > 0).float().mean().item() if counted.numel() else 0.0,
         "tokens": float(counted.numel()),
     }
-    return loss, diagnostics

@@ -39,8 +39,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sdpo_platform import paths
 from sdpo_platform.config import TrainingConfig
-from sdpo_platform.logprobs import batch_response_logprobs
-from sdpo_platform.loss import sdpo_loss
+from sdpo_platform.logprobs import batch_response_logprobs, batch_response_logprobs_at
+from sdpo_platform.loss import advantage_diagnostics, sdpo_loss, topk_forward_kl
 from sdpo_platform.targets import read_targets
 
 
@@ -122,7 +122,8 @@ def start_mlflow_run(run: TrainRun):
 
 
 def train(run: TrainRun, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
-    """Train a LoRA adapter with the SDPO loss; `on_step(step, metrics)` sees every step's logged metrics."""
+    """Train a LoRA adapter with the SDPO loss (or the top-k forward KL, `training.loss`); `on_step(step,
+    metrics)` sees every step's logged metrics."""
     cfg = run.training
     torch.manual_seed(cfg.seed)
 
@@ -135,6 +136,11 @@ def train(run: TrainRun, on_step: Callable[[int, dict], None] | None = None) -> 
             raise ValueError("baseline 'neutral_followup' needs the frozen teacher (neutral prompts are not stored)")
         if "neutral_logprobs" not in rows or rows.neutral_logprobs.isna().any():
             raise ValueError("targets lack neutral_logprobs: score them with targets.neutral_followup set")
+    if cfg.loss == "topk_kl":
+        if cfg.teacher == "live" or cfg.baseline != "none":
+            raise ValueError("training.loss 'topk_kl' matches the stored (frozen) teacher's distribution: it needs teacher 'frozen' and baseline 'none'")
+        if "teacher_topk_ids" not in rows or rows.teacher_topk_ids.isna().any():
+            raise ValueError("training.loss 'topk_kl' needs the teacher's top-k in the targets: score them with targets.top_k > 0")
     if cfg.weighting == "informativeness":
         missing = [i for i in rows.interaction_id if i not in (run.interaction_weights or {})]
         if missing:
@@ -177,18 +183,28 @@ def train(run: TrainRun, on_step: Callable[[int, dict], None] | None = None) -> 
             batch = rows.iloc[next(batches)]
             prompts, responses = list(batch.student_prompt_ids), list(batch.response_ids)
 
-            # forward: student log-probs carry the gradient; the advantage never does
-            student = batch_response_logprobs(model, prompts, responses, pad_id)
-            if cfg.teacher == "live":
-                teacher = live_teacher_logprobs(model, batch, pad_id)
-            else:
-                teacher = frozen_teacher_logprobs(batch, cfg.baseline, student[0].device)
-            advantages = [t - s.detach() for t, s in zip(teacher, student)]
-            centring = "sequence_mean" if cfg.baseline == "sequence_mean" else "none"
+            # forward: student log-probs carry the gradient; the advantage (or the teacher's top-k) never does
+            device = torch.device(cfg.device)
             weights = None
             if cfg.weighting == "informativeness":
-                weights = torch.tensor([run.interaction_weights[i] for i in batch.interaction_id], device=student[0].device)
-            loss, diagnostics = sdpo_loss(student, advantages, skip=cfg.skip_tokens, baseline=centring, weights=weights)
+                weights = torch.tensor([run.interaction_weights[i] for i in batch.interaction_id], device=device)
+            if cfg.loss == "topk_kl":
+                topk_ids = [torch.tensor(np.asarray(ids, dtype=np.int64)) for ids in batch.teacher_topk_ids]
+                student, student_topk = batch_response_logprobs_at(model, prompts, responses, topk_ids, pad_id)
+                teacher_topk = [torch.tensor(np.asarray(lp, dtype=np.float32), device=device) for lp in batch.teacher_topk_logprobs]
+                tails = [torch.tensor(np.asarray(m, dtype=np.float32), device=device) for m in batch.teacher_tail_mass]
+                loss, diagnostics = topk_forward_kl(student_topk, teacher_topk, tails, skip=cfg.skip_tokens, weights=weights)
+                teacher = frozen_teacher_logprobs(batch, cfg.baseline, device)
+                diagnostics |= advantage_diagnostics([t - s.detach() for t, s in zip(teacher, student)], cfg.skip_tokens)
+            else:
+                student = batch_response_logprobs(model, prompts, responses, pad_id)
+                if cfg.teacher == "live":
+                    teacher = live_teacher_logprobs(model, batch, pad_id)
+                else:
+                    teacher = frozen_teacher_logprobs(batch, cfg.baseline, device)
+                advantages = [t - s.detach() for t, s in zip(teacher, student)]
+                centring = "sequence_mean" if cfg.baseline == "sequence_mean" else "none"
+                loss, diagnostics = sdpo_loss(student, advantages, skip=cfg.skip_tokens, baseline=centring, weights=weights)
 
             # backward, clip, step
             optimizer.zero_grad(set_to_none=True)

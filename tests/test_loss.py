@@ -96,3 +96,59 @@ def test_informativeness_weights_give_a_weighted_mean_and_silence_zero_weight_tr
     loss.backward()
     assert logp[1].grad.abs().sum().item() == 0.0  # a zero-weight triple teaches nothing
     assert logp[0].grad.abs().sum().item() > 0.0
+
+
+def _partition_kl(p: torch.Tensor, q: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """KL between the coarse distributions [top-k tokens..., everything else], computed the plain way."""
+    coarse = lambda d: torch.cat([d.gather(-1, top), 1 - d.gather(-1, top).sum(-1, keepdim=True)], -1)  # noqa: E731
+    cp, cq = (coarse(d) if top.shape[-1] < d.shape[-1] else d.gather(-1, top) for d in (p, q))  # no tail when k = vocabulary
+    return (cp * (cp.log() - cq.log())).sum(-1)
+
+
+@pytest.mark.parametrize("k", [7, 3])
+def test_topk_forward_kl_is_the_kl_over_topk_plus_a_tail_bucket_with_gradient_q_minus_p(k):
+    """k = vocabulary: the full forward KL, whose gradient in the student's logits is (q − p) / |y|."""
+    from sdpo_platform.loss import topk_forward_kl
+
+    torch.manual_seed(0)
+    vocab, n = 7, 4
+    p = torch.softmax(torch.randn(n, vocab) * 2, -1)
+    logits = torch.randn(n, vocab, requires_grad=True)
+    q = torch.softmax(logits, -1)
+    top_lp, top = p.log().topk(k, -1)
+    tail = (1 - top_lp.exp().sum(-1)).clamp(min=0)
+    student_topk = torch.log_softmax(logits, -1).gather(-1, top)
+    loss, diagnostics = topk_forward_kl([student_topk], [top_lp], [tail], skip=0)
+
+    expected = _partition_kl(p, q, top)
+    assert loss.item() == pytest.approx(expected.sum().item() / n, rel=1e-5)
+    assert diagnostics["kl_per_token"] == pytest.approx(expected.mean().item(), rel=1e-5)
+    loss.backward()
+    if k == vocab:
+        torch.testing.assert_close(logits.grad, (q - p).detach() / n, atol=1e-6, rtol=1e-5)
+        assert loss.item() == pytest.approx(torch.nn.functional.kl_div(q.log(), p, reduction="sum").item() / n, rel=1e-5)
+
+
+def test_topk_forward_kl_is_zero_at_the_teacher_skips_tokens_and_never_moves_the_teacher():
+    from sdpo_platform.loss import topk_forward_kl
+
+    torch.manual_seed(1)
+    log_p = torch.log_softmax(torch.randn(5, 50), -1)
+    top_lp, top = log_p.topk(4, -1)
+    tail = 1 - top_lp.exp().sum(-1)
+    teacher = top_lp.clone().requires_grad_(True)
+    loss, diagnostics = topk_forward_kl([log_p.gather(-1, top)], [teacher], [tail], skip=0)
+    assert abs(loss.item()) < 1e-6 and diagnostics["student_topk_mass"] == pytest.approx(float(top_lp.exp().sum(-1).mean()), rel=1e-5)
+    student = torch.log_softmax(torch.randn(5, 50), -1).requires_grad_(True)
+    skipped, _ = topk_forward_kl([student.gather(-1, top)], [teacher], [tail], skip=5)
+    skipped.backward()
+    assert skipped.item() == 0.0 and teacher.grad is None  # all tokens skipped; the teacher is a constant
+
+
+def test_log1mexp_is_accurate_at_both_ends_and_finite_at_zero():
+    from sdpo_platform.loss import log1mexp
+
+    x = torch.tensor([-1e-6, -0.1, -0.69, -0.7, -5.0, -50.0], dtype=torch.float64)
+    torch.testing.assert_close(log1mexp(x), torch.log1p(-torch.exp(x)), rtol=1e-6, atol=0)  # float64: accurate here
+    assert log1mexp(torch.tensor([-50.0])).item() == pytest.approx(-1.9287e-22, rel=1e-3)  # log(1 − eˣ) ≈ −eˣ, not 0
+    assert torch.isfinite(log1mexp(torch.tensor([0.0, 1e-3]))).all()

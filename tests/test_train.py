@@ -236,3 +236,36 @@ def test_informativeness_weighting_needs_and_uses_weights(tmp_path, sdpo_home, t
     weighted = train(run.model_copy(update={"interaction_weights": {i: 1.0 for i in ids}, "output_dir": str(tmp_path / "w1")}))
     plain = train(run.model_copy(update={"training": run.training.model_copy(update={"weighting": "none"}), "output_dir": str(tmp_path / "w0")}))
     assert weighted.loss_first == pytest.approx(plain.loss_first)  # equal weights = the plain mean
+
+
+def add_teacher_topk(run: TrainRun) -> None:
+    """A sharp teacher far from the tiny random model (nearly uniform over 49k tokens): 0.6 on each
+    response token, 0.05 on each of 7 fixed others, 0.05 of tail mass."""
+    import math
+
+    frame = pd.read_parquet(run.targets_path)
+    others = list(range(100, 107))
+    frame["teacher_topk_ids"] = [[[int(t)] + others for t in response] for response in frame.response_ids]
+    frame["teacher_topk_logprobs"] = [[[math.log(0.6)] + [math.log(0.05)] * 7 for _ in response] for response in frame.response_ids]
+    frame["teacher_tail_mass"] = [[0.05] * len(response) for response in frame.response_ids]
+    frame.to_parquet(run.targets_path)
+
+
+def test_topk_kl_training_moves_the_student_towards_the_teachers_distribution(tmp_path, sdpo_home, tiny_model_dir):
+    run = make_run(tmp_path, tiny_model_dir, steps=6, batch_size=8, loss="topk_kl", learning_rate=2e-2, skip_tokens=0)
+    add_teacher_topk(run)
+    seen = []
+    result = train(run, on_step=lambda step, metrics: seen.append(metrics))
+    assert all(later < earlier for earlier, later in zip(result.losses, result.losses[1:]))  # the same 8 rows every step: the KL falls
+    assert seen[-1]["student_topk_mass"] > seen[0]["student_topk_mass"]  # more of the student's mass on the teacher's support
+    assert seen[0]["kl_per_token"] == pytest.approx(result.losses[0], rel=1e-4)  # every response has the same length
+    assert all("mean_abs_advantage" in m and "student_topk_mass" in m for m in seen)
+    logged = mlflow.MlflowClient(run.mlflow_tracking_uri).get_run(result.mlflow_run_id)
+    assert logged.data.params["training.loss"] == "topk_kl" and "kl_per_token" in logged.data.metrics
+
+
+@pytest.mark.parametrize(("setting", "says"), [({"teacher": "live"}, "frozen"), ({"baseline": "sequence_mean"}, "baseline 'none'"), ({}, "targets.top_k > 0")])
+def test_topk_kl_needs_the_stored_frozen_teacher(tmp_path, sdpo_home, tiny_model_dir, setting, says):
+    run = make_run(tmp_path, tiny_model_dir, loss="topk_kl", **setting)  # the toy targets carry no top-k
+    with pytest.raises(ValueError, match=says):
+        train(run)
