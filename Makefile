@@ -11,7 +11,7 @@ export MLFLOW_ENABLE_ASYNC_LOGGING ?= false
 DAGSTER_PORT ?= 3000
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup demo test test-fast ui clean
+.PHONY: setup demo test test-fast bench ui clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ demo: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra
+
+# The CPU headline ratios of docs/BENCHMARKS.md, side by side (~15 min on 2 cores; the GPU run is there too).
+bench: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_ingest.py --n 100000
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_scoring.py --n 256 --threads 1
 
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
