@@ -154,10 +154,11 @@ def hindsight_targets(
     context.log.info(f"scoring {len(selected)} of {len(frame)} interactions with {teacher} (the round's base and teacher)")
     targets_cfg = cfg.targets.model_copy(update={"template": hindsight_template(cfg)})  # principles preamble, if on
     result = materialize_targets(selected, targets_cfg, model_spec, progress=progress_logger(context.log.info), show_bar=False,
-                                 log=context.log.info)  # logs the set's folder first: workers may join (docs/SCALE_OUT.md)
+                                 log=context.log.info,  # logs the set's folder first: workers may join (docs/SCALE_OUT.md)
+                                 snapshot_label=context.run_id)  # downstream reads these rows, whatever later runs add
     context.log.info(f"target set {result.target_set}: {result.shards_scored} shard(s) scored here, "
                      f"{result.shards_scored_elsewhere} by other workers, {result.shards_reused} reused")
-    targets = read_targets(result.path)
+    targets = read_targets(result.snapshot)
     base_model_path = resolve_model(model_spec)
     tokenizer = AutoTokenizer.from_pretrained(base_model_path)
 
@@ -165,7 +166,8 @@ def hindsight_targets(
                                run_label=context.run_id[:8])
 
     summary = {
-        "path": result.path,
+        "path": result.snapshot,  # this run's rows; `set_dir` is the set they belong to
+        "set_dir": result.path,
         "target_set": result.target_set,
         "model_revision": result.model_revision,
         "teacher": teacher,
@@ -183,8 +185,9 @@ def hindsight_targets(
     return dg.Output(
         summary,
         metadata={
-            **{k: v for k, v in summary.items() if k not in ("path", "base_model_path")},
-            "path": dg.MetadataValue.path(result.path),
+            **{k: v for k, v in summary.items() if k not in ("path", "set_dir", "base_model_path")},
+            "path": dg.MetadataValue.path(result.snapshot),
+            "set_dir": dg.MetadataValue.path(result.path),
             "shards": result.shards,
             "shards_scored": result.shards_scored,
             "shards_scored_elsewhere": result.shards_scored_elsewhere,

@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     tgt.add_argument("action", nargs="?", choices=("list", "prune"), default="list")
     tgt.add_argument("--dry-run", action="store_true", help="prune: only say what would be removed")
     tgt.add_argument("--grace-hours", type=float, default=1.0, help="prune: leave leftovers younger than this (default 1)")
+    tgt.add_argument("--keep-days", type=float, default=30.0, help="prune: keep runs' snapshots, and the shards they pin, this long (default 30)")
     tgt.add_argument("--json", action="store_true", help="print one JSON document")
     inf = sub.add_parser("informativeness", help="label JSONL follow-ups: kind, informativeness in [0, 1], keep, safety flag")
     inf.add_argument("input", help="JSONL rows: messages or prompt, followup, optional response (generated greedily when missing)")
@@ -144,11 +145,11 @@ def _ingest(args) -> int:
 def _targets(args) -> int:
     from sdpo_platform import target_sets
 
-    if args.grace_hours < 0:
-        raise ValueError(f"--grace-hours must be >= 0, not {args.grace_hours}")
-    grace_s = args.grace_hours * 3600
+    if args.grace_hours < 0 or args.keep_days < 0:
+        raise ValueError(f"--grace-hours and --keep-days must be >= 0, not {args.grace_hours} and {args.keep_days}")
+    grace_s, keep_s = args.grace_hours * 3600, args.keep_days * 86400
     if args.action == "list":
-        rows = target_sets.as_dicts(target_sets.summarize(d, grace_s) for d in target_sets.set_dirs())
+        rows = target_sets.as_dicts(target_sets.summarize(d, grace_s, keep_s) for d in target_sets.set_dirs())
         if args.json:
             print(json.dumps(rows, indent=2))
         for row in [] if args.json else rows:
@@ -158,7 +159,7 @@ def _targets(args) -> int:
         if not rows and not args.json:
             print("no target sets yet")
         return 0
-    reports = target_sets.as_dicts(target_sets.prune_set(d, grace_s, args.dry_run) for d in target_sets.set_dirs())
+    reports = target_sets.as_dicts(target_sets.prune_set(d, grace_s, args.dry_run, keep_s) for d in target_sets.set_dirs())
     if args.json:
         print(json.dumps(reports, indent=2))
         return 0

@@ -5,8 +5,10 @@ old plan that the new one does not keep stay in the folder, as do temp files and
 workers. They are safe to remove only once nothing reads the old plan, so removal is a separate,
 explicit step with a grace period:
 
-- shard files the current manifest does not name, once the manifest is older than the grace period
-  (a reader that read the previous manifest has long finished);
+- shard files neither the current manifest nor a kept snapshot names, once the manifest is older than
+  the grace period (a reader that read the previous manifest has long finished);
+- snapshots (`targets.snapshot_plan`: the rows one run's training and evaluation read) older than the
+  retention (`KEEP_SNAPSHOTS_S`, 30 days by default), and then their shards;
 - temp files (`.*.tmp`, `.*.stale`) older than the grace period (writers rename theirs within seconds);
 - claims whose holder is gone (`shard_claims.is_stale`): the next claimant would take them over anyway.
 
@@ -16,15 +18,17 @@ was trained on.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sdpo_platform.paths import targets_dir
 from sdpo_platform.shard_claims import is_stale, read_claim
-from sdpo_platform.targets import MANIFEST_FILE, read_manifest
+from sdpo_platform.targets import MANIFEST_FILE, SNAPSHOTS_DIR, read_manifest
 
 GRACE_S = 3600.0  # leftovers younger than this are left alone: a reader or writer may still use them
+KEEP_SNAPSHOTS_S = 30 * 86400.0  # a run's snapshot, and the shards it pins, are kept this long
 
 
 @dataclass
@@ -59,21 +63,31 @@ def set_dirs(root: Path | None = None) -> list[Path]:
     return sorted(found, key=lambda d: ((d / MANIFEST_FILE).stat().st_mtime, d.name))
 
 
-def leftovers(set_dir: str | Path, grace_s: float = GRACE_S, now: float | None = None) -> tuple[list[Path], int]:
-    """Files of the set that no current plan or live process needs, and how many more will be once older.
+def leftovers(
+    set_dir: str | Path, grace_s: float = GRACE_S, now: float | None = None, keep_snapshots_s: float = KEEP_SNAPSHOTS_S
+) -> tuple[list[Path], int]:
+    """Files of the set that no current plan, kept snapshot or live process needs, and how many more will
+    be once older.
 
-    Returns `(removable, young)`. Heatmaps, the plan and the current shards are never leftovers.
+    Returns `(removable, young)`. Heatmaps, the plan, the current shards and kept snapshots are never
+    leftovers.
     """
     set_dir, now = Path(set_dir), now if now is not None else time.time()
     manifest_path = set_dir / MANIFEST_FILE
-    planned = {s["file"] for s in read_manifest(set_dir)["shards"]}
-    replanned_long_ago = now - manifest_path.stat().st_mtime > grace_s
+    needed = {s["file"] for s in read_manifest(set_dir)["shards"]}
     removable, young = [], 0
+    snapshots = sorted((set_dir / SNAPSHOTS_DIR).glob("*.json")) if (set_dir / SNAPSHOTS_DIR).is_dir() else []
+    for snapshot in snapshots:
+        if now - snapshot.stat().st_mtime > keep_snapshots_s:
+            removable.append(snapshot)
+        else:
+            needed |= {s["file"] for s in json.loads(snapshot.read_text())["shards"]}
+    replanned_long_ago = now - manifest_path.stat().st_mtime > grace_s
     for path in sorted(set_dir.iterdir()):
         if not path.is_file():
             continue
         name = path.name
-        if name.startswith("shard-") and name.endswith(".parquet") and name not in planned:
+        if name.startswith("shard-") and name.endswith(".parquet") and name not in needed:
             orphan_ok = replanned_long_ago
         elif name.startswith(".") and name.endswith((".tmp", ".stale")):
             orphan_ok = now - path.stat().st_mtime > grace_s
@@ -91,11 +105,11 @@ def leftovers(set_dir: str | Path, grace_s: float = GRACE_S, now: float | None =
     return removable, young
 
 
-def summarize(set_dir: str | Path, grace_s: float = GRACE_S) -> SetSummary:
+def summarize(set_dir: str | Path, grace_s: float = GRACE_S, keep_snapshots_s: float = KEEP_SNAPSHOTS_S) -> SetSummary:
     set_dir = Path(set_dir)
     manifest = read_manifest(set_dir)
     files = [p for p in set_dir.rglob("*") if p.is_file()]
-    removable, _ = leftovers(set_dir, grace_s)
+    removable, _ = leftovers(set_dir, grace_s, keep_snapshots_s=keep_snapshots_s)
     scored = [set_dir / s["file"] for s in manifest["shards"] if (set_dir / s["file"]).exists()]
     newest = max((p.stat().st_mtime for p in scored), default=(set_dir / MANIFEST_FILE).stat().st_mtime)
     return SetSummary(
@@ -112,10 +126,10 @@ def summarize(set_dir: str | Path, grace_s: float = GRACE_S) -> SetSummary:
     )
 
 
-def prune_set(set_dir: str | Path, grace_s: float = GRACE_S, dry_run: bool = False) -> PruneReport:
+def prune_set(set_dir: str | Path, grace_s: float = GRACE_S, dry_run: bool = False, keep_snapshots_s: float = KEEP_SNAPSHOTS_S) -> PruneReport:
     """Remove the set's leftovers (see the module docstring); a dry run only reports them."""
     set_dir = Path(set_dir)
-    removable, young = leftovers(set_dir, grace_s)
+    removable, young = leftovers(set_dir, grace_s, keep_snapshots_s=keep_snapshots_s)
     report = PruneReport(set_dir.name, kept_young=young)
     for path in removable:
         try:

@@ -29,7 +29,7 @@ from sdpo_platform.scoring import ProgressCallback, ScoringProgress
 from sdpo_platform.shard_claims import CLAIM_TIMEOUT_S, describe, read_claim, try_claim
 from sdpo_platform.target_sets import leftovers
 from sdpo_platform.targets import (
-    MANIFEST_FILE, _shard, compute_targets, pending_shards, plan_target_set, read_manifest, read_plan,
+    MANIFEST_FILE, _shard, compute_targets, pending_shards, plan_target_set, read_manifest, read_plan, snapshot_plan,
 )  # fmt: skip
 
 POLL_S, WAIT_LOG_S = 10.0, 60.0  # while others score the rest: look again / say so this often
@@ -48,6 +48,7 @@ class TargetSetResult:
     shards_scored: int  # written by this process
     shards_reused: int  # on disk already when planned
     shards_scored_elsewhere: int = 0  # written by other workers while this one ran
+    snapshot: str | None = None  # the set as this materialization completed it (`targets.snapshot_plan`)
 
 
 def checked_model_path(manifest: dict, model_path: str | None = None) -> str:
@@ -113,6 +114,7 @@ class ScoringRun:
     elsewhere: list[int] = field(default_factory=list)
     reused: int = 0  # on disk at the start
     left: list[int] = field(default_factory=list)  # claimed by others when it stopped (never when waiting)
+    manifest: dict = field(default_factory=dict)  # the plan it scored
 
 
 def score_pending(
@@ -142,7 +144,7 @@ def score_pending(
     manifest, data = read_plan(set_dir)
     chosen = [s for s in manifest["shards"] if only is None or s["index"] in only]
     pending = [s for s in chosen if not (set_dir / s["file"]).exists()]
-    run, total = ScoringRun(reused=len(chosen) - len(pending)), sum(s["rows"] for s in pending)
+    run, total = ScoringRun(reused=len(chosen) - len(pending), manifest=manifest), sum(s["rows"] for s in pending)
     loaded: list[tuple] = []  # the model, once a claim is won: nothing is loaded when others do it all
     seen: set[int] = set()
 
@@ -234,6 +236,7 @@ def materialize_targets(
     log: Callable[[str], None] | None = None,
     poll_s: float = POLL_S,
     claim_timeout_s: float = CLAIM_TIMEOUT_S,
+    snapshot_label: str | None = None,
 ) -> TargetSetResult:
     """Plan the set of `model_spec`'s current revision, score the shards still missing, return when complete.
 
@@ -241,7 +244,9 @@ def materialize_targets(
     shard is claimed before it is scored, and shards other workers hold are waited for (`score_pending`).
     `dtype` is the precision the set is scored in: `model`'s when given, else what `load_model` picks
     here (bf16 on CUDA, float32 on CPU). The model is loaded only when this process wins a shard. `log`
-    gets the set's folder once planned (for starting workers) and the waits.
+    gets the set's folder once planned (for starting workers) and the waits. With `snapshot_label` the
+    complete set is pinned as `snapshots/<label>.json` (`result.snapshot`), for readers that must see
+    exactly these rows while other runs grow the set.
     """
     import torch
 
@@ -272,6 +277,7 @@ def materialize_targets(
         shards_scored=len(run.scored),
         shards_reused=run.reused,
         shards_scored_elsewhere=len(run.elsewhere),
+        snapshot=str(snapshot_plan(set_dir, snapshot_label, run.manifest)) if snapshot_label else None,
     )
 
 

@@ -50,6 +50,7 @@ SCORING_FIELDS = ("template", "max_prompt_tokens", "max_response_tokens", "neutr
 MANIFEST_FILE = "manifest.json"
 INPUTS_FILE = "inputs.parquet"
 LEGACY_TARGETS_FILE = "targets.parquet"
+SNAPSHOTS_DIR = "snapshots"
 MAX_SHARD_FACTOR = 4  # no shard passes this many times `shard_size` rows
 
 
@@ -313,26 +314,44 @@ def pending_shards(set_dir: str | Path) -> list[int]:
     return [s["index"] for s in read_manifest(set_dir)["shards"] if not (set_dir / s["file"]).exists()]
 
 
-def read_targets(path: str | Path) -> pd.DataFrame:
-    """A target set (its folder, or a single Parquet file) with list columns as Python lists.
+def snapshot_plan(set_dir: str | Path, label: str, manifest: dict | None = None) -> Path:
+    """Pin a plan of the set (`manifest`, by default the current one): `snapshots/<label>.json` lists its
+    shards, so whoever reads the snapshot (training, evaluation, checks of one run) reads exactly these
+    rows even if another run grows the set meanwhile. `sdpo targets prune` keeps a snapshot's shards
+    while it keeps the snapshot."""
+    set_dir = Path(set_dir)
+    manifest = manifest or read_plan(set_dir)[0]
+    path = set_dir / SNAPSHOTS_DIR / f"{label}.json"
+    path.parent.mkdir(exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2, ensure_ascii=False)))
+    return path
 
-    A folder is read through its manifest, shards in plan order; an incomplete set is an error, never
-    a silently smaller one.
+
+def read_targets(path: str | Path) -> pd.DataFrame:
+    """A target set (its folder, a snapshot of it, or a single Parquet file) with list columns as Python lists.
+
+    A folder is read through its manifest, a snapshot through the manifest it pinned, shards in plan
+    order; an incomplete set is an error, never a silently smaller one.
     """
     path = Path(path)
     if path.is_dir() and (path / MANIFEST_FILE).exists():
-        manifest = read_manifest(path)
-        missing = [s["file"] for s in manifest["shards"] if not (path / s["file"]).exists()]
-        if missing:
-            raise FileNotFoundError(f"target set {path} is incomplete: {len(missing)} shard(s) not scored yet")
-        frames = [pd.read_parquet(path / s["file"]) for s in manifest["shards"]]
-        df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(TARGET_COLUMNS))
+        df = _read_shards(path, read_manifest(path), str(path))
+    elif path.suffix == ".json" and path.parent.name == SNAPSHOTS_DIR:
+        df = _read_shards(path.parent.parent, json.loads(path.read_text()), f"snapshot {path}")
     else:
         df = pd.read_parquet(path / LEGACY_TARGETS_FILE if path.is_dir() else path)
     for column in LIST_COLUMNS:
         if column in df.columns:
             df[column] = df[column].map(_as_lists)
     return df
+
+
+def _read_shards(set_dir: Path, manifest: dict, what: str) -> pd.DataFrame:
+    missing = [s["file"] for s in manifest["shards"] if not (set_dir / s["file"]).exists()]
+    if missing:
+        raise FileNotFoundError(f"target set {what} is incomplete: {len(missing)} shard(s) not on disk (not scored yet, or pruned)")
+    frames = [pd.read_parquet(set_dir / s["file"]) for s in manifest["shards"]]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(TARGET_COLUMNS))
 
 
 def _shard(manifest: dict, index: int) -> dict:

@@ -51,7 +51,8 @@ def test_whole_lineage_materializes_on_fixtures(sdpo_home, tiny_model_dir):
     [scored_event] = [e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == "hindsight_targets"]
     metadata = scored_event.materialization.metadata
     heatmap = metadata["heatmap"].value  # this run's page, beside the set
-    assert heatmap == f"{targets['path']}/heatmaps/extremes-{result.run_id[:8]}.html" and "informative" in open(heatmap).read()
+    assert heatmap == f"{targets['set_dir']}/heatmaps/extremes-{result.run_id[:8]}.html" and "informative" in open(heatmap).read()
+    assert targets["path"] == f"{targets['set_dir']}/snapshots/{result.run_id}.json"  # downstream reads this run's rows
     assert "most informative" in metadata["heatmap_preview"].value and metadata["heatmap_mlflow_run"].value
     checkpoint = result.output_for_node("distilled_checkpoint")
     assert checkpoint["steps"] == 2 and len(checkpoint["losses"]) == 2

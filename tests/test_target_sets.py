@@ -83,4 +83,27 @@ def test_targets_command_on_an_empty_data_root(sdpo_home, capsys):
     assert sdpo(["targets"]) == 0
     assert "no target sets yet" in capsys.readouterr().out
     assert sdpo(["targets", "prune", "--grace-hours", "-1"]) == 2
-    assert "--grace-hours must be >= 0" in capsys.readouterr().err
+    assert "--grace-hours and --keep-days must be >= 0" in capsys.readouterr().err
+
+
+def test_a_snapshot_pins_a_runs_rows_while_the_set_grows_until_its_retention_ends(tiny, tiny_model_dir, sdpo_home):
+    """Training and evaluation of one run read its snapshot: a later run growing the set (and a prune)
+    must not change or break what they read, until the snapshot is older than the retention."""
+    model, tok = tiny
+    cfg = TargetsConfig(shard_size=2, max_train=10**6, max_validation=10**6, top_k=0, max_response_tokens=8)
+    day1 = logged_day("2026-01-05", 8, turns=2)
+    grown = pd.concat([day1.iloc[2:], logged_day("2026-01-06", 3, turns=2)])
+    first = materialize_targets(select_for_scoring(day1, cfg), cfg, str(tiny_model_dir), model=model, tokenizer=tok, show_bar=False, snapshot_label="run-a")
+    pinned = read_targets(first.snapshot)
+    second = materialize_targets(select_for_scoring(grown, cfg), cfg, str(tiny_model_dir), model=model, tokenizer=tok, show_bar=False, snapshot_label="run-b")
+    set_dir = Path(second.path)
+    assert first.snapshot == str(set_dir / "snapshots" / "run-a.json")
+    assert len(read_targets(set_dir)) == len(grown) and len(pinned) == len(day1)
+
+    age(set_dir / "manifest.json", 7200)  # long re-planned: only the snapshot keeps run A's replaced shards
+    assert sdpo(["targets", "prune"]) == 0
+    pd.testing.assert_frame_equal(read_targets(first.snapshot), pinned)
+    age(set_dir / "snapshots" / "run-a.json", 31 * 86400)  # past the 30-day retention
+    report = prune_set(set_dir)
+    assert "run-a.json" in report.removed and any(name.startswith("shard-") for name in report.removed)
+    assert not Path(first.snapshot).exists() and len(read_targets(second.snapshot)) == len(grown)
