@@ -346,24 +346,27 @@ def _store_clustered(con, params: dict) -> int:
     return sum(count for _, count in day_counts)
 
 
-# The record's UTC day from its first timestamp-like field (ISO string, or epoch seconds/milliseconds);
+# The record's UTC day from its first timestamp-like field (ISO string, or epoch seconds/milliseconds, as a
+# number or a string of digits);
 # days outside 2000..2100 are treated as garbage and fall back to the file's day. Over `{rows}` (`ingest_batch`, a
 # registered Arrow batch, or Parquet rows), every column kept: ingestion stores the rows, the sensor only their days.
 _DATED_SQL = """
-    SELECT * EXCLUDE (ts, day),
+    SELECT * EXCLUDE (ts, epoch, day),
            coalesce($partition::DATE, CASE WHEN day BETWEEN DATE '2000-01-01' AND DATE '2100-01-01' THEN day END,
                     $file_day::DATE) AS partition_date
     FROM (
-        SELECT *, (CASE WHEN json_type(ts) = 'VARCHAR' THEN try_cast(ts->>'$' AS TIMESTAMPTZ)
-                        WHEN json_type(ts) IN ('BIGINT', 'UBIGINT', 'DOUBLE')
-                        THEN try(to_timestamp(CASE WHEN ts::DOUBLE > 1e11 THEN ts::DOUBLE / 1000 ELSE ts::DOUBLE END))
-                   END AT TIME ZONE 'UTC')::DATE AS day
+        SELECT *, (coalesce(CASE WHEN json_type(ts) = 'VARCHAR' THEN try_cast(ts->>'$' AS TIMESTAMPTZ) END,
+                            try(to_timestamp(CASE WHEN epoch > 1e11 THEN epoch / 1000 ELSE epoch END)))
+                   AT TIME ZONE 'UTC')::DATE AS day
+        FROM (
+        SELECT *, CASE WHEN json_type(ts) IN ('BIGINT', 'UBIGINT', 'DOUBLE') THEN ts::DOUBLE
+                       WHEN json_type(ts) = 'VARCHAR' THEN try_cast(ts->>'$' AS DOUBLE) END AS epoch  -- "1736035200" too
         FROM (
             SELECT *, CASE WHEN read_error IS NULL AND json_valid(raw_text)
                            THEN list_filter(json_extract(raw_text, $timestamp_paths::VARCHAR[]),
                                             lambda x: x IS NOT NULL AND json_type(x) <> 'NULL')[1] END AS ts
             FROM {rows}
-        )
+        ))
     )
 """
 _STAGE_SQL = f"""

@@ -195,11 +195,13 @@ def test_changed_file_replaces_its_rows_and_reports_old_and_new_partitions(con, 
 
 def test_epoch_milliseconds_and_garbage_timestamps(con, logs):
     path = logs / "ts.jsonl"
-    rows = [{**CHAT, "created": 1714550400000}, {**CHAT, "created": "not a date"}, {**CHAT, "timestamp": "1850-01-01"}]
+    rows = [{**CHAT, "created": 1714550400000}, {**CHAT, "created": "not a date"}, {**CHAT, "timestamp": "1850-01-01"},
+            {**CHAT, "created": "1714550400"}, {**CHAT, "created": "1714550400123.5"}, {**CHAT, "created": "42"}]
     path.write_text("\n".join(map(json.dumps, rows)) + "\n")
     result = ingest_files(con, [path], partition=None)
     days = [row[0] for row in con.execute("SELECT partition_date::VARCHAR FROM raw_records ORDER BY line_no").fetchall()]
-    assert days[0] == "2024-05-01" and days[1] == days[2] != "1850-01-01"  # the last two fall back to the file's day
+    assert days[0] == days[3] == days[4] == "2024-05-01"  # epoch seconds or milliseconds, as numbers or digit strings
+    assert days[1] == days[2] == days[5] != "1850-01-01"  # garbage, out-of-range and 1970 fall back to the file's day
     assert len(result.partitions) == 2
 
 
