@@ -289,6 +289,7 @@ def registered_model(
     tags = {
         "data_partition": ",".join(hindsight_targets["partitions"]),  # the days the targets were drawn from
         "target_set": hindsight_targets["target_set"],
+        "targets_snapshot": hindsight_targets["path"],  # the exact rows trained and evaluated on
         "model_revision": hindsight_targets["model_revision"],
         "teacher": hindsight_targets.get("teacher", "base"),  # the round's base: the previous champion or the base model
         "gap_before": f"{evaluation['gap_before']:.6f}",

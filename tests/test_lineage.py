@@ -60,6 +60,7 @@ def test_whole_lineage_materializes_on_fixtures(sdpo_home, tiny_model_dir):
     assert registered["version"] == 1
     assert registered["aliases"] == ["challenger", "champion"]  # first version: no champion yet
     assert registered["tags"]["data_partition"] == FIXTURE_DAY
+    assert registered["tags"]["targets_snapshot"] == targets["path"]
 
     con = duckdb.connect(str(sdpo_home / "warehouse.duckdb"), read_only=True)
     reasons = dict(con.sql(
