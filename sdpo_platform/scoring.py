@@ -17,8 +17,9 @@ chain length, so little compute goes to padding: chains are right-padded (a real
 padding after it), their cached prefixes zero-padded to a common width and masked, position ids
 continuing from each chain's own start. Every row is exact, whatever its batch neighbours. On a CPU
 (budget 0: batching does not pay there, padding does cost) every chain runs alone, with no padding.
-Models with windowed attention (Mistral, Gemma 2/3, Phi-3) keep only the window in their cache, so a
-group with a sequence that reaches the window runs each sequence whole instead (`attention_window`).
+Models with windowed attention (Mistral, Gemma 2/3, Phi-3) keep only the window in their cache and
+count padded cache slots as positions, so a group with a sequence that reaches the window runs each
+sequence whole instead (`attention_window`), and a batch's padded width stays below the window.
 """
 
 from __future__ import annotations
@@ -128,13 +129,15 @@ def plan_batches(jobs: list[BranchJob], token_budget: int) -> list[list[int]]:
     return groups
 
 
-def length_batches(lengths: list[int], token_budget: int, cached: list[int] | None = None) -> list[list[int]]:
+def length_batches(lengths: list[int], token_budget: int, cached: list[int] | None = None, max_width: int | None = None) -> list[list[int]]:
     """Indices sorted by length, cut into batches whose padded size fits the budget and whose real tokens
     fill at least `MIN_FILL` of the padded ones (a long row does not drag many short ones along).
 
     `cached[i]` is how many cached tokens row i attends to (its prefix): a batch holds every row's cache
     padded to the longest, so the padded size is rows × (longest cache + longest row), which bounds the
     memory of a branch pass as well as its compute. An item larger than the budget still runs, alone.
+    `max_width` bounds a batch's padded width (longest cache + longest row) below a windowed model's
+    window: its cache and mask count padded slots as positions.
     """
     cached = cached or [0] * len(lengths)
     batches: list[list[int]] = []
@@ -142,7 +145,8 @@ def length_batches(lengths: list[int], token_budget: int, cached: list[int] | No
     for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
         if batches:
             rows, cache = len(batches[-1]) + 1, max(longest_cache, cached[i])
-            if rows * (cache + lengths[i]) <= token_budget and real + lengths[i] >= MIN_FILL * rows * lengths[i]:
+            fits_window = max_width is None or cache + lengths[i] < max_width
+            if rows * (cache + lengths[i]) <= token_budget and real + lengths[i] >= MIN_FILL * rows * lengths[i] and fits_window:
                 batches[-1].append(i)
                 real, longest_cache = real + lengths[i], cache
                 continue
@@ -258,7 +262,8 @@ def _group_states(model, jobs: list[BranchJob], pad_id: int, token_budget: int) 
     kept: dict[int, torch.Tensor] = {}  # chain → hidden states of positions [keep_from, end)
     for level in range(1, max(chains.level, default=0) + 1):
         members = [c for c in range(len(chains)) if chains.level[c] == level]
-        for batch in length_batches([end[c] - start[c] for c in members], token_budget, cached=[start[c] for c in members]):
+        widths = [end[c] - start[c] for c in members]
+        for batch in length_batches(widths, token_budget, cached=[start[c] for c in members], max_width=window and window - 1):
             rows = [members[k] for k in batch]
             tokens = [sequences[tree.source[chains.nodes[c][-1]]][start[c] : end[c]] for c in rows]
             parents = [_cache_prefix(caches[chains.parent[c]], start[c]) if chains.parent[c] >= 0 else None for c in rows]

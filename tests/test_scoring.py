@@ -333,3 +333,22 @@ def test_windowed_attention_stays_exact_past_the_window(name):
         batched = batch_response_logprobs(model, prompts, responses, pad_id=0)  # training's padded batches
     for got, want in zip(batched, [b for job in long_jobs for b in reference(model, job)]):
         np.testing.assert_allclose(got.double().numpy(), want, atol=1e-4)
+
+
+def test_windowed_batches_keep_their_padded_width_below_the_window():
+    """Every sequence fits the window, but padding short cached prefixes to a long one would push a batch
+    past it: the model's sliding mask counts padded cache slots as positions."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, initializer_range=0.5, sliding_window=32)
+    model = transformers.MistralForCausalLM(config).eval()
+    jobs = [BranchJob(([10 + k] + [100 + k] * 20, [10 + k] + [150 + k] * 20), [3]) for k in range(4)]  # branch at 1
+    common = list(range(40, 57))
+    jobs.append(BranchJob(([9] + common + [200] * 12, [9] + common + [210] * 12), [3]))  # branch at 18
+    assert all(len(p) + len(j.response_ids) - 1 < 31 for j in jobs for p in j.prompts)
+    for got, job in zip(score_jobs(model, jobs, pad_id=0, token_budget=100_000), jobs):
+        for branch, want in zip(got.logprobs, reference(model, job)):
+            np.testing.assert_allclose(branch, want, atol=1e-4)
+    assert length_batches([20, 20, 12], 10**6, cached=[1, 1, 18], max_width=31) == [[2], [0, 1]]
