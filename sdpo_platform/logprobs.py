@@ -44,14 +44,24 @@ def batch_response_logprobs(model, prompts: list[list[int]], responses: list[lis
 
 def batch_response_logprobs_at(
     model, prompts: list[list[int]], responses: list[list[int]], ids: list[torch.Tensor], pad_id: int = 0
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """`batch_response_logprobs` plus, per row, the log-probs of the token ids `ids[row]` ([len(response), k])
-    at each response position: the student's side of a top-k loss over the teacher's top-k ids."""
-    sampled, chosen = [], []
+    at each response position, and the log of the probability outside them ([len(response)]): the student's
+    side of a top-k loss over the teacher's top-k ids.
+
+    The outside mass is summed over the other tokens' own log-probs, not taken as 1 − Σ top-k, which
+    cancels to nothing (and loses its gradient) once the top-k hold nearly all the mass.
+    """
+    sampled, chosen, outside = [], [], []
     for log_probs, r, at in zip(_response_log_softmax(model, prompts, responses, pad_id), responses, ids, strict=True):
+        at = at.to(log_probs.device)
         sampled.append(log_probs.gather(-1, torch.tensor(r, device=log_probs.device)[:, None]).squeeze(-1))
-        chosen.append(log_probs.gather(-1, at.to(log_probs.device)))
-    return sampled, chosen
+        chosen.append(log_probs.gather(-1, at))
+        outside.append(torch.logsumexp(log_probs.scatter(-1, at, OUTSIDE_MASK), dim=-1))
+    return sampled, chosen, outside
+
+
+OUTSIDE_MASK = -1e4  # a masked log-prob: exp() is 0 in float32, yet a top-k covering the vocabulary stays finite
 
 
 def _response_log_softmax(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):

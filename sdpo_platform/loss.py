@@ -11,8 +11,10 @@ student to the frozen teacher over the teacher's top-k tokens plus one bucket fo
     L = mean over interactions of (1/|y|) Σ_{i ≥ skip} [ Σ_{v ∈ topk_i} p_T(v) (log p_T(v) − log π_θ(v))
                                                         + m_T (log m_T − log (1 − Σ_{v ∈ topk_i} π_θ(v))) ]
 
-with m_T the teacher's tail mass. It is KL(teacher ‖ student) on that partition of the vocabulary:
-forward, not reverse (top-k reverse KL is known to be unstable), and exact when k covers the vocabulary.
+with m_T the teacher's tail mass; the student's tail is summed over the other tokens, since the difference
+1 − Σ cancels in float32 once the top-k hold nearly all the mass. It is KL(teacher ‖ student) on that
+partition of the vocabulary: forward, not reverse (top-k reverse KL is known to be unstable), and exact
+when k covers the vocabulary.
 """
 
 from __future__ import annotations
@@ -53,23 +55,27 @@ def sdpo_loss(
 
 def topk_forward_kl(
     student_topk_logprobs: list[torch.Tensor],
+    student_tail_logprobs: list[torch.Tensor],
     teacher_topk_logprobs: list[torch.Tensor],
     teacher_tail_mass: list[torch.Tensor],
     skip: int = 2,
     weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Top-k forward KL (module docstring) over a batch: per interaction the student's log-probs at the
-    teacher's top-k ids [|y|, k], the teacher's top-k log-probs [|y|, k] and tail mass [|y|].
+    teacher's top-k ids [|y|, k] and of everything else [|y|] (`logprobs.batch_response_logprobs_at`),
+    the teacher's top-k log-probs [|y|, k] and tail mass [|y|].
 
-    The teacher side is detached (a frozen target). Diagnostics: `kl_per_token` (the mean KL over
-    counted tokens) and `student_topk_mass` (how much of the student's probability lies on the
-    teacher's top-k: 1 when the student has learned the teacher's support).
+    The teacher side is detached (a frozen target). The student's tail is given, not derived as
+    log(1 − Σ top-k): that cancels in float32 when the student is confident, just where the tail term
+    must pull. Diagnostics: `kl_per_token` (the mean KL over counted tokens) and `student_topk_mass`
+    (how much of the student's probability lies on the teacher's top-k: 1 when it has the teacher's support).
     """
     per_interaction, per_token, mass = [], [], []
-    for student, teacher, tail in zip(student_topk_logprobs, teacher_topk_logprobs, teacher_tail_mass, strict=True):
-        s, t, m = student[skip:], teacher.detach().to(student.dtype)[skip:], tail.detach().to(student.dtype)[skip:]
-        student_tail = log1mexp(torch.logsumexp(s, dim=-1))  # log(1 − Σ_topk π_θ)
-        kl = (t.exp() * (t - s)).sum(-1) + torch.xlogy(m, m) - m * student_tail
+    rows = zip(student_topk_logprobs, student_tail_logprobs, teacher_topk_logprobs, teacher_tail_mass, strict=True)
+    for student, student_tail, teacher, tail in rows:
+        s, s_tail = student[skip:], student_tail[skip:]
+        t, m = teacher.detach().to(student.dtype)[skip:], tail.detach().to(student.dtype)[skip:]
+        kl = (t.exp() * (t - s)).sum(-1) + torch.xlogy(m, m) - m * s_tail
         per_interaction.append(kl.sum() / student.shape[0])
         per_token.append(kl.detach())
         mass.append(torch.logsumexp(s.detach(), dim=-1).exp())
@@ -79,13 +85,6 @@ def topk_forward_kl(
         "student_topk_mass": mass.mean().item() if mass.numel() else 0.0,
     }
     return _interaction_mean(per_interaction, weights), diagnostics
-
-
-def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 − eˣ) for x ≤ 0, accurate at both ends (Mächler 2012); x is clamped just below 0, so a top-k
-    that holds all of the student's mass gives a large negative log tail, never −inf or NaN."""
-    x = x.clamp(max=-1e-7)
-    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
 def _interaction_mean(per_interaction: list[torch.Tensor], weights: torch.Tensor | None) -> torch.Tensor:

@@ -190,10 +190,10 @@ def train(run: TrainRun, on_step: Callable[[int, dict], None] | None = None) -> 
                 weights = torch.tensor([run.interaction_weights[i] for i in batch.interaction_id], device=device)
             if cfg.loss == "topk_kl":
                 topk_ids = [torch.tensor(np.asarray(ids, dtype=np.int64)) for ids in batch.teacher_topk_ids]
-                student, student_topk = batch_response_logprobs_at(model, prompts, responses, topk_ids, pad_id)
+                student, student_topk, student_tail = batch_response_logprobs_at(model, prompts, responses, topk_ids, pad_id)
                 teacher_topk = [torch.tensor(np.asarray(lp, dtype=np.float32), device=device) for lp in batch.teacher_topk_logprobs]
                 tails = [torch.tensor(np.asarray(m, dtype=np.float32), device=device) for m in batch.teacher_tail_mass]
-                loss, diagnostics = topk_forward_kl(student_topk, teacher_topk, tails, skip=cfg.skip_tokens, weights=weights)
+                loss, diagnostics = topk_forward_kl(student_topk, student_tail, teacher_topk, tails, skip=cfg.skip_tokens, weights=weights)
                 teacher = frozen_teacher_logprobs(batch, cfg.baseline, device)
                 diagnostics |= advantage_diagnostics([t - s.detach() for t, s in zip(teacher, student)], cfg.skip_tokens)
             else:

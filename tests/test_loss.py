@@ -116,9 +116,10 @@ def test_topk_forward_kl_is_the_kl_over_topk_plus_a_tail_bucket_with_gradient_q_
     logits = torch.randn(n, vocab, requires_grad=True)
     q = torch.softmax(logits, -1)
     top_lp, top = p.log().topk(k, -1)
-    tail = (1 - top_lp.exp().sum(-1)).clamp(min=0)
-    student_topk = torch.log_softmax(logits, -1).gather(-1, top)
-    loss, diagnostics = topk_forward_kl([student_topk], [top_lp], [tail], skip=0)
+    tail = (1 - top_lp.exp().sum(-1)).clamp(min=0) if k < vocab else torch.zeros(n)  # nothing outside the vocabulary
+    log_q = torch.log_softmax(logits, -1)
+    student_topk, student_tail = log_q.gather(-1, top), torch.logsumexp(log_q.scatter(-1, top, -1e4), -1)
+    loss, diagnostics = topk_forward_kl([student_topk], [student_tail], [top_lp], [tail], skip=0)
 
     expected = _partition_kl(p, q, top)
     assert loss.item() == pytest.approx(expected.sum().item() / n, rel=1e-5)
@@ -137,18 +138,27 @@ def test_topk_forward_kl_is_zero_at_the_teacher_skips_tokens_and_never_moves_the
     top_lp, top = log_p.topk(4, -1)
     tail = 1 - top_lp.exp().sum(-1)
     teacher = top_lp.clone().requires_grad_(True)
-    loss, diagnostics = topk_forward_kl([log_p.gather(-1, top)], [teacher], [tail], skip=0)
+    outside = torch.logsumexp(log_p.scatter(-1, top, -1e4), -1)
+    loss, diagnostics = topk_forward_kl([log_p.gather(-1, top)], [outside], [teacher], [tail], skip=0)
     assert abs(loss.item()) < 1e-6 and diagnostics["student_topk_mass"] == pytest.approx(float(top_lp.exp().sum(-1).mean()), rel=1e-5)
     student = torch.log_softmax(torch.randn(5, 50), -1).requires_grad_(True)
-    skipped, _ = topk_forward_kl([student.gather(-1, top)], [teacher], [tail], skip=5)
+    skipped, _ = topk_forward_kl([student.gather(-1, top)], [outside], [teacher], [tail], skip=5)
     skipped.backward()
     assert skipped.item() == 0.0 and teacher.grad is None  # all tokens skipped; the teacher is a constant
 
 
-def test_log1mexp_is_accurate_at_both_ends_and_finite_at_zero():
-    from sdpo_platform.loss import log1mexp
+def test_a_confident_student_still_feels_the_tail():
+    """Once the top-k hold nearly all the student's mass, 1 − Σ top-k cancels in float32: the tail term
+    must still pull, with gradient −m_T spread over the tail logits (softmax of the tail)."""
+    from sdpo_platform.loss import topk_forward_kl
 
-    x = torch.tensor([-1e-6, -0.1, -0.69, -0.7, -5.0, -50.0], dtype=torch.float64)
-    torch.testing.assert_close(log1mexp(x), torch.log1p(-torch.exp(x)), rtol=1e-6, atol=0)  # float64: accurate here
-    assert log1mexp(torch.tensor([-50.0])).item() == pytest.approx(-1.9287e-22, rel=1e-3)  # log(1 − eˣ) ≈ −eˣ, not 0
-    assert torch.isfinite(log1mexp(torch.tensor([0.0, 1e-3]))).all()
+    logits = torch.tensor([[30.0, 0.0, -2.0, -3.0]], requires_grad=True)  # top-1 holds 1 − 1e-13 of the mass
+    top = torch.tensor([[0]])
+    log_q = torch.log_softmax(logits, -1)
+    teacher_top, teacher_tail = torch.tensor([[0.8]]).log(), torch.tensor([0.2])
+    loss, _ = topk_forward_kl([log_q.gather(-1, top)], [torch.logsumexp(log_q.scatter(-1, top, -1e4), -1)], [teacher_top], [teacher_tail], skip=0)
+    loss.backward()
+    q = torch.softmax(logits.detach().double(), -1)
+    exact = 0.8 * (0.8 / q[0, 0]).log() + 0.2 * (0.2 / q[0, 1:].sum()).log()
+    assert loss.item() == pytest.approx(exact.item(), rel=1e-4)
+    assert logits.grad[0, 1:].sum().item() == pytest.approx(-0.2, rel=1e-3)  # (q − p) summed over the tail
