@@ -103,9 +103,9 @@ def context_and_response(row: dict, where: str = "row") -> tuple[list[dict], str
         raise ValueError(f"{where}: 'response' must be a string (or absent, to generate one)")
     if messages and messages[-1]["role"] == "assistant":  # a logged exchange: its last turn is y
         logged = messages.pop()["content"]
-        if response is not None and response != logged:  # equal: a row of our own output, scored again
+        if response is not None and response != logged and logged.strip():  # equal: our own output, scored again
             raise ValueError(f"{where}: has two responses ('messages' ends with an assistant turn, and 'response' differs); give one")
-        response = logged
+        response = response if response is not None else logged  # a blank logged turn gives way (one was generated)
     if not isinstance(row.get("followup"), str):
         raise ValueError(f"{where}: needs a 'followup' string (the user's next message)")
     try:

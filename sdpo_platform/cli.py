@@ -147,9 +147,12 @@ def _targets(args) -> int:
 
     if args.grace_hours < 0 or args.keep_days < 0:
         raise ValueError(f"--grace-hours and --keep-days must be >= 0, not {args.grace_hours} and {args.keep_days}")
+    from sdpo_platform.registry import registered_snapshots
+
     grace_s, keep_s = args.grace_hours * 3600, args.keep_days * 86400
+    registered = registered_snapshots()  # never pruned: what registered versions were trained on
     if args.action == "list":
-        rows = target_sets.as_dicts(target_sets.summarize(d, grace_s, keep_s) for d in target_sets.set_dirs())
+        rows = target_sets.as_dicts(target_sets.summarize(d, grace_s, keep_s, registered) for d in target_sets.set_dirs())
         if args.json:
             print(json.dumps(rows, indent=2))
         for row in [] if args.json else rows:
@@ -159,7 +162,7 @@ def _targets(args) -> int:
         if not rows and not args.json:
             print("no target sets yet")
         return 0
-    reports = target_sets.as_dicts(target_sets.prune_set(d, grace_s, args.dry_run, keep_s) for d in target_sets.set_dirs())
+    reports = target_sets.as_dicts(target_sets.prune_set(d, grace_s, args.dry_run, keep_s, registered) for d in target_sets.set_dirs())
     if args.json:
         print(json.dumps(reports, indent=2))
         return 0

@@ -138,6 +138,14 @@ def current_champion(model_name: str) -> int | None:
     return int(aliases[CHAMPION]) if CHAMPION in aliases else None
 
 
+def registered_snapshots() -> set[str]:
+    """Every `targets_snapshot` tag of every registered model version: the rows each was trained and
+    evaluated on, which `sdpo targets prune` must keep."""
+    _ensure_configured()
+    versions = MlflowClient().search_model_versions(max_results=10_000)
+    return {v.tags["targets_snapshot"] for v in versions if v.tags.get("targets_snapshot")}
+
+
 def round_model(model_name: str, base_spec: str, next_round_from: str = "champion", root: Path | None = None) -> tuple[str, str]:
     """(model spec, label) that scores a round's hindsight targets and carries its new LoRA.
 

@@ -8,7 +8,9 @@ explicit step with a grace period:
 - shard files neither the current manifest nor a kept snapshot names, once the manifest is older than
   the grace period (a reader that read the previous manifest has long finished);
 - snapshots (`targets.snapshot_plan`: the rows one run's training and evaluation read) older than the
-  retention (`KEEP_SNAPSHOTS_S`, 30 days by default), and then their shards;
+  retention (`KEEP_SNAPSHOTS_S`, 30 days by default), and then their shards; never the set's newest
+  snapshot (what its latest run reads, however old) nor one a registered model version names
+  (`protected`: `registry.registered_snapshots`);
 - temp files (`.*.tmp`, `.*.stale`) older than the grace period (writers rename theirs within seconds);
 - claims whose holder is gone (`shard_claims.is_stale`): the next claimant would take them over anyway.
 
@@ -64,7 +66,11 @@ def set_dirs(root: Path | None = None) -> list[Path]:
 
 
 def leftovers(
-    set_dir: str | Path, grace_s: float = GRACE_S, now: float | None = None, keep_snapshots_s: float = KEEP_SNAPSHOTS_S
+    set_dir: str | Path,
+    grace_s: float = GRACE_S,
+    now: float | None = None,
+    keep_snapshots_s: float = KEEP_SNAPSHOTS_S,
+    protected: set[str] = frozenset(),
 ) -> tuple[list[Path], int]:
     """Files of the set that no current plan, kept snapshot or live process needs, and how many more will
     be once older.
@@ -76,9 +82,10 @@ def leftovers(
     manifest_path = set_dir / MANIFEST_FILE
     needed = {s["file"] for s in read_manifest(set_dir)["shards"]}
     removable, young = [], 0
-    snapshots = sorted((set_dir / SNAPSHOTS_DIR).glob("*.json")) if (set_dir / SNAPSHOTS_DIR).is_dir() else []
+    snapshots = sorted((set_dir / SNAPSHOTS_DIR).glob("*.json"), key=lambda p: p.stat().st_mtime) if (set_dir / SNAPSHOTS_DIR).is_dir() else []
+    kept = {str(p.resolve()) for p in snapshots[-1:]} | {str(Path(p).resolve()) for p in protected}
     for snapshot in snapshots:
-        if now - snapshot.stat().st_mtime > keep_snapshots_s:
+        if now - snapshot.stat().st_mtime > keep_snapshots_s and str(snapshot.resolve()) not in kept:
             removable.append(snapshot)
         else:
             needed |= {s["file"] for s in json.loads(snapshot.read_text())["shards"]}
@@ -105,11 +112,11 @@ def leftovers(
     return removable, young
 
 
-def summarize(set_dir: str | Path, grace_s: float = GRACE_S, keep_snapshots_s: float = KEEP_SNAPSHOTS_S) -> SetSummary:
+def summarize(set_dir: str | Path, grace_s: float = GRACE_S, keep_snapshots_s: float = KEEP_SNAPSHOTS_S, protected: set[str] = frozenset()) -> SetSummary:
     set_dir = Path(set_dir)
     manifest = read_manifest(set_dir)
     files = [p for p in set_dir.rglob("*") if p.is_file()]
-    removable, _ = leftovers(set_dir, grace_s, keep_snapshots_s=keep_snapshots_s)
+    removable, _ = leftovers(set_dir, grace_s, keep_snapshots_s=keep_snapshots_s, protected=protected)
     scored = [set_dir / s["file"] for s in manifest["shards"] if (set_dir / s["file"]).exists()]
     newest = max((p.stat().st_mtime for p in scored), default=(set_dir / MANIFEST_FILE).stat().st_mtime)
     return SetSummary(
@@ -126,10 +133,13 @@ def summarize(set_dir: str | Path, grace_s: float = GRACE_S, keep_snapshots_s: f
     )
 
 
-def prune_set(set_dir: str | Path, grace_s: float = GRACE_S, dry_run: bool = False, keep_snapshots_s: float = KEEP_SNAPSHOTS_S) -> PruneReport:
+def prune_set(
+    set_dir: str | Path, grace_s: float = GRACE_S, dry_run: bool = False, keep_snapshots_s: float = KEEP_SNAPSHOTS_S,
+    protected: set[str] = frozenset(),
+) -> PruneReport:
     """Remove the set's leftovers (see the module docstring); a dry run only reports them."""
     set_dir = Path(set_dir)
-    removable, young = leftovers(set_dir, grace_s, keep_snapshots_s=keep_snapshots_s)
+    removable, young = leftovers(set_dir, grace_s, keep_snapshots_s=keep_snapshots_s, protected=protected)
     report = PruneReport(set_dir.name, kept_young=young)
     for path in removable:
         try:

@@ -245,8 +245,8 @@ def materialize_targets(
     `dtype` is the precision the set is scored in: `model`'s when given, else what `load_model` picks
     here (bf16 on CUDA, float32 on CPU). The model is loaded only when this process wins a shard. `log`
     gets the set's folder once planned (for starting workers) and the waits. With `snapshot_label` the
-    complete set is pinned as `snapshots/<label>.json` (`result.snapshot`), for readers that must see
-    exactly these rows while other runs grow the set.
+    plan is pinned as `snapshots/<label>.json` when planned and again as completed (`result.snapshot`),
+    for readers that must see exactly these rows while other runs grow (and prune) the set.
     """
     import torch
 
@@ -258,6 +258,8 @@ def materialize_targets(
     manifest = read_manifest(set_dir)
     log = log or (lambda message: None)
     log(f"target set {set_dir}: {len(manifest['shards'])} shard(s), {len(pending_shards(set_dir))} to score ({dtype})")
+    if snapshot_label:  # pinned from the start: a prune while this runs keeps the shards it writes
+        snapshot_plan(set_dir, snapshot_label, manifest)
 
     def load():
         return (model, tokenizer) if model is not None and tokenizer is not None else load_model(model_spec, root, dtype=getattr(torch, dtype))

@@ -136,6 +136,10 @@ def test_bugs_keep_their_traceback(tmp_path, monkeypatch):
 def test_system_turns_are_dropped_and_a_final_assistant_turn_is_the_response():
     row = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "followup": "ok"}
     assert context_and_response(row) == ([{"role": "user", "content": "Hi"}], "Hello")
+    assert context_and_response(row | {"response": "Hello"}) == ([{"role": "user", "content": "Hi"}], "Hello")  # our own output
+    blank = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}], "followup": "ok"}
+    assert context_and_response(blank | {"response": "Generated"})[1] == "Generated"  # `sdpo informativeness` wrote it
+    assert context_and_response(blank)[1] == " "
 
 
 def test_output_with_raw_line_separators_reads_back(tiny_model_dir, sdpo_home, tmp_path):

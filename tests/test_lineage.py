@@ -61,6 +61,9 @@ def test_whole_lineage_materializes_on_fixtures(sdpo_home, tiny_model_dir):
     assert registered["aliases"] == ["challenger", "champion"]  # first version: no champion yet
     assert registered["tags"]["data_partition"] == FIXTURE_DAY
     assert registered["tags"]["targets_snapshot"] == targets["path"]
+    from sdpo_platform.registry import registered_snapshots
+
+    assert registered_snapshots() == {targets["path"]}  # what `sdpo targets prune` keeps
 
     con = duckdb.connect(str(sdpo_home / "warehouse.duckdb"), read_only=True)
     reasons = dict(con.sql(

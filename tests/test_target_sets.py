@@ -107,3 +107,39 @@ def test_a_snapshot_pins_a_runs_rows_while_the_set_grows_until_its_retention_end
     report = prune_set(set_dir)
     assert "run-a.json" in report.removed and any(name.startswith("shard-") for name in report.removed)
     assert not Path(first.snapshot).exists() and len(read_targets(second.snapshot)) == len(grown)
+
+
+def test_prune_keeps_the_newest_snapshot_and_those_registered_versions_name(tiny, tiny_model_dir, sdpo_home):
+    model, tok = tiny
+    cfg = TargetsConfig(shard_size=2, max_train=10**6, max_validation=10**6, top_k=0, max_response_tokens=8)
+    rows = select_for_scoring(logged_day("2026-01-05", 4, turns=2), cfg)
+    runs = [materialize_targets(rows, cfg, str(tiny_model_dir), model=model, tokenizer=tok, show_bar=False, snapshot_label=label)
+            for label in ("old-registered", "old", "latest")]
+    set_dir = Path(runs[0].path)
+    for age_days, run in zip((90, 60, 40), runs):  # all past the retention, the latest included
+        age(run.snapshot, age_days * 86400)
+    report = prune_set(set_dir, protected={runs[0].snapshot})
+    assert report.removed == ["old.json"]  # the newest is what the latest run reads; the registered one is lineage
+    assert len(read_targets(runs[2].snapshot)) == len(read_targets(runs[0].snapshot)) == len(rows)
+
+
+def test_a_run_pins_its_plan_from_the_start_so_a_prune_meanwhile_keeps_its_shards(tiny, tiny_model_dir, sdpo_home):
+    """Run A scores; run B grows the set; a prune (past the grace period) runs before A finishes."""
+    from sdpo_platform.models import model_revision
+    from sdpo_platform.targets import plan_target_set
+
+    model, tok = tiny
+    cfg = TargetsConfig(shard_size=2, max_train=10**6, max_validation=10**6, top_k=0, max_response_tokens=8)
+    day1 = logged_day("2026-01-05", 8, turns=2)
+    grown = pd.concat([day1.iloc[2:], logged_day("2026-01-06", 3, turns=2)])
+    pruned = []
+
+    def progress(p):
+        if not pruned and p.extra.get("shards_done", 0) >= 4:
+            set_dir = plan_target_set(select_for_scoring(grown, cfg), cfg, str(tiny_model_dir), model_revision(str(tiny_model_dir)))
+            age(set_dir / "manifest.json", 7200)
+            pruned.append(prune_set(set_dir).removed)
+
+    run_a = materialize_targets(select_for_scoring(day1, cfg), cfg, str(tiny_model_dir), model=model, tokenizer=tok,
+                                show_bar=False, progress=progress, snapshot_label="run-a")
+    assert pruned == [[]] and len(read_targets(run_a.snapshot)) == len(day1)
