@@ -90,7 +90,8 @@ def leftovers(
         else:
             needed |= {s["file"] for s in json.loads(snapshot.read_text())["shards"]}
     replanned_long_ago = now - manifest_path.stat().st_mtime > grace_s
-    for path in sorted(set_dir.iterdir()):
+    snapshot_temps = sorted((set_dir / SNAPSHOTS_DIR).glob(".*.tmp")) if (set_dir / SNAPSHOTS_DIR).is_dir() else []
+    for path in sorted(set_dir.iterdir()) + snapshot_temps:
         if not path.is_file():
             continue
         name = path.name

@@ -118,8 +118,11 @@ def test_prune_keeps_the_newest_snapshot_and_those_registered_versions_name(tiny
     set_dir = Path(runs[0].path)
     for age_days, run in zip((90, 60, 40), runs):  # all past the retention, the latest included
         age(run.snapshot, age_days * 86400)
+    killed = set_dir / "snapshots" / ".latest.json.0123.tmp"  # a snapshot write that was killed
+    killed.write_text("{")
+    age(killed, 7200)
     report = prune_set(set_dir, protected={runs[0].snapshot})
-    assert report.removed == ["old.json"]  # the newest is what the latest run reads; the registered one is lineage
+    assert sorted(report.removed) == [".latest.json.0123.tmp", "old.json"]  # the newest is what the latest run reads; the registered one is lineage
     assert len(read_targets(runs[2].snapshot)) == len(read_targets(runs[0].snapshot)) == len(rows)
 
 
