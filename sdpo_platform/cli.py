@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 import datetime
 import errno
 import json
@@ -147,12 +148,12 @@ def _targets(args) -> int:
 
     if args.grace_hours < 0 or args.keep_days < 0:
         raise ValueError(f"--grace-hours and --keep-days must be >= 0, not {args.grace_hours} and {args.keep_days}")
-    from sdpo_platform.registry import registered_snapshots
-
     grace_s, keep_s = args.grace_hours * 3600, args.keep_days * 86400
-    registered = registered_snapshots()  # never pruned: what registered versions were trained on
+    registered = _registered_snapshots_once()
     if args.action == "list":
         rows = target_sets.as_dicts(target_sets.summarize(d, grace_s, keep_s, registered) for d in target_sets.set_dirs())
+        for problem in (p for row in rows for p in row["problems"]):
+            _stderr(f"warning: {problem}")
         if args.json:
             print(json.dumps(rows, indent=2))
         for row in [] if args.json else rows:
@@ -162,15 +163,42 @@ def _targets(args) -> int:
         if not rows and not args.json:
             print("no target sets yet")
         return 0
-    reports = target_sets.as_dicts(target_sets.prune_set(d, grace_s, args.dry_run, keep_s, registered) for d in target_sets.set_dirs())
+    reports = []
+    for set_dir in target_sets.set_dirs():  # each set reported as it is pruned
+        report = asdict(target_sets.prune_set(set_dir, grace_s, args.dry_run, keep_s, registered))
+        reports.append(report)
+        for problem in report["problems"]:
+            _stderr(f"warning: {problem}")
+        if not args.json:
+            verb = "would remove" if args.dry_run else "removed"
+            print(f"{report['target_set']}: {verb} {len(report['removed'])} file(s), {_mib(report['freed_bytes'])}"
+                  + (f"; {report['kept_young']} younger than the grace period kept" if report["kept_young"] else ""), flush=True)
     if args.json:
         print(json.dumps(reports, indent=2))
-        return 0
-    verb = "would remove" if args.dry_run else "removed"
-    for report in reports:
-        print(f"{report['target_set']}: {verb} {len(report['removed'])} file(s), {_mib(report['freed_bytes'])}"
-              + (f"; {report['kept_young']} younger than the grace period kept" if report["kept_young"] else ""))
     return 0
+
+
+def _registered_snapshots_once():
+    """The registry's `targets_snapshot` tags, read once and only if asked (an expired snapshot was
+    found); None, with a warning, when the registry cannot be read, so prune keeps every snapshot."""
+    import os
+
+    read: list = []
+
+    def registered():
+        if not read:
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # a remote server that is down: fail in seconds
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+            try:
+                from sdpo_platform.registry import registered_snapshots
+
+                read.append(registered_snapshots())
+            except Exception as error:  # any failure only means: keep what the registry might name
+                _stderr(f"warning: cannot read the model registry ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
+                read.append(None)
+        return read[0]
+
+    return registered
 
 
 def _mib(size: int) -> str:

@@ -142,8 +142,13 @@ def registered_snapshots() -> set[str]:
     """Every `targets_snapshot` tag of every registered model version: the rows each was trained and
     evaluated on, which `sdpo targets prune` must keep."""
     _ensure_configured()
-    versions = MlflowClient().search_model_versions(max_results=10_000)
-    return {v.tags["targets_snapshot"] for v in versions if v.tags.get("targets_snapshot")}
+    client, found, token = MlflowClient(), set(), None
+    while True:  # every page: a shared server holds more versions than one page
+        page = client.search_model_versions(max_results=1000, page_token=token)
+        found |= {v.tags["targets_snapshot"] for v in page if v.tags.get("targets_snapshot")}
+        token = page.token
+        if not token:
+            return found
 
 
 def round_model(model_name: str, base_spec: str, next_round_from: str = "champion", root: Path | None = None) -> tuple[str, str]:

@@ -259,15 +259,15 @@ def materialize_targets(
     log = log or (lambda message: None)
     log(f"target set {set_dir}: {len(manifest['shards'])} shard(s), {len(pending_shards(set_dir))} to score ({dtype})")
     if snapshot_label:  # pinned from the start: a prune while this runs keeps the shards it writes
-        snapshot_plan(set_dir, snapshot_label, manifest)
+        snapshot_plan(set_dir, snapshot_label, manifest, complete=False)
 
     def load():
         return (model, tokenizer) if model is not None and tokenizer is not None else load_model(model_spec, root, dtype=getattr(torch, dtype))
 
     run = score_pending(set_dir, load, wait=True, progress=progress, show_bar=show_bar, log=log, poll_s=poll_s, claim_timeout_s=claim_timeout_s)
-    removable, young = leftovers(set_dir)
-    if removable or young:
-        log(f"{len(removable) + young} file(s) in {set_dir} belong to earlier plans or stopped workers: "
+    found = leftovers(set_dir, registered=lambda: None)  # no registry lookup here: expired snapshots count as kept
+    if found.removable or found.young:
+        log(f"{len(found.removable) + found.young} file(s) in {set_dir} belong to earlier plans or stopped workers: "
             "`sdpo targets prune` removes them once no reader needs them (docs/SCALE_OUT.md)")
     return TargetSetResult(
         path=str(set_dir),

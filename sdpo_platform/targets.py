@@ -314,16 +314,18 @@ def pending_shards(set_dir: str | Path) -> list[int]:
     return [s["index"] for s in read_manifest(set_dir)["shards"] if not (set_dir / s["file"]).exists()]
 
 
-def snapshot_plan(set_dir: str | Path, label: str, manifest: dict | None = None) -> Path:
+def snapshot_plan(set_dir: str | Path, label: str, manifest: dict | None = None, complete: bool = True) -> Path:
     """Pin a plan of the set (`manifest`, by default the current one): `snapshots/<label>.json` lists its
     shards, so whoever reads the snapshot (training, evaluation, checks of one run) reads exactly these
     rows even if another run grows the set meanwhile. `sdpo targets prune` keeps a snapshot's shards
-    while it keeps the snapshot."""
+    while it keeps the snapshot; `complete=False` marks a run's pin before its shards are all scored
+    (a run killed then leaves one, which never counts as the set's newest)."""
     set_dir = Path(set_dir)
     manifest = manifest or read_plan(set_dir)[0]
     path = set_dir / SNAPSHOTS_DIR / f"{label}.json"
     path.parent.mkdir(exist_ok=True)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2, ensure_ascii=False)))
+    pinned = json.dumps(manifest | {"complete": complete}, indent=2, ensure_ascii=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(pinned))
     return path
 
 

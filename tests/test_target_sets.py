@@ -52,9 +52,9 @@ def test_prune_removes_only_what_no_plan_reader_or_live_worker_needs(tiny, tiny_
     (set_dir / "heatmaps").mkdir()
     (set_dir / "heatmaps" / "extremes-run1.html").write_text("<html>")
 
-    removable, young = leftovers(set_dir)  # the manifest was just re-planned: old shards may still be read
-    assert {p.name for p in removable} == {"shard-dead.claim", ".shard-x.parquet.old.tmp"}
-    assert young == len(orphans) + 1
+    found = leftovers(set_dir)  # the manifest was just re-planned: old shards may still be read
+    assert {p.name for p in found.removable} == {"shard-dead.claim", ".shard-x.parquet.old.tmp"}
+    assert found.young == len(orphans) + 1 and found.problems == []
 
     age(set_dir / "manifest.json", 7200)
     assert summarize(set_dir).leftover_files == len(orphans) + 2
@@ -121,7 +121,9 @@ def test_prune_keeps_the_newest_snapshot_and_those_registered_versions_name(tiny
     killed = set_dir / "snapshots" / ".latest.json.0123.tmp"  # a snapshot write that was killed
     killed.write_text("{")
     age(killed, 7200)
-    report = prune_set(set_dir, protected={runs[0].snapshot})
+    assert prune_set(set_dir, registered=lambda: None, dry_run=True).removed == [".latest.json.0123.tmp"]  # registry down: keep
+    elsewhere = f"/mnt/restored/targets/{set_dir.name}/snapshots/old-registered.json"  # the tag of a data root since moved
+    report = prune_set(set_dir, registered=lambda: {elsewhere})
     assert sorted(report.removed) == [".latest.json.0123.tmp", "old.json"]  # the newest is what the latest run reads; the registered one is lineage
     assert len(read_targets(runs[2].snapshot)) == len(read_targets(runs[0].snapshot)) == len(rows)
 
@@ -146,3 +148,73 @@ def test_a_run_pins_its_plan_from_the_start_so_a_prune_meanwhile_keeps_its_shard
     run_a = materialize_targets(select_for_scoring(day1, cfg), cfg, str(tiny_model_dir), model=model, tokenizer=tok,
                                 show_bar=False, progress=progress, snapshot_label="run-a")
     assert pruned == [[]] and len(read_targets(run_a.snapshot)) == len(day1)
+
+
+def test_a_killed_runs_pin_is_not_the_newest_and_a_bad_snapshot_stops_only_its_set(tiny, tiny_model_dir, sdpo_home, capsys):
+    import json as json_module
+
+    model, tok = tiny
+    cfg = TargetsConfig(shard_size=2, max_train=10**6, max_validation=10**6, top_k=0, max_response_tokens=8)
+    day1 = logged_day("2026-01-05", 8, turns=2)
+    done = materialize_targets(select_for_scoring(day1, cfg), cfg, str(tiny_model_dir), model=model, tokenizer=tok, show_bar=False, snapshot_label="done")
+    set_dir = Path(done.path)
+    killed = json_module.loads(Path(done.snapshot).read_text()) | {"complete": False, "shards": []}
+    (set_dir / "snapshots" / "killed.json").write_text(json_module.dumps(killed))  # pinned, then the run died
+    for name in ("done.json", "killed.json"):
+        age(set_dir / "snapshots" / name, 40 * 86400)
+    age(set_dir / "snapshots" / "done.json", 41 * 86400)
+    assert prune_set(set_dir).removed == ["killed.json"]  # the finished run's snapshot stays the newest
+    assert len(read_targets(done.snapshot)) == len(day1)
+
+    other = materialize_targets(select_for_scoring(day1, cfg.model_copy(update={"max_response_tokens": 6})), cfg.model_copy(update={"max_response_tokens": 6}),
+                                str(tiny_model_dir), model=model, tokenizer=tok, show_bar=False)
+    (Path(other.path) / ".shard-z.parquet.1.tmp").write_bytes(b"z")
+    age(Path(other.path) / ".shard-z.parquet.1.tmp", 7200)
+    (set_dir / "snapshots" / "broken.json").write_text("")  # a crash left an empty file
+    (set_dir / "shard-orphan.parquet").write_bytes(b"o")
+    age(set_dir / "manifest.json", 7200)
+    assert sdpo(["targets", "prune"]) == 0
+    captured = capsys.readouterr()
+    assert "broken.json: unreadable snapshot" in captured.err
+    assert (set_dir / "shard-orphan.parquet").exists()  # the unreadable snapshot may pin it
+    assert f"{Path(other.path).name}: removed 1 file(s)" in captured.out  # the other set is still pruned
+
+
+def test_registered_snapshots_reads_every_page(monkeypatch):
+    from types import SimpleNamespace
+
+    import sdpo_platform.registry as registry
+
+    class Page(list):
+        def __init__(self, items, token):
+            super().__init__(items)
+            self.token = token
+
+    pages = {None: Page([SimpleNamespace(tags={"targets_snapshot": "a"})], "p2"),
+             "p2": Page([SimpleNamespace(tags={}), SimpleNamespace(tags={"targets_snapshot": "b"})], None)}
+
+    class Client:
+        def search_model_versions(self, max_results, page_token=None):
+            return pages[page_token]
+
+    monkeypatch.setattr(registry, "MlflowClient", Client)
+    monkeypatch.setattr(registry, "_ensure_configured", lambda: None)
+    assert registry.registered_snapshots() == {"a", "b"}
+
+
+def test_prune_keeps_expired_snapshots_when_the_registry_is_down(tiny, tiny_model_dir, sdpo_home, monkeypatch, capsys):
+    model, tok = tiny
+    cfg = TargetsConfig(shard_size=2, max_train=10**6, max_validation=10**6, top_k=0, max_response_tokens=8)
+    rows = select_for_scoring(logged_day("2026-01-05", 4, turns=2), cfg)
+    runs = [materialize_targets(rows, cfg, str(tiny_model_dir), model=model, tokenizer=tok, show_bar=False, snapshot_label=label)
+            for label in ("old", "latest")]
+    age(runs[0].snapshot, 60 * 86400)
+
+    def unreachable():
+        raise ConnectionError("tracking server down")
+
+    monkeypatch.setattr("sdpo_platform.registry.registered_snapshots", unreachable)
+    assert sdpo(["targets", "prune"]) == 0
+    captured = capsys.readouterr()
+    assert "cannot read the model registry (ConnectionError: tracking server down)" in captured.err
+    assert "removed 0 file(s)" in captured.out and Path(runs[0].snapshot).exists()
