@@ -138,7 +138,7 @@ def hindsight_targets(
     from sdpo_platform.heatmap import publish_extremes
     from sdpo_platform.models import resolve_model
     from sdpo_platform.registry import round_model
-    from sdpo_platform.scoring import progress_logger
+    from sdpo_platform.progress import progress_logger
     from sdpo_platform.target_workers import materialize_targets
     from sdpo_platform.targets import read_targets, select_for_scoring
 

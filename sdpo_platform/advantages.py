@@ -25,7 +25,7 @@ from sdpo_platform.config import PlatformConfig, TargetsConfig
 from sdpo_platform.heatmap import HeatmapRow, decode_tokens, render_html
 from sdpo_platform.hindsight import student_messages
 from sdpo_platform.paths import atomic_write, write_jsonl_atomic
-from sdpo_platform.scoring import ScoringProgress
+from sdpo_platform.progress import ScoringProgress
 from sdpo_platform.targets import compute_targets
 
 

@@ -25,14 +25,14 @@ sequence whole instead (`attention_window`), and a batch's padded width stays be
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from sdpo_platform.heads import check_lm_logits, lm_logits
 from sdpo_platform.prefix_tree import build_prefix_tree, common_prefix_length, heavy_chains
+from sdpo_platform.progress import ProgressCallback, ScoringProgress
 
 GPU_TOKEN_BUDGET = 65536  # auto budget on accelerators; on CPU each chain runs alone (no padding)
 PREFIX_CACHE_BUDGETS = 2  # prompt tokens whose KV cache a group may hold, in token budgets (16 GB for a 3B Llama at 65k)
@@ -67,33 +67,6 @@ class BranchScores:
     topk_ids: np.ndarray | None = None  # [n_tokens, k] int
     topk_logprobs: np.ndarray | None = None  # [n_tokens, k] float32, descending
     tail_mass: np.ndarray | None = None  # [n_tokens] probability outside the top-k
-
-
-@dataclass
-class ScoringProgress:
-    """Where a scoring run stands; `tokens` counts sequence tokens (see `BranchJob.sequence_tokens`)."""
-
-    interactions_done: int
-    interactions_total: int
-    tokens_done: int
-    elapsed_s: float
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def interactions_per_s(self) -> float:
-        return self.interactions_done / max(self.elapsed_s, 1e-9)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens_done / max(self.elapsed_s, 1e-9)
-
-    @property
-    def eta_s(self) -> float:
-        rate = self.interactions_per_s
-        return (self.interactions_total - self.interactions_done) / rate if rate > 0 else float("inf")
-
-
-ProgressCallback = Callable[[ScoringProgress], None]
 
 
 def resolve_token_budget(token_budget: int | None, device: torch.device) -> int:
@@ -396,20 +369,3 @@ def _head_logprobs(model, states: torch.Tensor, targets: list[int], wants_topk: 
         torch.cat(top_ids).cpu().numpy() if top_ids else None,
         torch.cat(top_lp).cpu() if top_lp else None,
     )
-
-
-def progress_logger(log: Callable[[str], None], every: float = 0.1) -> ProgressCallback:
-    """A progress callback for long runs that writes a line to `log` every `every` of the work (and at
-    the end): interactions and tokens per second and the ETA. Orchestrators pass their logger here."""
-    reported = [-1]
-
-    def report(p: ScoringProgress) -> None:
-        step = int(p.interactions_done / max(p.interactions_total, 1) / every)
-        if step > reported[0] or (p.interactions_done == p.interactions_total and not p.extra):
-            reported[0] = step
-            log(
-                f"hindsight targets: {p.interactions_done}/{p.interactions_total} interactions, "
-                f"{p.interactions_per_s:.2f} interactions/s, {p.tokens_per_s:.0f} tokens/s, ETA {p.eta_s:.0f}s"
-            )
-
-    return report

@@ -25,7 +25,7 @@ import pandas as pd
 
 from sdpo_platform.config import TargetsConfig
 from sdpo_platform.paths import atomic_write
-from sdpo_platform.scoring import ProgressCallback, ScoringProgress
+from sdpo_platform.progress import ProgressCallback, ScoringProgress
 from sdpo_platform.shard_claims import CLAIM_TIMEOUT_S, describe, read_claim, try_claim
 from sdpo_platform.target_sets import leftovers
 from sdpo_platform.targets import (

@@ -32,7 +32,8 @@ import pandas as pd
 from sdpo_platform.config import TargetsConfig
 from sdpo_platform.hindsight import PROMPT_ENCODING_VERSION, EncodedInteraction, encode_interaction, template_hash
 from sdpo_platform.paths import atomic_write, targets_dir
-from sdpo_platform.scoring import BranchJob, ProgressCallback, score_jobs
+from sdpo_platform.progress import ProgressCallback
+from sdpo_platform.scoring import BranchJob, score_jobs
 
 INPUT_COLUMNS = ("interaction_id", "context", "response", "followup", "split")
 TARGET_COLUMNS = (

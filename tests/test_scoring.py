@@ -198,7 +198,7 @@ def test_engine_equals_full_forward_on_the_default_model(sdpo_home):
 
 
 def test_progress_logger_writes_about_every_tenth_with_rates_and_eta():
-    from sdpo_platform.scoring import ScoringProgress, progress_logger
+    from sdpo_platform.progress import ScoringProgress, progress_logger
 
     lines = []
     log = progress_logger(lines.append, every=0.25)
