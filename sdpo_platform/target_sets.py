@@ -11,7 +11,7 @@ explicit step with a grace period:
   retention (`KEEP_SNAPSHOTS_S`, 30 days by default), and then their shards; never the set's newest
   complete snapshot (what its latest run reads, however old) nor one a registered model version names
   (`registered`: `registry.registered_snapshots`, asked only when an expired snapshot is found; when
-  the registry cannot be read, every snapshot is kept);
+  the registry cannot be read, every snapshot is kept, and so is every replaced shard of the set);
 - temp files (`.*.tmp`, `.*.stale`) older than the grace period (writers rename theirs within seconds);
 - claims whose holder is gone (`shard_claims.is_stale`): the next claimant would take them over anyway.
 

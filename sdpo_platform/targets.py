@@ -1,9 +1,10 @@
 """Hindsight targets: per-token teacher and student log-probs of each logged response, and their gap.
 
-A_i = log π(y_i | x, o, y_<i) − log π(y_i | x, y_<i), scored once with the model that is champion now
-(the `frozen` teacher). A target set is one folder per (model revision, template, scoring settings and
-float precision) under the data root's `targets/`: anything that changes the numbers gives a new set
-beside the old ones, so a set id names fixed numbers; new interactions (a new day) grow a set in place.
+A_i = log π(y_i | x, o, y_<i) − log π(y_i | x, y_<i), scored once with the round's model (the `frozen`
+teacher: the champion, or the base model before there is one or with `registry.next_round_from: base`).
+A target set is one folder per (model revision, template, scoring settings and float precision) under the
+data root's `targets/`: anything that changes the numbers gives a new set beside the old ones, so a set id
+names fixed numbers; new interactions (a new day) grow a set in place.
 
 Inside a set, work is never lost: `inputs.parquet` and `manifest.json` fix the plan (which interactions,
 in which shard, with which settings), and each shard is written atomically (temp file + rename) once
