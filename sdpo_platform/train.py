@@ -21,6 +21,7 @@ definition) and, like the plain frozen target, A still shrinks to 0 as the stude
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -70,9 +71,16 @@ class TrainResult:
 
 
 def read_split(targets_path: str | Path, split: str) -> pd.DataFrame:
-    """One split ('train' | 'validation') of a target set, in a stable order (seeded batches depend on it)."""
+    """One split ('train' | 'validation') of a target set, in an order set by content (seeded batches depend
+    on it): interaction ids derive from the log file's path, so ordering by them would give the same logs
+    other batches, and another model, under another data root."""
     frame = read_targets(targets_path)
-    return frame[frame.split == split].sort_values("interaction_id").reset_index(drop=True)
+    rows = frame[frame.split == split].copy()
+    rows["content_key"] = [
+        hashlib.sha256(json.dumps([list(map(int, prompt)), list(map(int, response))]).encode()).hexdigest()
+        for prompt, response in zip(rows.student_prompt_ids, rows.response_ids)
+    ]
+    return rows.sort_values(["content_key", "interaction_id"]).drop(columns="content_key").reset_index(drop=True)
 
 
 def batch_indices(n_rows: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
