@@ -8,8 +8,8 @@ its value. All text from the logs is HTML-escaped; nothing from the data reaches
 from __future__ import annotations
 
 import html
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 

@@ -36,10 +36,7 @@ def batch_response_logprobs(model, prompts: list[list[int]], responses: list[lis
     Right padding keeps position ids identical to the unbatched call, so results match it. A model's
     first use checks that `lm_logits` reproduces its forward (`heads.check_lm_logits`).
     """
-    return [
-        log_probs.gather(-1, torch.tensor(r, device=log_probs.device)[:, None]).squeeze(-1)
-        for log_probs, r in zip(_response_log_softmax(model, prompts, responses, pad_id), responses)
-    ]
+    return [_sampled(log_probs, r) for log_probs, r in zip(_response_log_softmax(model, prompts, responses, pad_id), responses)]
 
 
 def batch_response_logprobs_at(
@@ -55,13 +52,18 @@ def batch_response_logprobs_at(
     sampled, chosen, outside = [], [], []
     for log_probs, r, at in zip(_response_log_softmax(model, prompts, responses, pad_id), responses, ids, strict=True):
         at = at.to(log_probs.device)
-        sampled.append(log_probs.gather(-1, torch.tensor(r, device=log_probs.device)[:, None]).squeeze(-1))
+        sampled.append(_sampled(log_probs, r))
         chosen.append(log_probs.gather(-1, at))
         outside.append(torch.logsumexp(log_probs.scatter(-1, at, OUTSIDE_MASK), dim=-1))
     return sampled, chosen, outside
 
 
 OUTSIDE_MASK = -1e4  # a masked log-prob: exp() is 0 in float32, yet a top-k covering the vocabulary stays finite
+
+
+def _sampled(log_probs: torch.Tensor, response: list[int]) -> torch.Tensor:
+    """Each position's log-prob of the response token it predicts."""
+    return log_probs.gather(-1, torch.tensor(response, device=log_probs.device)[:, None]).squeeze(-1)
 
 
 def _response_log_softmax(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):

@@ -17,9 +17,10 @@ chain length, so little compute goes to padding: chains are right-padded (a real
 padding after it), their cached prefixes zero-padded to a common width and masked, position ids
 continuing from each chain's own start. Every row is exact, whatever its batch neighbours. On a CPU
 (budget 0: batching does not pay there, padding does cost) every chain runs alone, with no padding.
-Models with windowed attention (Mistral, Gemma 2/3, Phi-3, Qwen2 sliding, Llama 4 chunked) keep only the window in their cache and
-count padded cache slots as positions, so a group with a sequence that reaches the window runs each
-sequence whole instead (`attention_window`), and a batch's padded width stays below the window.
+Models with windowed attention (Mistral, Gemma 2/3, Phi-3, Qwen2 sliding, Llama 4 chunked) keep only
+the window in their cache and count padded cache slots as positions, so a group with a sequence that
+reaches the window runs each sequence whole instead (`attention_window`), and a batch's padded width
+stays below the window.
 """
 
 from __future__ import annotations
