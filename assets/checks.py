@@ -60,7 +60,8 @@ def interactions_judged(context: dg.AssetCheckExecutionContext, settings: SdpoSe
 
 @dg.asset_check(asset=lineage.hindsight_targets, blocking=True)
 def targets_finite_and_aligned(hindsight_targets: dict) -> dg.AssetCheckResult:
-    """Finite log-probs, one per response token under both prompts, EOS last, both splits present."""
+    """Finite log-probs, one per response token under both prompts, EOS last unless the response was cut,
+    both splits present."""
     from sdpo_platform.targets import read_targets
 
     frame = read_targets(hindsight_targets["path"])

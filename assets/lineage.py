@@ -177,6 +177,7 @@ def hindsight_targets(
         "blocked_partitions": blocked,
         "rows": len(targets),
         "tokens": int(targets["n_tokens"].sum()),
+        "truncated_rows": int(targets["truncated"].sum()),  # responses cut at max_response_tokens (no EOS learned)
         "train_rows": int((targets["split"] == "train").sum()),
         "validation_rows": int((targets["split"] == "validation").sum()),
     }

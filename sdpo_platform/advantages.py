@@ -7,7 +7,7 @@ both, plus a `"followup"` string and optionally a `"response"` string. Rows with
 before the model loads. Scoring is the targets engine's, with the template the platform scores with
 (the principles preamble included when it is on) and its length limits, so these numbers are the ones
 training would see; a response of `targets.max_response_tokens` tokens or more is scored as training
-scores it, cut to `max_response_tokens - 1` tokens then EOS, and marked `truncated`. Each output file is
+scores it, its first `max_response_tokens` tokens without EOS, and marked `truncated`. Each output file is
 written atomically: a failed write leaves the previous file.
 """
 
@@ -19,12 +19,12 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from sdpo_platform.assessments import hindsight_template
 from sdpo_platform.config import PlatformConfig, TargetsConfig
-from sdpo_platform.heatmap import HeatmapRow, decode_tokens, render_html
+from sdpo_platform.heatmap import CUT_NOTE, HeatmapRow, decode_tokens, render_html
 from sdpo_platform.hindsight import student_messages
+from sdpo_platform.models import generate_response
 from sdpo_platform.paths import atomic_write, write_jsonl_atomic
 from sdpo_platform.progress import ScoringProgress
 from sdpo_platform.targets import compute_targets
@@ -115,22 +115,11 @@ def context_and_response(row: dict, where: str = "row") -> tuple[list[dict], str
         raise ValueError(f"{where}: {error} (a final assistant turn is taken as the response)") from None
 
 
-def generate_response(model, tokenizer, context: list[dict], max_new_tokens: int, seed: int = 0) -> str:
-    """The model's greedy answer to x (seeded, so a rerun gives the same text)."""
-    torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    ids = tokenizer.apply_chat_template(context, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    with torch.inference_mode():
-        out = model.generate(
-            **{k: v.to(device) for k, v in ids.items()}, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-
-
 def score_rows(rows: list[dict], model, tokenizer, cfg: TargetsConfig, seed: int = 0, show_progress: bool = False) -> list[dict]:
     """Each row with `response`, `tokens` (EOS last), `advantages`, `mean_advantage`, `mean_abs_advantage`
-    and `truncated` (the response had more than `cfg.max_response_tokens - 1` tokens: the scored ones are
-    its start, then EOS, as training scores it). `show_progress` draws bars on stderr (a terminal only)."""
+    and `truncated` (the response and its EOS did not fit in `cfg.max_response_tokens`: the scored tokens
+    are its start, without EOS, as training scores it). A generated response may run to the limit, so
+    one the limit cut is `truncated` too. `show_progress` draws bars on stderr (a terminal only)."""
     from tqdm.auto import tqdm
 
     contexts, responses = zip(*(context_and_response(row) for row in rows)) if rows else ((), ())
@@ -139,7 +128,7 @@ def score_rows(rows: list[dict], model, tokenizer, cfg: TargetsConfig, seed: int
         generated = []
         for c, r in zip(contexts, responses):
             if r is None:
-                r = generate_response(model, tokenizer, c, cfg.max_response_tokens - 1, seed)
+                r = generate_response(model, tokenizer, c, cfg.max_response_tokens, seed)
                 bar.update()
             generated.append(r)
     responses = generated
@@ -167,7 +156,7 @@ def score_rows(rows: list[dict], model, tokenizer, cfg: TargetsConfig, seed: int
             advantages=[round(a, 6) for a in target.advantages],
             mean_advantage=target.mean_advantage,
             mean_abs_advantage=target.mean_abs_advantage,
-            truncated=len(tokenizer(response, add_special_tokens=False)["input_ids"]) > cfg.max_response_tokens - 1,
+            truncated=bool(target.truncated),
         )
         out.append(result)
     return out
@@ -177,7 +166,7 @@ def heatmap_rows(scored: list[dict]) -> list[HeatmapRow]:
     rows = []
     for number, row in enumerate(scored, start=1):
         context, _ = context_and_response(row)
-        title = f"Row {number}" + (" (response cut to its first tokens, as training scores it)" if row.get("truncated") else "")
+        title = f"Row {number}" + (CUT_NOTE if row.get("truncated") else "")
         rows.append(HeatmapRow(title, context[-1]["content"], row["followup"], row["tokens"], row["advantages"]))
     return rows
 

@@ -201,7 +201,8 @@ def _all_finite(values) -> bool:
 
 
 def check_targets(targets: pd.DataFrame, eos_token_id: int) -> QualityReport:
-    """Finite log-probs, one log-prob per response token under both prompts, EOS last, both splits."""
+    """Finite log-probs, one log-prob per response token under both prompts, EOS last unless the response
+    was cut at the limit (`truncated`: no EOS was learned there), both splits."""
     frame = pd.DataFrame(
         {
             "interaction_id": targets["interaction_id"],
@@ -218,7 +219,10 @@ def check_targets(targets: pd.DataFrame, eos_token_id: int) -> QualityReport:
                 _all_finite(t) and _all_finite(s) and _all_finite(a)
                 for t, s, a in zip(targets["teacher_logprobs"], targets["student_logprobs"], targets["advantages"])
             ],
-            "eos_last": [int(r[-1]) == eos_token_id if len(r) else False for r in targets["response_ids"]],
+            "eos_last_unless_truncated": [
+                len(r) > 0 and (bool(cut) or int(r[-1]) == eos_token_id)
+                for r, cut in zip(targets["response_ids"], targets["truncated"])
+            ],
             "logprobs_nonpositive": [
                 max(list(t) + list(s)) <= 1e-6 for t, s in zip(targets["teacher_logprobs"], targets["student_logprobs"])
             ],
@@ -234,7 +238,7 @@ def check_targets(targets: pd.DataFrame, eos_token_id: int) -> QualityReport:
             E.ExpectColumnValuesToBeBetween(column="n_tokens", min_value=1),
             E.ExpectColumnValuesToBeInSet(column="lengths_match", value_set=[True]),
             E.ExpectColumnValuesToBeInSet(column="finite", value_set=[True]),
-            E.ExpectColumnValuesToBeInSet(column="eos_last", value_set=[True]),
+            E.ExpectColumnValuesToBeInSet(column="eos_last_unless_truncated", value_set=[True]),
             E.ExpectColumnValuesToBeInSet(column="logprobs_nonpositive", value_set=[True]),
         ],
         "hindsight_targets",

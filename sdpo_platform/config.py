@@ -77,7 +77,7 @@ class InteractionConfig(Section):
 class TargetsConfig(Section):
     template: str = Field(DEFAULT_HINDSIGHT_TEMPLATE, description="Hindsight block appended to the last user turn; {last_user} and {followup}.")
     max_prompt_tokens: int = Field(384, description="Longest prompt: oldest context turns are dropped first (same for teacher and student), then ids are left-truncated.")
-    max_response_tokens: int = Field(128, description="Responses are truncated to this many tokens (EOS always last).")
+    max_response_tokens: int = Field(128, description="Longest scored response, EOS included. A response that does not fit with its EOS is cut to this many tokens and scored without EOS (`truncated`): no stop is learned where the answer did not stop.")
     max_train: int = Field(128, description="Most train-split interactions scored (deterministic choice by a hash of their content); raise to score everything.")
     max_validation: int = Field(32, description="Most validation-split interactions scored (the evaluation set).")
     batch_token_budget: int | None = Field(

@@ -105,10 +105,15 @@ def decode_tokens(tokenizer, token_ids: list[int]) -> list[str]:
 def rows_from_targets(targets, tokenizer, interaction_text: dict[str, tuple[str, str]], title_prefix: str = "") -> list[HeatmapRow]:
     """HeatmapRows from target rows; `interaction_text[id] = (last user message, follow-up)`."""
     rows = []
-    for interaction_id, response_ids, advantages in zip(targets["interaction_id"], targets["response_ids"], targets["advantages"]):
+    cut = targets["truncated"] if "truncated" in targets else [False] * len(targets)
+    for interaction_id, response_ids, advantages, truncated in zip(targets["interaction_id"], targets["response_ids"], targets["advantages"], cut):
         prompt, followup = interaction_text.get(interaction_id, ("", ""))
-        rows.append(HeatmapRow(f"{title_prefix}{interaction_id}", prompt, followup, decode_tokens(tokenizer, response_ids), list(advantages)))
+        title = f"{title_prefix}{interaction_id}" + (CUT_NOTE if truncated else "")
+        rows.append(HeatmapRow(title, prompt, followup, decode_tokens(tokenizer, response_ids), list(advantages)))
     return rows
+
+
+CUT_NOTE = " (response cut at the length limit: its first tokens, no EOS, as training scores it)"
 
 
 def extremes(targets, n: int = 3):

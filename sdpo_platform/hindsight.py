@@ -15,18 +15,21 @@ from sdpo_platform.prefix_tree import common_prefix_length
 Message = dict[str, str]
 
 # Bumped whenever encode_interaction's output changes for the same inputs, so stored target shards are
-# recomputed rather than reused (2: left truncation cuts both prompts at the same token).
-PROMPT_ENCODING_VERSION = 2
+# recomputed rather than reused (2: left truncation cuts both prompts at the same token; 3: a response cut
+# at the limit gets no EOS).
+PROMPT_ENCODING_VERSION = 3
 
 
 @dataclass(frozen=True)
 class EncodedInteraction:
-    """Token ids for one (x, y, o): both prompts end with the assistant generation prompt; y ends in EOS."""
+    """Token ids for one (x, y, o): both prompts end with the assistant generation prompt; y ends in EOS
+    unless `truncated`."""
 
     student_prompt_ids: list[int]
     teacher_prompt_ids: list[int]
     response_ids: list[int]
     other_teacher_prompt_ids: tuple[list[int], ...] = ()  # the teacher prompt with each of `other_followups`
+    truncated: bool = False  # y and its EOS did not fit: `response_ids` is y's start, without EOS
 
 
 def _check_context(context: list[Message]) -> list[Message]:
@@ -70,8 +73,13 @@ def encode_interaction(
     """Student prompt, teacher prompt and response ids for one interaction (and the teacher prompt with
     each of `other_followups`, e.g. a neutral "OK." baseline or control follow-ups).
 
-    The response is tokenized once without special tokens, cut to `max_response_tokens - 1` and ends
-    with `tokenizer.eos_token_id` (the chat template's end of turn), so stopping is learned too.
+    The response is tokenized once without special tokens. When it fits with its EOS
+    (`tokenizer.eos_token_id`, the chat template's end of turn) it ends with it, so stopping is learned
+    too. When it does not (`max_response_tokens` ids or more), its first `max_response_tokens` ids are
+    kept *without* EOS and the encoding is `truncated`: the logged answer did not stop there, and an EOS
+    after the cut would teach the student to stop mid-answer wherever the teacher's follow-up favours
+    stopping ("too long"). At the default 128 tokens that is most ShareGPT answers (201 of the
+    benchmark's 256).
 
     Prompt truncation: while the teacher prompt (the longer of the two) exceeds `max_prompt_tokens`,
     the oldest exchange of x (up to its next user turn) is dropped, for both prompts alike, so teacher and student
@@ -88,8 +96,9 @@ def encode_interaction(
         raise ValueError("max_prompt_tokens and max_response_tokens must be positive")
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no eos_token_id")
-    response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])[: max_response_tokens - 1]
-    response_ids.append(tokenizer.eos_token_id)
+    response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+    truncated = len(response_ids) >= max_response_tokens
+    response_ids = response_ids[:max_response_tokens] if truncated else response_ids + [tokenizer.eos_token_id]
 
     context = _check_context(context)
     while True:
@@ -108,4 +117,5 @@ def encode_interaction(
         teacher_prompt_ids=teacher,
         response_ids=response_ids,
         other_teacher_prompt_ids=tuple(others),
+        truncated=truncated,
     )

@@ -27,12 +27,12 @@ from typing import Callable, MutableMapping
 
 import numpy as np
 import pandas as pd
-import torch
 
 from sdpo_platform import scoring
 from sdpo_platform.config import DEFAULT_HINDSIGHT_TEMPLATE, InformativenessConfig
 from sdpo_platform.followups import classify_followups
 from sdpo_platform.hindsight import Message, encode_interaction
+from sdpo_platform.models import generate_response
 from sdpo_platform.safety import apply_caps, flag_unsafe
 
 HINDSIGHT_SIGNALS = ("raw_abs", "neutral_contrast", "control_contrast", "control_shift", "control_z", "sign_flip_share")
@@ -226,17 +226,10 @@ def assess_interactions(
 
 def generate_missing_responses(model, tokenizer, contexts: list[list[Message]], responses: list, max_new_tokens: int) -> list[str]:
     """Greedy responses for rows whose response is missing or empty (others are returned unchanged)."""
-    out = []
-    for messages, response in zip(contexts, responses):
-        if isinstance(response, str) and response.strip():
-            out.append(response)
-            continue
-        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        inputs = {k: v.to(next(model.parameters()).device) for k, v in inputs.items()}
-        with torch.inference_mode():
-            generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        out.append(tokenizer.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
-    return out
+    return [
+        response if isinstance(response, str) and response.strip() else generate_response(model, tokenizer, messages, max_new_tokens)
+        for messages, response in zip(contexts, responses)
+    ]
 
 
 def run_jsonl(input_path: str, out_path: str, model_spec: str | None = None, config=None) -> int:

@@ -32,13 +32,13 @@ def sdpo_loss(
     skip: int = 2,
     baseline: Baseline = "none",
     weights: torch.Tensor | None = None,
+    ends_with_eos: list[bool] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """SDPO loss over a batch of interactions (one 1-D tensor per response) and its diagnostics.
 
     `sequence_mean` subtracts each sequence's mean advantage over the counted tokens: on the model's
     own samples E[A] = −KL < 0, so without it the loss is an unlikelihood penalty on every token.
-    Diagnostics use the raw advantages (before any baseline), over the counted tokens i ≥ skip, except
-    `eos_advantage`, the advantage on the last token (EOS): does the follow-up want the answer to stop?
+    Diagnostics use the raw advantages (before any baseline): `advantage_diagnostics`.
     `weights` (one per interaction, e.g. informativeness) turn the mean over interactions into the
     weighted mean Σ w_n L_n / Σ w_n, so a weakly informative triple teaches proportionally less.
     """
@@ -50,7 +50,7 @@ def sdpo_loss(
         if baseline == "sequence_mean" and a.numel() > 0:
             a = a - a.mean()
         per_interaction.append(-(a * logp[skip:]).sum() / logp.numel())
-    return _interaction_mean(per_interaction, weights), advantage_diagnostics(advantages, skip)
+    return _interaction_mean(per_interaction, weights), advantage_diagnostics(advantages, skip, ends_with_eos)
 
 
 def topk_forward_kl(
@@ -96,14 +96,19 @@ def _interaction_mean(per_interaction: list[torch.Tensor], weights: torch.Tensor
     return (weights * terms).sum() / weights.sum().clamp_min(1e-12)
 
 
-def advantage_diagnostics(advantages: list[torch.Tensor], skip: int = 2) -> dict[str, float]:
-    """What the raw advantages say, over the counted tokens i ≥ skip, except `eos_advantage`, the advantage
-    on the last token (EOS): does the follow-up want the answer to stop?"""
+def advantage_diagnostics(advantages: list[torch.Tensor], skip: int = 2, ends_with_eos: list[bool] | None = None) -> dict[str, float]:
+    """What the raw advantages say, over the counted tokens i ≥ skip, except `eos_advantage`, the mean
+    advantage on the last token of the responses that end with EOS (`ends_with_eos`; all when None): does
+    the follow-up want the answer to stop? A batch of responses that were all cut at the length limit has
+    no `eos_advantage`."""
     counted = torch.cat([adv.detach()[skip:].float() for adv in advantages])
-    return {
+    diagnostics = {
         "mean_advantage": counted.mean().item() if counted.numel() else 0.0,
         "mean_abs_advantage": counted.abs().mean().item() if counted.numel() else 0.0,
-        "eos_advantage": torch.stack([adv.detach()[-1].float() for adv in advantages]).mean().item(),
         "positive_fraction": (counted > 0).float().mean().item() if counted.numel() else 0.0,
         "tokens": float(counted.numel()),
     }
+    eos = [adv.detach()[-1].float() for adv, ends in zip(advantages, ends_with_eos or [True] * len(advantages), strict=True) if ends]
+    if eos:
+        diagnostics["eos_advantage"] = torch.stack(eos).mean().item()
+    return diagnostics

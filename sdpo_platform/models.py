@@ -161,3 +161,16 @@ def _convert_default_gguf(target: Path) -> None:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def generate_response(model, tokenizer, context: list[dict], max_new_tokens: int, seed: int = 0) -> str:
+    """The model's greedy answer to the chat `context` (seeded, so a rerun gives the same text), for rows
+    logged without a response."""
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    ids = tokenizer.apply_chat_template(context, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        out = model.generate(
+            **{k: v.to(device) for k, v in ids.items()}, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()

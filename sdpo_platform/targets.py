@@ -39,7 +39,7 @@ from sdpo_platform.scoring import BranchJob, score_jobs
 INPUT_COLUMNS = ("interaction_id", "context", "response", "followup", "split")
 TARGET_COLUMNS = (
     "interaction_id", "split", "model_revision", "template_hash",
-    "student_prompt_ids", "teacher_prompt_ids", "response_ids",
+    "student_prompt_ids", "teacher_prompt_ids", "response_ids", "truncated",
     "teacher_logprobs", "student_logprobs", "advantages", "neutral_logprobs",
     "n_tokens", "mean_advantage", "mean_abs_advantage", "sum_advantage", "min_advantage", "max_advantage",
     "teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_mass",
@@ -81,8 +81,8 @@ def compute_targets(
 ) -> pd.DataFrame:
     """One row of targets per interaction (columns `TARGET_COLUMNS`), in the input's order.
 
-    Advantage statistics cover every response token (EOS included); the trainer applies its own
-    `skip_tokens`. `neutral_logprobs` is the teacher's score of y with `cfg.neutral_followup` in
+    Advantage statistics cover every response token (EOS included, which `truncated` rows lack); the
+    trainer applies its own `skip_tokens`. `neutral_logprobs` is the teacher's score of y with `cfg.neutral_followup` in
     place of o (None when not configured); the top-k columns are None when `cfg.top_k == 0`.
     """
     if tokenizer.pad_token_id is None:
@@ -102,6 +102,7 @@ def compute_targets(
             "student_prompt_ids": [e.student_prompt_ids for e in encoded],
             "teacher_prompt_ids": [e.teacher_prompt_ids for e in encoded],
             "response_ids": [e.response_ids for e in encoded],
+            "truncated": [e.truncated for e in encoded],
             "teacher_logprobs": [t.tolist() for t in teacher],
             "student_logprobs": [s.tolist() for s in student],
             "advantages": [a.tolist() for a in advantages],
@@ -347,6 +348,8 @@ def read_targets(path: str | Path) -> pd.DataFrame:
     for column in LIST_COLUMNS:
         if column in df.columns:
             df[column] = df[column].map(_as_lists)
+    if "truncated" not in df.columns:  # sets encoded before version 3 gave every response an EOS
+        df["truncated"] = False
     return df
 
 

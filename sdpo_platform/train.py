@@ -190,6 +190,7 @@ def train(run: TrainRun, on_step: Callable[[int, dict], None] | None = None) -> 
                 group["lr"] = lr
             batch = rows.iloc[next(batches)]
             prompts, responses = list(batch.student_prompt_ids), list(batch.response_ids)
+            ends_with_eos = [not cut for cut in batch.truncated]  # a response cut at the limit has no EOS
 
             # forward: student log-probs carry the gradient; the advantage (or the teacher's top-k) never does
             device = torch.device(cfg.device)
@@ -203,7 +204,7 @@ def train(run: TrainRun, on_step: Callable[[int, dict], None] | None = None) -> 
                 tails = [torch.tensor(np.asarray(m, dtype=np.float32), device=device) for m in batch.teacher_tail_mass]
                 loss, diagnostics = topk_forward_kl(student_topk, student_tail, teacher_topk, tails, skip=cfg.skip_tokens, weights=weights)
                 teacher = frozen_teacher_logprobs(batch, cfg.baseline, device)
-                diagnostics |= advantage_diagnostics([t - s.detach() for t, s in zip(teacher, student)], cfg.skip_tokens)
+                diagnostics |= advantage_diagnostics([t - s.detach() for t, s in zip(teacher, student)], cfg.skip_tokens, ends_with_eos)
             else:
                 student = batch_response_logprobs(model, prompts, responses, pad_id)
                 if cfg.teacher == "live":
@@ -212,7 +213,8 @@ def train(run: TrainRun, on_step: Callable[[int, dict], None] | None = None) -> 
                     teacher = frozen_teacher_logprobs(batch, cfg.baseline, device)
                 advantages = [t - s.detach() for t, s in zip(teacher, student)]
                 centring = "sequence_mean" if cfg.baseline == "sequence_mean" else "none"
-                loss, diagnostics = sdpo_loss(student, advantages, skip=cfg.skip_tokens, baseline=centring, weights=weights)
+                loss, diagnostics = sdpo_loss(student, advantages, skip=cfg.skip_tokens, baseline=centring, weights=weights,
+                                              ends_with_eos=ends_with_eos)
 
             # backward, clip, step
             optimizer.zero_grad(set_to_none=True)

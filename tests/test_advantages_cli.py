@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from transformers import AutoTokenizer
 
 from sdpo_platform.advantages import context_and_response
 from sdpo_platform.cli import main
@@ -36,7 +37,7 @@ def test_advantages_command_writes_rows_and_heatmap(tiny_model_dir, sdpo_home, t
     model, tok = load_model(str(tiny_model_dir))
     cfg = TargetsConfig()
     for row in scored:
-        assert len(row["tokens"]) == len(row["advantages"]) >= 1 and row["tokens"][-1] == tok.eos_token
+        assert len(row["tokens"]) == len(row["advantages"]) >= 1 and (row["tokens"][-1] == tok.eos_token) != row["truncated"]
         assert row["mean_advantage"] == pytest.approx(np.mean(row["advantages"]), abs=1e-5)
         assert row["mean_abs_advantage"] == pytest.approx(np.mean(np.abs(row["advantages"])), abs=1e-5)
     context = [{"role": "user", "content": rows[0]["prompt"]}]
@@ -187,10 +188,14 @@ def test_long_responses_are_scored_as_training_scores_them_and_marked(tiny_model
     source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_rows(source, [{"prompt": "Count.", "response": "one two three four. " * 60, "followup": "Shorter."},
                         {"prompt": "Hi", "response": "Hello!", "followup": "ok"}])
-    assert main(["advantages", str(source), "--out", str(out), "--model", str(tiny_model_dir)]) == 0
+    page = tmp_path / "out.html"
+    assert main(["advantages", str(source), "--out", str(out), "--html", str(page), "--model", str(tiny_model_dir)]) == 0
     long, short = [json.loads(line) for line in out.read_text().splitlines()]
+    assert page.read_text().count("response cut at the length limit") == 1  # the page says which row was cut
     assert long["truncated"] is True and len(long["tokens"]) == TargetsConfig().max_response_tokens
-    assert short["truncated"] is False and "".join(short["tokens"][:-1]) == "Hello!"
+    eos = AutoTokenizer.from_pretrained(tiny_model_dir).eos_token
+    assert long["tokens"][-1] != eos and long["response"].startswith("".join(long["tokens"]))  # its start, no EOS
+    assert short["truncated"] is False and short["tokens"][-1] == eos and "".join(short["tokens"][:-1]) == "Hello!"
 
 
 def test_the_principles_preamble_is_scored_as_training_scores_it(tiny_model_dir, sdpo_home, tmp_path, monkeypatch):

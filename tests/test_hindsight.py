@@ -65,10 +65,20 @@ def test_hindsight_sits_inside_the_last_user_turn(tokenizer):
 def test_response_is_tokenized_once_and_ends_with_eos(tokenizer):
     enc = encode_interaction(tokenizer, CONTEXT, RESPONSE, FOLLOWUP, DEFAULT_HINDSIGHT_TEMPLATE, 384, 128)
     plain = tokenizer(RESPONSE, add_special_tokens=False)["input_ids"]
-    assert enc.response_ids == plain + [tokenizer.eos_token_id]
+    assert enc.response_ids == plain + [tokenizer.eos_token_id] and not enc.truncated
 
-    short = encode_interaction(tokenizer, CONTEXT, RESPONSE, FOLLOWUP, DEFAULT_HINDSIGHT_TEMPLATE, 384, 4)
-    assert short.response_ids == plain[:3] + [tokenizer.eos_token_id]
+
+def test_a_response_cut_at_the_limit_gets_no_eos(tokenizer):
+    """The logged answer did not stop at the cut: an EOS there would teach stopping mid-answer."""
+    plain = tokenizer(RESPONSE, add_special_tokens=False)["input_ids"]
+    encode = lambda limit: encode_interaction(tokenizer, CONTEXT, RESPONSE, FOLLOWUP, DEFAULT_HINDSIGHT_TEMPLATE, 384, limit)
+    assert (encode(4).response_ids, encode(4).truncated) == (plain[:4], True)
+    fits = encode(len(plain) + 1)  # the response and its EOS fill the limit exactly
+    assert (fits.response_ids, fits.truncated) == (plain + [tokenizer.eos_token_id], False)
+    no_room = encode(len(plain))  # every token fits, its EOS does not: the stop is not learned
+    assert (no_room.response_ids, no_room.truncated) == (plain, True)
+    empty = encode_interaction(tokenizer, CONTEXT, "", FOLLOWUP, DEFAULT_HINDSIGHT_TEMPLATE, 384, 1)
+    assert (empty.response_ids, empty.truncated) == ([tokenizer.eos_token_id], False)
 
 
 def test_truncation_drops_oldest_turns_and_keeps_the_last_user_turn(tokenizer):

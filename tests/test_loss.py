@@ -162,3 +162,14 @@ def test_a_confident_student_still_feels_the_tail():
     exact = 0.8 * (0.8 / q[0, 0]).log() + 0.2 * (0.2 / q[0, 1:].sum()).log()
     assert loss.item() == pytest.approx(exact.item(), rel=1e-4)
     assert logits.grad[0, 1:].sum().item() == pytest.approx(-0.2, rel=1e-3)  # (q − p) summed over the tail
+
+
+def test_eos_advantage_counts_only_responses_that_end_with_eos():
+    """A response cut at the length limit ends mid-answer: its last advantage says nothing about stopping."""
+    logp = tensors([-1.0, -2.0, -0.5], [-0.1, -3.0], [-0.2, -0.4])
+    adv = tensors([0.3, -0.4, 1.2], [2.0, 0.5], [0.1, -0.9])
+    _, diag = sdpo_loss(logp, adv, ends_with_eos=[True, False, True])
+    assert diag["eos_advantage"] == pytest.approx((1.2 - 0.9) / 2)
+    _, diag = sdpo_loss(logp, adv, ends_with_eos=[False, False, False])
+    assert "eos_advantage" not in diag and diag["tokens"] == 1.0  # the loss's other diagnostics are unchanged
+

@@ -69,12 +69,14 @@ def test_targets_score_identical_response_ids_and_advantage_is_the_gap(tiny):
 
     assert list(out.columns) == list(TARGET_COLUMNS)
     assert list(out["interaction_id"]) == list(interactions["interaction_id"])
+    assert 0 < out["truncated"].sum() < len(out)  # both endings are exercised
     assert set(out["template_hash"]) == {template_hash(cfg.template)} and set(out["model_revision"]) == {"rev123"}
     for _, row in out.iterrows():
         context = interactions.set_index("interaction_id").loc[row.interaction_id]
         enc = encode_interaction(tok, context.context, context.response, context.followup, cfg.template, cfg.max_prompt_tokens, 16)
-        assert row.response_ids == enc.response_ids and row.response_ids[-1] == tok.eos_token_id
-        assert len(row.response_ids) <= 16
+        assert row.response_ids == enc.response_ids and row.truncated == enc.truncated
+        assert (row.response_ids[-1] == tok.eos_token_id) != row.truncated
+        assert len(row.response_ids) == 16 if row.truncated else len(row.response_ids) < 16
         assert row.teacher_prompt_ids == enc.teacher_prompt_ids and row.student_prompt_ids == enc.student_prompt_ids
         assert row.n_tokens == len(row.response_ids) == len(row.teacher_logprobs) == len(row.student_logprobs)
         teacher, student, adv = map(np.asarray, (row.teacher_logprobs, row.student_logprobs, row.advantages))
@@ -617,3 +619,23 @@ def test_score_shard_claims_before_it_loads_the_model(tiny_model_dir, sdpo_home,
     with try_claim(folder / shard["file"].replace(".parquet", ".claim")):
         assert not score_shard(folder, 0)
     assert loads == []
+
+
+def test_the_targets_check_wants_eos_last_unless_the_response_was_cut(tiny, tmp_path):
+    """A cut response has no EOS by design; a complete one without EOS is an encoding bug and stops the run."""
+    from sdpo_platform.checks import check_targets
+
+    model, tok = tiny
+    targets = compute_targets(model, tok, make_interactions(), TargetsConfig(max_response_tokens=16, top_k=0), "rev")
+    assert targets["truncated"].any() and check_targets(targets, tok.eos_token_id).passed
+    complete = targets.index[~targets["truncated"]][0]
+    targets.at[complete, "truncated"] = True  # a cut response may end anywhere
+    assert check_targets(targets, tok.eos_token_id).passed
+    targets.at[complete, "truncated"] = False
+    targets.at[complete, "response_ids"] = targets.at[complete, "response_ids"][:-1] + [tok.eos_token_id + 1]
+    report = check_targets(targets, tok.eos_token_id)
+    assert not report.passed and "eos_last_unless_truncated" in report.description
+
+    legacy = tmp_path / "legacy.parquet"  # sets encoded before the flag gave every response an EOS
+    targets.drop(columns=["truncated"]).to_parquet(legacy, index=False)
+    assert read_targets(legacy)["truncated"].tolist() == [False] * len(targets)

@@ -137,6 +137,16 @@ def test_frozen_advantage_is_recomputed_against_the_current_student(tmp_path, sd
     assert metrics["positive_fraction"] == 1.0
 
 
+def test_responses_cut_at_the_limit_report_no_eos_advantage(tmp_path, sdpo_home, tiny_model_dir):
+    """A cut response's last token is mid-answer: it must not be read as the follow-up's view on stopping."""
+    run = make_run(tmp_path, tiny_model_dir, steps=1)
+    frame = pd.read_parquet(run.targets_path).assign(truncated=True)
+    frame.to_parquet(run.targets_path, index=False)
+    metrics = {}
+    train(run, on_step=lambda step, m: metrics.update(m))
+    assert metrics["mean_advantage"] == pytest.approx(0.3, abs=1e-4) and "eos_advantage" not in metrics
+
+
 def test_neutral_followup_baseline_measures_the_teacher_against_the_neutral_followup(tmp_path, sdpo_home, tiny_model_dir):
     """teacher = base + 0.3, neutral = base − 0.2: at step 1 A = teacher − neutral = 0.5 (plain frozen A would be 0.3)."""
     run = make_run(tmp_path, tiny_model_dir, steps=1, baseline="neutral_followup")
