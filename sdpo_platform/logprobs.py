@@ -54,11 +54,37 @@ def batch_response_logprobs_at(
         at = at.to(log_probs.device)
         sampled.append(_sampled(log_probs, r))
         chosen.append(log_probs.gather(-1, at))
-        outside.append(torch.logsumexp(log_probs.scatter(-1, at, OUTSIDE_MASK), dim=-1))
+        outside.append(logsumexp_outside(log_probs, at))
     return sampled, chosen, outside
 
 
 OUTSIDE_MASK = -1e4  # a masked log-prob: exp() is 0 in float32, yet a top-k covering the vocabulary stays finite
+
+
+def logsumexp_outside(log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log Σ_{v ∉ ids[i]} exp(log_probs[i, v]) for each row i, differentiable in `log_probs`.
+
+    The same as `logsumexp(log_probs.scatter(-1, ids, OUTSIDE_MASK))`, but autograd would keep that
+    masked [rows, vocab] copy until the backward pass, doubling what a row of training holds beside
+    the log-softmax itself; this keeps only `log_probs` (which the log-softmax keeps anyway) and masks
+    again in the backward pass.
+    """
+    return _LogSumExpOutside.apply(log_probs, ids)
+
+
+class _LogSumExpOutside(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, log_probs, ids):
+        result = torch.logsumexp(log_probs.scatter(-1, ids, OUTSIDE_MASK), dim=-1)  # the copy is freed here
+        ctx.save_for_backward(log_probs, ids, result)
+        return result
+
+    @staticmethod
+    def backward(ctx, grad):
+        log_probs, ids, result = ctx.saved_tensors
+        # d/d log_probs[v] = softmax over the tokens outside: exp(log_probs[v] − result), 0 at the ids
+        grad_log_probs = (log_probs - result[:, None]).exp_().mul_(grad[:, None]).scatter_(-1, ids, 0.0)
+        return grad_log_probs, None
 
 
 def _sampled(log_probs: torch.Tensor, response: list[int]) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sdpo_platform.logprobs import OUTSIDE_MASK, logsumexp_outside
 from sdpo_platform.loss import sdpo_loss
 
 
@@ -118,7 +119,7 @@ def test_topk_forward_kl_is_the_kl_over_topk_plus_a_tail_bucket_with_gradient_q_
     top_lp, top = p.log().topk(k, -1)
     tail = (1 - top_lp.exp().sum(-1)).clamp(min=0) if k < vocab else torch.zeros(n)  # nothing outside the vocabulary
     log_q = torch.log_softmax(logits, -1)
-    student_topk, student_tail = log_q.gather(-1, top), torch.logsumexp(log_q.scatter(-1, top, -1e4), -1)
+    student_topk, student_tail = log_q.gather(-1, top), logsumexp_outside(log_q, top)
     loss, diagnostics = topk_forward_kl([student_topk], [student_tail], [top_lp], [tail], skip=0)
 
     expected = _partition_kl(p, q, top)
@@ -138,7 +139,7 @@ def test_topk_forward_kl_is_zero_at_the_teacher_skips_tokens_and_never_moves_the
     top_lp, top = log_p.topk(4, -1)
     tail = 1 - top_lp.exp().sum(-1)
     teacher = top_lp.clone().requires_grad_(True)
-    outside = torch.logsumexp(log_p.scatter(-1, top, -1e4), -1)
+    outside = logsumexp_outside(log_p, top)
     loss, diagnostics = topk_forward_kl([log_p.gather(-1, top)], [outside], [teacher], [tail], skip=0)
     assert abs(loss.item()) < 1e-6 and diagnostics["student_topk_mass"] == pytest.approx(float(top_lp.exp().sum(-1).mean()), rel=1e-5)
     student = torch.log_softmax(torch.randn(5, 50), -1).requires_grad_(True)
@@ -156,7 +157,7 @@ def test_a_confident_student_still_feels_the_tail():
     top = torch.tensor([[0]])
     log_q = torch.log_softmax(logits, -1)
     teacher_top, teacher_tail = torch.tensor([[0.8]]).log(), torch.tensor([0.2])
-    loss, _ = topk_forward_kl([log_q.gather(-1, top)], [torch.logsumexp(log_q.scatter(-1, top, -1e4), -1)], [teacher_top], [teacher_tail], skip=0)
+    loss, _ = topk_forward_kl([log_q.gather(-1, top)], [logsumexp_outside(log_q, top)], [teacher_top], [teacher_tail], skip=0)
     loss.backward()
     q = torch.softmax(logits.detach().double(), -1)
     exact = 0.8 * (0.8 / q[0, 0]).log() + 0.2 * (0.2 / q[0, 1:].sum()).log()
@@ -173,3 +174,35 @@ def test_eos_advantage_counts_only_responses_that_end_with_eos():
     _, diag = sdpo_loss(logp, adv, ends_with_eos=[False, False, False])
     assert "eos_advantage" not in diag and diag["tokens"] == 1.0  # the loss's other diagnostics are unchanged
 
+
+def test_the_outside_mass_matches_the_masked_logsumexp_and_keeps_no_masked_copy_for_backward():
+    """Value and gradient equal the plain masked logsumexp; autograd holds no second [rows, vocab] tensor."""
+    torch.manual_seed(2)
+    logits = torch.randn(6, 40, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 40, (6, 5))
+    reference = lambda lp: torch.logsumexp(lp.scatter(-1, ids, OUTSIDE_MASK), -1)
+    ours = lambda lp: logsumexp_outside(lp, ids)
+    weights = torch.randn(6, dtype=torch.float64)
+
+    def value_and_gradient(f):
+        logits.grad = None
+        value = f(torch.log_softmax(logits, -1))
+        (value * weights).sum().backward()
+        return value.detach(), logits.grad.clone()
+
+    for got, expected in zip(value_and_gradient(ours), value_and_gradient(reference)):
+        torch.testing.assert_close(got, expected)
+    assert torch.autograd.gradcheck(lambda x: logsumexp_outside(x, ids), (logits.detach().clone().requires_grad_(True),))
+
+    def vocab_sized_bytes_saved(f) -> int:
+        saved = {}
+        def pack(t):
+            if t.dim() == 2 and t.shape[-1] == 40 and t.dtype.is_floating_point:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            f(torch.log_softmax(logits, -1))
+        return sum(saved.values())
+    one_copy = 6 * 40 * 8
+    assert vocab_sized_bytes_saved(reference) == 2 * one_copy  # the log-softmax and the masked copy
+    assert vocab_sized_bytes_saved(ours) == one_copy  # the log-softmax only
