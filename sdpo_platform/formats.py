@@ -226,9 +226,11 @@ class Container:
         if self.kind == "parquet":
             import pyarrow.parquet as pq
 
+            from sdpo_platform.parquet_utf8 import repaired_batch
+
             batches = pq.ParquetFile(self.path).iter_batches(batch_size=n)
             first = next(batches, None)
-            return first.to_pylist() if first is not None else []
+            return repaired_batch(first)[0].to_pylist() if first is not None else []
         parsed = []
         for checked, (_, text, error) in enumerate(self.records()):
             if checked >= 20 * n or len(parsed) >= n:

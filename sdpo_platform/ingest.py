@@ -14,8 +14,9 @@ What a file is, is decided from its bytes, not only its name:
   container. These file-level rows describe a path's latest attempt only (`file_quarantine`).
 
 Records are stored as text exactly as read (invalid JSON included): judging them is the cleaning
-stage's job, and keeping the text means a rejected record can still be inspected. Lines that are not
-UTF-8 are kept (bytes replaced by U+FFFD) with `read_error = 'invalid_utf8'`; records longer than
+stage's job, and keeping the text means a rejected record can still be inspected. Lines (and Parquet
+rows, `parquet_utf8`) that are not UTF-8 are kept (bytes replaced by U+FFFD) with
+`read_error = 'invalid_utf8'`; records longer than
 `IngestConfig.max_record_bytes` keep only their first 4 KiB with `read_error = 'record_too_large'`;
 cleaning quarantines both with that reason, so nothing read is ever silently dropped.
 
@@ -38,12 +39,14 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 
+from sdpo_platform import parquet_utf8
 from sdpo_platform.config import IngestConfig
 from sdpo_platform.file_quarantine import STAGE, TRUNCATION_REASONS, clear_file, note_file, reject_file
 from sdpo_platform.formats import (
@@ -224,8 +227,8 @@ def _file_days(con, path: Path, cfg: IngestConfig) -> set[dt.date]:
             return set()
         _detect(container, str(path), container.sample(_SNIFF_RECORDS))  # raises for binary content, as ingestion does
         if container.kind == "parquet":
-            query = days_sql.format(_DATED_SQL.format(rows=_PARQUET_ROWS_SQL))
-            return {row[0] for row in con.execute(query, {**params, "path": str(path)}).fetchall()}
+            with _parquet_rows(con, path) as (rows, parquet_params):
+                return {row[0] for row in con.execute(days_sql.format(_DATED_SQL.format(rows=rows)), {**params, **parquet_params}).fetchall()}
         days = set()
         for batch in _batches(container.byte_records(), cfg.batch_records, None):
             con.register("ingest_batch", batch)
@@ -297,17 +300,39 @@ _PARQUET_ROWS_SQL = """
     (SELECT file_row_number + 1 AS line_no, json_remove(to_json(t), '$.file_row_number') AS raw_text, NULL::VARCHAR AS read_error
      FROM read_parquet($path, file_row_number = true) t)
 """
+# The same for a file with strings that are not UTF-8, read by `parquet_utf8` and registered as `parquet_repaired`.
+_REPAIRED_ROWS_SQL = f"""
+    (SELECT "{parquet_utf8.LINE_NO}" AS line_no, "{parquet_utf8.READ_ERROR}" AS read_error,
+            json_remove(json_remove(to_json(t), '$.{parquet_utf8.LINE_NO}'), '$.{parquet_utf8.READ_ERROR}') AS raw_text
+     FROM parquet_repaired t)
+"""
+
+
+@contextmanager
+def _parquet_rows(con, path: Path) -> Iterator[tuple[str, dict]]:
+    """SQL for a Parquet file's rows (line_no, raw_text, read_error) and its parameters. DuckDB reads a
+    clean file; it stops at the first string that is not UTF-8, so a file holding one is read by
+    `parquet_utf8` and loses only the rows that hold one (kept, flagged 'invalid_utf8'), as JSONL does."""
+    if parquet_utf8.file_is_utf8(path):
+        yield _PARQUET_ROWS_SQL, {"path": str(path)}
+        return
+    con.register("parquet_repaired", parquet_utf8.repaired_table(path))
+    try:
+        yield _REPAIRED_ROWS_SQL, {}
+    finally:
+        con.unregister("parquet_repaired")
 
 
 def _stage_parquet(con, path: Path, source_file: str) -> None:
-    con.execute(
-        f"""
-        INSERT INTO ingest_batch
-        SELECT sha256(concat_ws(chr(31), $source_file, line_no::VARCHAR, raw_text)), line_no, raw_text, read_error
-        FROM {_PARQUET_ROWS_SQL}
-        """,
-        {"path": str(path), "source_file": source_file},
-    )
+    with _parquet_rows(con, path) as (rows, params):
+        con.execute(
+            f"""
+            INSERT INTO ingest_batch
+            SELECT sha256(concat_ws(chr(31), $source_file, line_no::VARCHAR, raw_text)), line_no, raw_text, read_error
+            FROM {rows}
+            """,
+            {**params, "source_file": source_file},
+        )
 
 
 # Raw records are clustered by day before they are stored: up to CLUSTER_RECORDS read records wait in a temp

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 
+import numpy as np
 import pytest
 
 from sdpo_platform.checks import check_conversations
@@ -188,6 +189,36 @@ def test_invalid_utf8_costs_one_record_in_every_text_container(con, tmp_path, co
     assert reasons(con) == {2: "invalid_utf8"} and cleaned.kept == 2
     raw = con.execute("SELECT raw_text, read_error FROM raw_records WHERE line_no = 2").fetchall()[0]
     assert raw == ('{"messages": "caf\ufffd"}', "invalid_utf8")
+    assert_reconciled(con)
+
+
+def test_invalid_utf8_costs_one_record_in_parquet_too(con, tmp_path):
+    """DuckDB's Parquet reader stops at the first string that is not UTF-8 (the file used to be rejected
+    whole); the row holding it is kept, flagged and quarantined, nested strings included, and the sensor's
+    day query reads the file too."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sdpo_platform.ingest import record_days
+
+    chats = numbered_chats(3)
+    texts = [m["content"].encode() for c in chats for m in c["messages"]]
+    texts[4] = b"Paris, caf\xe9 au lait."  # record 2's assistant turn: a Latin-1 byte
+    offsets = pa.array([0, *np.cumsum([len(t) for t in texts])], pa.int32()).buffers()[1]
+    content = pa.Array.from_buffers(pa.string(), len(texts), [None, offsets, pa.py_buffer(b"".join(texts))])  # unvalidated
+    roles = pa.array([m["role"] for c in chats for m in c["messages"]])
+    messages = pa.ListArray.from_arrays(pa.array([0, 3, 6, 9], pa.int32()), pa.StructArray.from_arrays([roles, content], ["role", "content"]))
+    path = tmp_path / "chats.parquet"
+    pq.write_table(pa.table({"messages": messages, "timestamp": ["2026-03-01T10:00:00Z"] * 3}), path)
+
+    ingested, cleaned = run(con, path)
+
+    assert ingested.records_new == 3 and ingested.files_rejected == 0 and not ingested.errors
+    assert reasons(con) == {2: "invalid_utf8"} and cleaned.kept == 2
+    raw_text, read_error = con.execute("SELECT raw_text, read_error FROM raw_records WHERE line_no = 2").fetchall()[0]
+    assert read_error == "invalid_utf8" and json.loads(raw_text)["messages"][1]["content"] == "Paris, caf\ufffd au lait."
+    stored_days = [d for (d,) in con.execute("SELECT DISTINCT partition_date::VARCHAR FROM raw_records ORDER BY 1").fetchall()]
+    assert record_days([path]) == stored_days and "2026-03-01" in stored_days  # the bad row sits on the arrival day
     assert_reconciled(con)
 
 
