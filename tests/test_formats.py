@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 from pathlib import Path
 
@@ -182,3 +183,28 @@ def test_a_cut_off_gzip_reads_up_to_the_cut_and_a_corrupt_one_raises(tmp_path):
     (tmp_path / "crc.jsonl.gz").write_bytes(whole[:-8] + bytes(4) + whole[-4:])
     with pytest.raises(OSError, match="CRC"), open_container(tmp_path / "crc.jsonl.gz", 1 << 20) as container:
         list(container.byte_records())
+
+
+def test_parquet_repair_flags_only_rows_with_bad_strings_and_leaves_binary_columns_alone(tmp_path):
+    from sdpo_platform.parquet_utf8 import LINE_NO, READ_ERROR, file_is_utf8, repaired_table
+
+    def unchecked(values: list[bytes], large: bool = False) -> pa.Array:  # strings Arrow has not validated
+        offsets = pa.array([0, *itertools.accumulate(map(len, values))], pa.int64() if large else pa.int32()).buffers()[1]
+        return pa.Array.from_buffers(pa.large_string() if large else pa.string(), len(values), [None, offsets, pa.py_buffer(b"".join(values))])
+
+    keys = unchecked([b"k", b"k\xff", b"k"])
+    table = pa.table({
+        "blob": pa.array([b"\xff\x00", b"ok", b"\xfe"], pa.binary()),  # bytes, not text: never flagged
+        "tags": pa.LargeListArray.from_arrays(pa.array([0, 1, 2, 3], pa.int64()), unchecked([b"a", b"b", b"\xc3"], large=True)),
+        "meta": pa.MapArray.from_arrays(pa.array([0, 1, 2, 3], pa.int32()), keys, pa.array(["v", "v", "v"])),
+    })
+    path = tmp_path / "mixed.parquet"
+    pq.write_table(table, path)
+
+    assert not file_is_utf8(path)
+    rows = repaired_table(path).to_pylist()
+    assert [r[READ_ERROR] for r in rows] == [None, "invalid_utf8", "invalid_utf8"] and [r[LINE_NO] for r in rows] == [1, 2, 3]
+    assert [r["blob"] for r in rows] == [b"\xff\x00", b"ok", b"\xfe"]
+    assert rows[1]["meta"] == [("k\ufffd", "v")] and rows[2]["tags"] == ["\ufffd"] and rows[0]["tags"] == ["a"]
+    pq.write_table(pa.table({"text": ["fine"]}), tmp_path / "clean.parquet")
+    assert file_is_utf8(tmp_path / "clean.parquet")
