@@ -116,21 +116,23 @@ def context_and_response(row: dict, where: str = "row") -> tuple[list[dict], str
 
 
 def score_rows(rows: list[dict], model, tokenizer, cfg: TargetsConfig, seed: int = 0, show_progress: bool = False) -> list[dict]:
-    """Each row with `response`, `tokens` (EOS last), `advantages`, `mean_advantage`, `mean_abs_advantage`
+    """Each row with `response`, `tokens` (EOS last unless `truncated`), `advantages`, `mean_advantage`, `mean_abs_advantage`
     and `truncated` (the response and its EOS did not fit in `cfg.max_response_tokens`: the scored tokens
-    are its start, without EOS, as training scores it). A generated response may run to the limit, so
-    one the limit cut is `truncated` too. `show_progress` draws bars on stderr (a terminal only)."""
+    are its start, without EOS, as training scores it). A generated response that the token limit cut is
+    `truncated` too, whatever length its text re-tokenizes to. `show_progress` draws bars on stderr (a terminal only)."""
     from tqdm.auto import tqdm
 
     contexts, responses = zip(*(context_and_response(row) for row in rows)) if rows else ((), ())
     missing = sum(r is None for r in responses)
     with tqdm(total=missing, unit="row", desc="generating responses", disable=None if show_progress and missing else True, file=sys.stderr) as bar:
-        generated = []
+        generated, complete = [], []
         for c, r in zip(contexts, responses):
+            stopped = True  # a logged response is taken as the whole answer
             if r is None:
-                r = generate_response(model, tokenizer, c, cfg.max_response_tokens, seed)
+                r, stopped = generate_response(model, tokenizer, c, cfg.max_response_tokens, seed)
                 bar.update()
             generated.append(r)
+            complete.append(stopped)
     responses = generated
     frame = pd.DataFrame(
         {
@@ -138,6 +140,7 @@ def score_rows(rows: list[dict], model, tokenizer, cfg: TargetsConfig, seed: int
             "context": list(contexts),
             "response": responses,
             "followup": [row["followup"] for row in rows],
+            "response_complete": complete,
             "split": "train",
         }
     )

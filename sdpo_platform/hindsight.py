@@ -69,6 +69,7 @@ def encode_interaction(
     max_prompt_tokens: int,
     max_response_tokens: int,
     other_followups: tuple[str, ...] | list[str] = (),
+    complete: bool = True,
 ) -> EncodedInteraction:
     """Student prompt, teacher prompt and response ids for one interaction (and the teacher prompt with
     each of `other_followups`, e.g. a neutral "OK." baseline or control follow-ups).
@@ -79,7 +80,9 @@ def encode_interaction(
     kept *without* EOS and the encoding is `truncated`: the logged answer did not stop there, and an EOS
     after the cut would teach the student to stop mid-answer wherever the teacher's follow-up favours
     stopping ("too long"). At the default 128 tokens that is most ShareGPT answers (201 of the
-    benchmark's 256).
+    benchmark's 256). A response known to be cut already (`complete=False`: a generation that hit its
+    token limit) is `truncated` whatever its length. Special-token text in the response (a literal
+    "<|im_end|>") is tokenized as text: only the appended EOS is an end of turn.
 
     Prompt truncation: while the teacher prompt (the longer of the two) exceeds `max_prompt_tokens`,
     the oldest exchange of x (up to its next user turn) is dropped, for both prompts alike, so teacher and student
@@ -96,8 +99,8 @@ def encode_interaction(
         raise ValueError("max_prompt_tokens and max_response_tokens must be positive")
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no eos_token_id")
-    response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
-    truncated = len(response_ids) >= max_response_tokens
+    response_ids = list(tokenizer(response, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    truncated = len(response_ids) >= max_response_tokens or not complete
     response_ids = response_ids[:max_response_tokens] if truncated else response_ids + [tokenizer.eos_token_id]
 
     context = _check_context(context)

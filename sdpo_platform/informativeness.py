@@ -227,7 +227,7 @@ def assess_interactions(
 def generate_missing_responses(model, tokenizer, contexts: list[list[Message]], responses: list, max_new_tokens: int) -> list[str]:
     """Greedy responses for rows whose response is missing or empty (others are returned unchanged)."""
     return [
-        response if isinstance(response, str) and response.strip() else generate_response(model, tokenizer, messages, max_new_tokens)
+        response if isinstance(response, str) and response.strip() else generate_response(model, tokenizer, messages, max_new_tokens)[0]
         for messages, response in zip(contexts, responses)
     ]
 

@@ -62,7 +62,7 @@ OUTSIDE_MASK = -1e4  # a masked log-prob: exp() is 0 in float32, yet a top-k cov
 
 
 def logsumexp_outside(log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """log Σ_{v ∉ ids[i]} exp(log_probs[i, v]) for each row i, differentiable in `log_probs`.
+    """log Σ_{v ∉ ids[..., :]} exp(log_probs[..., v]) over the last dimension, differentiable (once) in `log_probs`.
 
     The same as `logsumexp(log_probs.scatter(-1, ids, OUTSIDE_MASK))`, but autograd would keep that
     masked [rows, vocab] copy until the backward pass, doubling what a row of training holds beside
@@ -80,10 +80,11 @@ class _LogSumExpOutside(torch.autograd.Function):
         return result
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative is never needed: say so, not a wrong one
     def backward(ctx, grad):
         log_probs, ids, result = ctx.saved_tensors
         # d/d log_probs[v] = softmax over the tokens outside: exp(log_probs[v] − result), 0 at the ids
-        grad_log_probs = (log_probs - result[:, None]).exp_().mul_(grad[:, None]).scatter_(-1, ids, 0.0)
+        grad_log_probs = (log_probs - result.unsqueeze(-1)).exp_().mul_(grad.unsqueeze(-1)).scatter_(-1, ids, 0.0)
         return grad_log_probs, None
 
 

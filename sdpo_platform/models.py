@@ -163,9 +163,10 @@ def _convert_default_gguf(target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def generate_response(model, tokenizer, context: list[dict], max_new_tokens: int, seed: int = 0) -> str:
+def generate_response(model, tokenizer, context: list[dict], max_new_tokens: int, seed: int = 0) -> tuple[str, bool]:
     """The model's greedy answer to the chat `context` (seeded, so a rerun gives the same text), for rows
-    logged without a response."""
+    logged without a response, and whether the model stopped (False: `max_new_tokens` cut it, so its
+    scoring must not learn a stop there)."""
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     ids = tokenizer.apply_chat_template(context, add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -173,4 +174,8 @@ def generate_response(model, tokenizer, context: list[dict], max_new_tokens: int
         out = model.generate(
             **{k: v.to(device) for k, v in ids.items()}, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
         )
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    new = out[0, ids["input_ids"].shape[1] :].tolist()
+    stop_ids = model.generation_config.eos_token_id
+    stop_ids = {tokenizer.eos_token_id, *(stop_ids if isinstance(stop_ids, list) else [stop_ids])} - {None}
+    stopped = len(new) < max_new_tokens or (bool(new) and new[-1] in stop_ids)
+    return tokenizer.decode(new, skip_special_tokens=True).strip(), stopped

@@ -29,7 +29,7 @@ from sdpo_platform.progress import ProgressCallback, ScoringProgress
 from sdpo_platform.shard_claims import CLAIM_TIMEOUT_S, describe, read_claim, try_claim
 from sdpo_platform.target_sets import leftovers
 from sdpo_platform.targets import (
-    MANIFEST_FILE, _shard, compute_targets, pending_shards, plan_target_set, read_manifest, read_plan, snapshot_plan,
+    MANIFEST_FILE, _shard, check_scorable, compute_targets, pending_shards, plan_target_set, read_manifest, read_plan, snapshot_plan,
 )  # fmt: skip
 
 POLL_S, WAIT_LOG_S = 10.0, 60.0  # while others score the rest: look again / say so this often
@@ -296,6 +296,7 @@ def _score_claimed(set_dir: Path, manifest: dict, data: bytes, shard: dict, get_
 
     `get_model()` gives `(model, tokenizer)`, which must have the set's precision: shards of one set never mix them.
     """
+    check_scorable(manifest)
     claim = try_claim(_claim_path(set_dir, shard), claim_timeout_s)
     if claim is None:
         return False

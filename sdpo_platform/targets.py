@@ -57,15 +57,19 @@ MAX_SHARD_FACTOR = 4  # no shard passes this many times `shard_size` rows
 
 
 def encode_interactions(tokenizer, interactions: pd.DataFrame, cfg: TargetsConfig) -> tuple[list[EncodedInteraction], list[BranchJob]]:
-    """Encoded (x, y, o) rows and their scoring jobs: branches student, teacher[, neutral teacher]."""
+    """Encoded (x, y, o) rows and their scoring jobs: branches student, teacher[, neutral teacher]. An optional
+    `response_complete` column marks responses that were cut before their end (a generation at its token
+    limit): they get no EOS (`encode_interaction`'s `complete`)."""
     missing = [c for c in INPUT_COLUMNS if c not in interactions.columns]
     if missing:
         raise ValueError(f"interactions lack columns {missing}")
 
     others = () if cfg.neutral_followup is None else (cfg.neutral_followup,)  # cut alike: the same conversation
+    complete = interactions["response_complete"] if "response_complete" in interactions else [True] * len(interactions)
     encoded = [
-        encode_interaction(tokenizer, _messages(context), response, followup, cfg.template, cfg.max_prompt_tokens, cfg.max_response_tokens, others)
-        for context, response, followup in zip(interactions["context"], interactions["response"], interactions["followup"])
+        encode_interaction(tokenizer, _messages(context), response, followup, cfg.template, cfg.max_prompt_tokens, cfg.max_response_tokens,
+                           others, complete=bool(whole))
+        for context, response, followup, whole in zip(interactions["context"], interactions["response"], interactions["followup"], complete)
     ]
     jobs = [BranchJob((e.student_prompt_ids, e.teacher_prompt_ids, *e.other_teacher_prompt_ids), e.response_ids) for e in encoded]
     return encoded, jobs
@@ -271,6 +275,7 @@ def plan_target_set(
         "model_revision": model_revision,
         "template_hash": template_hash(cfg.template),
         "scoring_key": scoring_key(cfg, dtype),
+        "prompt_encoding": PROMPT_ENCODING_VERSION,  # a worker running other code must not add shards (check_scorable)
         "dtype": dtype,
         "model_path": model_path,
         "targets_config": cfg.model_dump(),
@@ -284,6 +289,20 @@ def plan_target_set(
     if not manifest_path.exists() or json.loads(manifest_path.read_text()) != manifest:
         atomic_write(manifest_path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2, ensure_ascii=False)))
     return folder
+
+
+def check_scorable(manifest: dict) -> None:
+    """Refuse to score a set whose plan this code would key differently: its shards would mix encodings
+    (another `PROMPT_ENCODING_VERSION` on one machine of a scale-out) under one set id."""
+    if "scoring_key" not in manifest or "dtype" not in manifest:
+        return
+    ours = scoring_key(TargetsConfig.model_validate(manifest["targets_config"]), manifest["dtype"])
+    if ours != manifest["scoring_key"]:
+        raise ValueError(
+            f"this code scores the set's settings under key {ours}, the set was planned under {manifest['scoring_key']} "
+            f"(prompt encoding {PROMPT_ENCODING_VERSION} here, {manifest.get('prompt_encoding', 'before 3')} in the plan): "
+            "score it with the sdpo-platform version that planned it, or re-plan"
+        )
 
 
 def read_manifest(set_dir: str | Path) -> dict:
@@ -344,11 +363,17 @@ def read_targets(path: str | Path) -> pd.DataFrame:
     elif path.suffix == ".json" and path.parent.name == SNAPSHOTS_DIR:
         df = _read_shards(path.parent.parent, json.loads(path.read_text()), f"snapshot {path}")
     else:
-        df = pd.read_parquet(path / LEGACY_TARGETS_FILE if path.is_dir() else path)
+        df = _read_frame(path / LEGACY_TARGETS_FILE if path.is_dir() else path)
     for column in LIST_COLUMNS:
         if column in df.columns:
             df[column] = df[column].map(_as_lists)
-    if "truncated" not in df.columns:  # sets encoded before version 3 gave every response an EOS
+    return df
+
+
+def _read_frame(path: Path) -> pd.DataFrame:
+    """One shard or file; files encoded before version 3 have no `truncated` (every response ended with EOS)."""
+    df = pd.read_parquet(path)
+    if "truncated" not in df.columns:
         df["truncated"] = False
     return df
 
@@ -357,7 +382,7 @@ def _read_shards(set_dir: Path, manifest: dict, what: str) -> pd.DataFrame:
     missing = [s["file"] for s in manifest["shards"] if not (set_dir / s["file"]).exists()]
     if missing:
         raise FileNotFoundError(f"target set {what} is incomplete: {len(missing)} shard(s) not on disk (not scored yet, or pruned)")
-    frames = [pd.read_parquet(set_dir / s["file"]) for s in manifest["shards"]]
+    frames = [_read_frame(set_dir / s["file"]) for s in manifest["shards"]]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(TARGET_COLUMNS))
 
 

@@ -231,3 +231,23 @@ def test_progress_bars_on_a_terminal(tiny_model_dir, sdpo_home, tmp_path, monkey
     assert main(["advantages", str(source), "--out", str(tmp_path / "out.jsonl"), "--model", str(tiny_model_dir)]) == 0
     shown = terminal.getvalue()
     assert "generating responses" in shown and "3/3" in shown and "scoring" in shown and "4/4" in shown and "tokens_per_s" in shown
+
+
+@pytest.mark.parametrize("stops", [False, True])
+def test_a_generation_the_limit_cut_is_scored_without_eos_even_when_its_text_is_shorter(tiny_model_dir, stops):
+    """decode + strip can drop a cut generation's edge whitespace, so its text fits with an EOS: the
+    generator's own word (it hit max_new_tokens) decides."""
+    import torch
+
+    from sdpo_platform.advantages import score_rows
+
+    model, tok = load_model(str(tiny_model_dir))
+    cfg = TargetsConfig(max_response_tokens=16)
+    words = tok("Here are the steps you need to follow to get this working on your machine", add_special_tokens=False)["input_ids"]
+    paragraph = tok("\n\n", add_special_tokens=False)["input_ids"]
+    generated = words[: 15] + [tok.eos_token_id] if stops else words[: 16 - len(paragraph)] + paragraph  # 16 ids
+    model.generate = lambda input_ids, max_new_tokens, **kw: torch.cat([input_ids, torch.tensor([generated[:max_new_tokens]])], 1)
+
+    [row] = score_rows([{"prompt": "How do I set this up?", "followup": "Go on."}], model, tok, cfg)
+    assert row["truncated"] is (not stops) and (row["tokens"][-1] == tok.eos_token) is stops
+    assert len(row["tokens"]) == (16 if stops else 16 - len(paragraph))  # cut: its text, no EOS

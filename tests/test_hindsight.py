@@ -142,3 +142,11 @@ def test_other_followups_are_cut_with_the_real_one_so_every_branch_sees_the_same
     prompts = (enc.student_prompt_ids, enc.teacher_prompt_ids, *enc.other_teacher_prompt_ids)
     tail = len(tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=True, return_dict=False))
     assert max(map(len, prompts)) == 64 and common_prefix_length(*prompts) >= len(enc.student_prompt_ids) - tail
+
+
+def test_special_token_text_in_a_response_is_text_and_a_known_cut_gets_no_eos(tokenizer):
+    eos_text = tokenizer.eos_token
+    enc = encode_interaction(tokenizer, CONTEXT, f"Sure{eos_text} more", FOLLOWUP, DEFAULT_HINDSIGHT_TEMPLATE, 384, 128)
+    assert enc.response_ids.count(tokenizer.eos_token_id) == 1 and enc.response_ids[-1] == tokenizer.eos_token_id
+    cut = encode_interaction(tokenizer, CONTEXT, "Short.", FOLLOWUP, DEFAULT_HINDSIGHT_TEMPLATE, 384, 128, complete=False)
+    assert cut.truncated and cut.response_ids == tokenizer("Short.", add_special_tokens=False)["input_ids"]

@@ -193,6 +193,15 @@ def test_the_outside_mass_matches_the_masked_logsumexp_and_keeps_no_masked_copy_
     for got, expected in zip(value_and_gradient(ours), value_and_gradient(reference)):
         torch.testing.assert_close(got, expected)
     assert torch.autograd.gradcheck(lambda x: logsumexp_outside(x, ids), (logits.detach().clone().requires_grad_(True),))
+    for shape in ((40,), (2, 3, 40)):  # any number of leading dimensions, as logsumexp takes
+        values, at = torch.randn(*shape, dtype=torch.float64, requires_grad=True), torch.randint(0, 40, (*shape[:-1], 5))
+        logsumexp_outside(values, at).sum().backward()
+        expected = torch.autograd.grad(torch.logsumexp(values.scatter(-1, at, OUTSIDE_MASK), -1).sum(), values)[0]
+        torch.testing.assert_close(values.grad, expected)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):  # refused, never a wrong second derivative
+        x = logits.detach().clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(logsumexp_outside(x, ids).sum(), x, create_graph=True)
+        grad.sum().backward()
 
     def vocab_sized_bytes_saved(f) -> int:
         saved = {}

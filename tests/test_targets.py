@@ -639,3 +639,23 @@ def test_the_targets_check_wants_eos_last_unless_the_response_was_cut(tiny, tmp_
     legacy = tmp_path / "legacy.parquet"  # sets encoded before the flag gave every response an EOS
     targets.drop(columns=["truncated"]).to_parquet(legacy, index=False)
     assert read_targets(legacy)["truncated"].tolist() == [False] * len(targets)
+
+
+def test_a_worker_running_another_encoding_refuses_the_set_and_old_shards_read_as_ending_in_eos(tiny, tiny_model_dir, sdpo_home, monkeypatch):
+    """Scale-out machines may run different versions: a shard encoded otherwise must not join the set under its id."""
+    import sdpo_platform.targets as targets_module
+
+    model, tok = tiny
+    folder = planned(tiny_model_dir, n=2)
+    assert score_shard(folder, 0, model, tok)
+    monkeypatch.setattr(targets_module, "PROMPT_ENCODING_VERSION", targets_module.PROMPT_ENCODING_VERSION + 1)
+    with pytest.raises(ValueError, match="re-plan"):
+        score_shard(folder, 1, model, tok)
+    assert pending_shards(folder) == [1]  # nothing written
+    monkeypatch.undo()
+    assert score_shard(folder, 1, model, tok)
+
+    first = folder / read_manifest(folder)["shards"][0]["file"]  # as an older version wrote it: no `truncated`
+    pd.read_parquet(first).drop(columns=["truncated"]).to_parquet(first, index=False)
+    frame = read_targets(folder)
+    assert frame["truncated"].dtype == bool and not frame["truncated"].iloc[0]
