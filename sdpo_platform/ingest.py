@@ -227,7 +227,7 @@ def _file_days(con, path: Path, cfg: IngestConfig) -> set[dt.date]:
             return set()
         _detect(container, str(path), container.sample(_SNIFF_RECORDS))  # raises for binary content, as ingestion does
         if container.kind == "parquet":
-            with _parquet_rows(con, path) as (rows, parquet_params):
+            with _parquet_rows(con, container.path) as (rows, parquet_params):  # a gzipped file's decompressed copy
                 return {row[0] for row in con.execute(days_sql.format(_DATED_SQL.format(rows=rows)), {**params, **parquet_params}).fetchall()}
         days = set()
         for batch in _batches(container.byte_records(), cfg.batch_records, None):
@@ -302,9 +302,8 @@ _PARQUET_ROWS_SQL = """
 """
 # The same for a file with strings that are not UTF-8, read by `parquet_utf8` and registered as `parquet_repaired`.
 _REPAIRED_ROWS_SQL = f"""
-    (SELECT "{parquet_utf8.LINE_NO}" AS line_no, "{parquet_utf8.READ_ERROR}" AS read_error,
-            json_remove(json_remove(to_json(t), '$.{parquet_utf8.LINE_NO}'), '$.{parquet_utf8.READ_ERROR}') AS raw_text
-     FROM parquet_repaired t)
+    (SELECT {parquet_utf8.LINE_NO} AS line_no, to_json({parquet_utf8.ROW}) AS raw_text, {parquet_utf8.READ_ERROR} AS read_error
+     FROM parquet_repaired)
 """
 
 

@@ -192,7 +192,8 @@ def test_invalid_utf8_costs_one_record_in_every_text_container(con, tmp_path, co
     assert_reconciled(con)
 
 
-def test_invalid_utf8_costs_one_record_in_parquet_too(con, tmp_path):
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_invalid_utf8_costs_one_record_in_parquet_too(con, tmp_path, gzipped):
     """DuckDB's Parquet reader stops at the first string that is not UTF-8 (the file used to be rejected
     whole); the row holding it is kept, flagged and quarantined, nested strings included, and the sensor's
     day query reads the file too."""
@@ -210,6 +211,9 @@ def test_invalid_utf8_costs_one_record_in_parquet_too(con, tmp_path):
     messages = pa.ListArray.from_arrays(pa.array([0, 3, 6, 9], pa.int32()), pa.StructArray.from_arrays([roles, content], ["role", "content"]))
     path = tmp_path / "chats.parquet"
     pq.write_table(pa.table({"messages": messages, "timestamp": ["2026-03-01T10:00:00Z"] * 3}), path)
+    if gzipped:  # read through a decompressed copy, by ingestion and by the sensor alike
+        path = path.rename(tmp_path / "chats.parquet.gz")
+        path.write_bytes(gzip.compress(path.read_bytes()))
 
     ingested, cleaned = run(con, path)
 
