@@ -16,7 +16,7 @@ Message = dict[str, str]
 
 # Bumped whenever encode_interaction's output changes for the same inputs, so stored target shards are
 # recomputed rather than reused (2: left truncation cuts both prompts at the same token; 3: a response cut
-# at the limit gets no EOS).
+# at the limit gets no EOS, and special-token text in a response is tokenized as text).
 PROMPT_ENCODING_VERSION = 3
 
 
