@@ -57,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("paths", nargs="+", help="JSONL / JSON / Parquet files (optionally .gz)")
     ing.add_argument("--partition", type=day, help="put every record on this day (YYYY-MM-DD) instead of its own timestamp")
     ing.add_argument("--format", choices=FORMATS, help="force the record format instead of detecting it per file")
-    fgt = sub.add_parser("forget", help="erase ingested files: their records and everything built from them (move them out of the inbox first)")
+    fgt = sub.add_parser("forget", help="erase ingested files: their records and everything the warehouse built from them, and list the target sets holding them (move them out of the inbox first)")
     fgt.add_argument("paths", nargs="+", help="files as they were ingested (paths; they may no longer exist)")
+    fgt.add_argument("--purge-targets", action="store_true",
+                     help="also delete the target sets that hold their interactions (listed either way; the next round rescores without them)")
     st = sub.add_parser("stats", help="warehouse counts (records, conversations, interactions, quarantine by reason)")
     st.add_argument("--json", action="store_true", help="print one JSON object")
     adv = sub.add_parser("advantages", help="per-token hindsight advantages of JSONL rows, optionally as an HTML heatmap")
@@ -213,7 +215,7 @@ def _forget(args) -> int:
     from sdpo_platform.warehouse import connect
 
     with connect() as con:
-        outcome = forget_and_rebuild(con, args.paths, PlatformConfig.load(), inbox=inbox_dir(), log=_stderr)
+        outcome = forget_and_rebuild(con, args.paths, PlatformConfig.load(), inbox=inbox_dir(), log=_stderr, purge_targets=args.purge_targets)
     print(json.dumps(outcome, indent=2))
     return 1 if any(v != "passed" for day in outcome["checks"].values() for v in day.values()) else 0
 

@@ -41,13 +41,24 @@ def ingest_and_clean(con: duckdb.DuckDBPyConnection, paths: list[str | Path], cf
 
 
 def forget_and_rebuild(con: duckdb.DuckDBPyConnection, paths: list[str | Path], cfg: PlatformConfig,
-                       inbox: Path | None = None, log: Callable[[str], None] | None = None) -> dict:
+                       inbox: Path | None = None, log: Callable[[str], None] | None = None, purge_targets: bool = False) -> dict:
     """Erase ingested files (`forget.forget_files`) and rebuild the days they were in, so nothing built from
-    them is left in the warehouse; returns the forgotten files, their days and what the rebuild did."""
-    from sdpo_platform.forget import forget_files
+    them is left in the warehouse; returns the forgotten files, their days, what the rebuild did, and the
+    target sets outside the warehouse that still hold their interactions (`derived_copies`), deleted with
+    `purge_targets`."""
+    from sdpo_platform.forget import derived_copies, forget_files, interaction_ids_of, purge_target_sets, stored_paths
 
+    ids = interaction_ids_of(con, stored_paths(paths))  # read before the rebuild removes them
     files, days = forget_files(con, paths, inbox)
-    return {"forgotten": files, "partitions": days, **rebuild_days(con, cfg, days, log)}
+    outcome = {"forgotten": files, "partitions": days, **rebuild_days(con, cfg, days, log)}
+    copies = derived_copies(ids)
+    outcome["target_sets_holding_them"] = copies
+    outcome["target_sets_purged"] = purge_target_sets(copies) if purge_targets else []
+    if log is not None and copies:
+        action = "deleted" if purge_targets else "still hold them (`sdpo forget --purge-targets` deletes those sets)"
+        log(f"{sum(c['interactions'] for c in copies)} interaction(s) of the forgotten files were in {len(copies)} target set(s), "
+            f"which {action}; checkpoints trained on them: {sum(len(c['checkpoints']) for c in copies)} (retire them by hand)")
+    return outcome
 
 
 def rebuild_days(con: duckdb.DuckDBPyConnection, cfg: PlatformConfig, days: list[str], log: Callable[[str], None] | None = None) -> dict:

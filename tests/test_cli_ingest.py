@@ -179,3 +179,44 @@ def test_forget_erases_a_file_and_everything_built_from_it(sdpo_home, capsys, no
         kept_file = con.execute("SELECT DISTINCT c.source_file FROM interactions JOIN conversations c USING (conversation_id)").fetchall()
         assert kept_file == [(str(second.resolve()),)]
         assert con.execute("SELECT count(*) FROM interaction_assessments").fetchone() == (1,)
+
+
+def test_forget_lists_and_purges_the_target_sets_that_hold_the_forgotten_interactions(sdpo_home, capsys, no_model):
+    """Target sets live outside the warehouse: their inputs (text) and shards (token ids) keep a forgotten
+    file's interactions until deleted, and an erasure must say so, or with --purge-targets delete them."""
+    import pandas as pd
+
+    from sdpo_platform.config import TargetsConfig
+    from sdpo_platform.forget import interaction_ids_of
+    from sdpo_platform.paths import models_dir
+    from sdpo_platform.targets import plan_target_set
+    from sdpo_platform.warehouse import connect
+
+    chat = lambda day, topic: {"created": f"{day}T10:00:00Z", "messages": [  # noqa: E731
+        {"role": "user", "content": f"Write a short poem about {topic} for my class, please."},
+        {"role": "assistant", "content": f"Here is a poem about {topic}: it rolls and sings and rises high."},
+        {"role": "user", "content": "Too short, make it longer please."}]}
+    first, second = sdpo_home / "first.jsonl", sdpo_home / "second.jsonl"
+    first.write_text(json.dumps(chat("2026-01-05", "the sea")) + "\n")
+    second.write_text(json.dumps(chat("2026-01-06", "the mountains")) + "\n")
+    assert main(["ingest", str(first), str(second)]) == 0
+    with connect() as con:
+        rows = con.execute("SELECT * FROM interactions").df()
+        forgotten = interaction_ids_of(con, [str(first.resolve())])
+    assert len(forgotten) == 1 and len(rows) == 2
+    both = plan_target_set(rows, TargetsConfig(), "model", "rev1")  # text of both files in inputs.parquet
+    kept_only = plan_target_set(rows[~rows.interaction_id.isin(forgotten)], TargetsConfig(), "model", "rev2")
+    old_shard = kept_only.parent / "rev3-old" / "shard-0123.parquet"  # token ids in a shard a re-plan replaced
+    old_shard.parent.mkdir()
+    pd.DataFrame({"interaction_id": forgotten, "response_ids": [[1, 2, 3]]}).to_parquet(old_shard)
+    checkpoint = models_dir() / "checkpoints" / f"{both.name}-run1"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "train_state.json").write_text(json.dumps({"target_set": both.name}))
+    capsys.readouterr()
+
+    assert main(["forget", "--purge-targets", str(first)]) == 0
+    outcome = json.loads(capsys.readouterr().out)
+    holding = {c["target_set"]: (c["interactions"], c["checkpoints"]) for c in outcome["target_sets_holding_them"]}
+    assert holding == {both.name: (1, [str(checkpoint)]), "rev3-old": (1, [])}
+    assert sorted(outcome["target_sets_purged"]) == sorted([str(both), str(old_shard.parent)])
+    assert not both.exists() and not old_shard.parent.exists() and kept_only.exists()  # the other file's set stays
