@@ -208,7 +208,7 @@ def _mib(size: int) -> str:
 
 
 def _forget(args) -> int:
-    """Exit 0 when the rebuilt days passed their checks, else 1."""
+    """Exit 0 when the rebuilt days passed their checks and every target set could be checked (and purged), else 1."""
     from sdpo_platform.config import PlatformConfig
     from sdpo_platform.paths import inbox_dir
     from sdpo_platform.pipeline import forget_and_rebuild
@@ -217,7 +217,8 @@ def _forget(args) -> int:
     with connect() as con:
         outcome = forget_and_rebuild(con, args.paths, PlatformConfig.load(), inbox=inbox_dir(), log=_stderr, purge_targets=args.purge_targets)
     print(json.dumps(outcome, indent=2))
-    return 1 if any(v != "passed" for day in outcome["checks"].values() for v in day.values()) else 0
+    failed = any(v != "passed" for day in outcome["checks"].values() for v in day.values())
+    return 1 if failed or outcome["unreadable"] else 0
 
 
 if __name__ == "__main__":

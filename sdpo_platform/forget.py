@@ -59,40 +59,57 @@ def stored_paths(paths: list[str | Path]) -> list[str]:
     return [str(Path(path).expanduser().resolve()) for path in paths]
 
 
-def interaction_ids_of(con: duckdb.DuckDBPyConnection, files: list[str]) -> list[str]:
-    """Ids of the interactions built from `files` (stored paths): what target sets may still hold after an erasure."""
+def record_ids_of(con: duckdb.DuckDBPyConnection, files: list[str]) -> list[str]:
+    """Ids of the raw records `files` (stored paths) hold. A conversation's id is its first record's id and an
+    interaction's is `conversation_id:turn`, so these find every interaction built from the files in a target
+    set, also one the warehouse no longer keeps (its conversation since quarantined as a duplicate)."""
     return [row[0] for row in con.execute(
-        """SELECT DISTINCT i.interaction_id FROM interactions i JOIN conversations c USING (conversation_id)
-           WHERE list_contains($files, c.source_file) ORDER BY 1""", {"files": files}).fetchall()]
+        "SELECT DISTINCT record_id FROM raw_records WHERE list_contains($files, source_file) ORDER BY 1", {"files": files}).fetchall()]
 
 
-def derived_copies(interaction_ids: list[str], root: Path | None = None) -> list[dict]:
-    """Per target set holding any of `interaction_ids` (in its inputs or in any shard on disk): its folder,
-    how many of them it holds, and the checkpoints trained on it (`train_state.json`'s `target_set`)."""
-    if not interaction_ids:
-        return []
-    sets = [d for d in sorted(targets_dir(root).iterdir()) if d.is_dir()]
-    files = [str(f) for d in sets for f in sorted(d.glob("*.parquet"))]  # inputs.parquet and every shard
-    if not files:
-        return []
-    with duckdb.connect() as con:
-        held = dict(con.execute(
-            """SELECT parse_dirpath(filename) AS folder, count(DISTINCT interaction_id)
-               FROM read_parquet($files, filename = true, union_by_name = true)
-               WHERE list_contains($ids, interaction_id) GROUP BY folder""",
-            {"files": files, "ids": list(interaction_ids)}).fetchall())
+def derived_copies(record_ids: list[str], root: Path | None = None) -> tuple[list[dict], list[dict]]:
+    """(per target set holding an interaction of `record_ids` in its inputs or any shard on disk: its folder,
+    how many it holds and the checkpoints trained on it (`train_state.json`'s `target_set`); the files that
+    could not be read, each with its error). A set with an unreadable file may hold them too: it is reported,
+    not guessed."""
+    if not record_ids:
+        return [], []
+    copies, unreadable = [], []
     trained: dict[str, list[str]] = {}
     for state in sorted((models_dir(root) / "checkpoints").glob("*/train_state.json")):
-        target_set = json.loads(state.read_text()).get("target_set")
-        trained.setdefault(target_set, []).append(str(state.parent))
-    return [
-        {"target_set": d.name, "path": str(d), "interactions": int(held[str(d)]), "checkpoints": trained.get(d.name, [])}
-        for d in sets if str(d) in held
-    ]
+        try:
+            trained.setdefault(json.loads(state.read_text())["target_set"], []).append(str(state.parent))
+        except (OSError, ValueError, KeyError, TypeError) as error:  # a run still writing it, or a damaged one
+            unreadable.append({"path": str(state), "error": f"{type(error).__name__}: {error}"})
+    with duckdb.connect() as con:
+        for folder in sorted(d for d in targets_dir(root).iterdir() if d.is_dir()):
+            held = set()
+            for file in sorted(folder.glob("*.parquet")):  # inputs.parquet and every shard, replaced ones included
+                try:
+                    held |= {row[0] for row in con.execute(
+                        "SELECT DISTINCT interaction_id FROM read_parquet($file) WHERE list_contains($ids, split_part(interaction_id, ':', 1))",
+                        {"file": str(file), "ids": list(record_ids)}).fetchall()}
+                except (duckdb.Error, OSError) as error:
+                    unreadable.append({"path": str(file), "error": f"{type(error).__name__}: {error}"})
+            if held:
+                copies.append({"target_set": folder.name, "path": str(folder), "interactions": len(held),
+                               "checkpoints": trained.get(folder.name, [])})
+    return copies, unreadable
 
 
-def purge_target_sets(copies: list[dict]) -> list[str]:
-    """Delete the target sets `derived_copies` found, whole: their inputs, shards, snapshots and heatmaps."""
+def purge_target_sets(copies: list[dict]) -> tuple[list[str], list[dict]]:
+    """Delete the target sets `derived_copies` found, whole (inputs, shards, snapshots, heatmaps; a set that is a
+    symbolic link goes with the folder it points to): (the folders deleted, those that could not be, with why)."""
+    purged, failed = [], []
     for copy in copies:
-        shutil.rmtree(copy["path"])
-    return [copy["path"] for copy in copies]
+        path = Path(copy["path"])
+        try:
+            if path.is_symlink():
+                shutil.rmtree(path.resolve())
+                path.unlink()
+            else:
+                shutil.rmtree(path)
+            purged.append(str(path))
+        except OSError as error:
+            failed.append({"path": str(path), "error": f"{type(error).__name__}: {error}"})
+    return purged, failed

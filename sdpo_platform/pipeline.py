@@ -44,20 +44,22 @@ def forget_and_rebuild(con: duckdb.DuckDBPyConnection, paths: list[str | Path], 
                        inbox: Path | None = None, log: Callable[[str], None] | None = None, purge_targets: bool = False) -> dict:
     """Erase ingested files (`forget.forget_files`) and rebuild the days they were in, so nothing built from
     them is left in the warehouse; returns the forgotten files, their days, what the rebuild did, and the
-    target sets outside the warehouse that still hold their interactions (`derived_copies`), deleted with
-    `purge_targets`."""
-    from sdpo_platform.forget import derived_copies, forget_files, interaction_ids_of, purge_target_sets, stored_paths
+    target sets outside the warehouse that hold their interactions (`forget.derived_copies`, looked for before
+    the erasure, so a damaged set costs its report line, never the erasure's), deleted with `purge_targets`.
+    Files that could not be read or deleted are listed under `unreadable`."""
+    from sdpo_platform.forget import derived_copies, forget_files, purge_target_sets, record_ids_of, stored_paths
 
-    ids = interaction_ids_of(con, stored_paths(paths))  # read before the rebuild removes them
+    copies, unreadable = derived_copies(record_ids_of(con, stored_paths(paths)))
     files, days = forget_files(con, paths, inbox)
     outcome = {"forgotten": files, "partitions": days, **rebuild_days(con, cfg, days, log)}
-    copies = derived_copies(ids)
-    outcome["target_sets_holding_them"] = copies
-    outcome["target_sets_purged"] = purge_target_sets(copies) if purge_targets else []
+    purged, failed = purge_target_sets(copies) if purge_targets else ([], [])
+    outcome |= {"target_sets_holding_them": copies, "target_sets_purged": purged, "unreadable": unreadable + failed}
     if log is not None and copies:
-        action = "deleted" if purge_targets else "still hold them (`sdpo forget --purge-targets` deletes those sets)"
-        log(f"{sum(c['interactions'] for c in copies)} interaction(s) of the forgotten files were in {len(copies)} target set(s), "
-            f"which {action}; checkpoints trained on them: {sum(len(c['checkpoints']) for c in copies)} (retire them by hand)")
+        action = f"{len(purged)} were deleted" if purge_targets else "still hold them (`sdpo forget --purge-targets` deletes those sets)"
+        log(f"{sum(c['interactions'] for c in copies)} interaction(s) of the forgotten files are in {len(copies)} target set(s): "
+            f"{action}; checkpoints trained on them: {sum(len(c['checkpoints']) for c in copies)} (retire them by hand)")
+    if log is not None and outcome["unreadable"]:
+        log(f"{len(outcome['unreadable'])} file(s) could not be checked or deleted: see `unreadable`")
     return outcome
 
 

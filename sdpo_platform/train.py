@@ -259,7 +259,7 @@ def train(run: TrainRun, on_step: Callable[[int, dict], None] | None = None) -> 
             "n_train_interactions": len(rows),
             "mlflow_run_id": mlflow_run_id,
         }
-        (output_dir / "train_state.json").write_text(json.dumps(state, indent=2))
+        paths.atomic_write(output_dir / "train_state.json", lambda tmp: Path(tmp).write_text(json.dumps(state, indent=2)))  # never half-read
         mlflow.set_tag("adapter_dir", str(output_dir))
 
     return TrainResult(

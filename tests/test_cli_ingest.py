@@ -183,12 +183,12 @@ def test_forget_erases_a_file_and_everything_built_from_it(sdpo_home, capsys, no
 
 def test_forget_lists_and_purges_the_target_sets_that_hold_the_forgotten_interactions(sdpo_home, capsys, no_model):
     """Target sets live outside the warehouse: their inputs (text) and shards (token ids) keep a forgotten
-    file's interactions until deleted, and an erasure must say so, or with --purge-targets delete them."""
+    file's interactions until deleted, and an erasure must say so, or with --purge-targets delete them;
+    a damaged set is reported, never the reason the erasure's report is lost."""
     import pandas as pd
 
     from sdpo_platform.config import TargetsConfig
-    from sdpo_platform.forget import interaction_ids_of
-    from sdpo_platform.paths import models_dir
+    from sdpo_platform.paths import models_dir, targets_dir
     from sdpo_platform.targets import plan_target_set
     from sdpo_platform.warehouse import connect
 
@@ -196,27 +196,40 @@ def test_forget_lists_and_purges_the_target_sets_that_hold_the_forgotten_interac
         {"role": "user", "content": f"Write a short poem about {topic} for my class, please."},
         {"role": "assistant", "content": f"Here is a poem about {topic}: it rolls and sings and rises high."},
         {"role": "user", "content": "Too short, make it longer please."}]}
-    first, second = sdpo_home / "first.jsonl", sdpo_home / "second.jsonl"
+    first, second, third = sdpo_home / "first.jsonl", sdpo_home / "second.jsonl", sdpo_home / "third.jsonl"
     first.write_text(json.dumps(chat("2026-01-05", "the sea")) + "\n")
     second.write_text(json.dumps(chat("2026-01-06", "the mountains")) + "\n")
     assert main(["ingest", str(first), str(second)]) == 0
     with connect() as con:
-        rows = con.execute("SELECT * FROM interactions").df()
-        forgotten = interaction_ids_of(con, [str(first.resolve())])
-    assert len(forgotten) == 1 and len(rows) == 2
+        rows = con.execute("SELECT i.*, c.source_file FROM interactions i JOIN conversations c USING (conversation_id)").df()
+    of_first = rows.source_file == str(first.resolve())
     both = plan_target_set(rows, TargetsConfig(), "model", "rev1")  # text of both files in inputs.parquet
-    kept_only = plan_target_set(rows[~rows.interaction_id.isin(forgotten)], TargetsConfig(), "model", "rev2")
-    old_shard = kept_only.parent / "rev3-old" / "shard-0123.parquet"  # token ids in a shard a re-plan replaced
+    kept_only = plan_target_set(rows[~of_first], TargetsConfig(), "model", "rev2")
+    old_shard = targets_dir() / "rev3-old" / "shard-0123.parquet"  # token ids in a shard a re-plan replaced
     old_shard.parent.mkdir()
-    pd.DataFrame({"interaction_id": forgotten, "response_ids": [[1, 2, 3]]}).to_parquet(old_shard)
+    pd.DataFrame({"interaction_id": rows.interaction_id[of_first], "response_ids": [[1, 2, 3]]}).to_parquet(old_shard)
+    elsewhere = sdpo_home / "bigdisk" / "rev4-moved"  # a set moved to another disk, linked back
+    elsewhere.parent.mkdir()
+    (sdpo_home / "bigdisk" / "rev4-moved").mkdir()
+    pd.DataFrame({"interaction_id": rows.interaction_id[of_first]}).to_parquet(elsewhere / "inputs.parquet")
+    (targets_dir() / "rev4-moved").symlink_to(elsewhere)
+    (kept_only / "shard-cut.parquet").write_bytes(b"PAR1 cut off")  # a damaged file in an unrelated set
     checkpoint = models_dir() / "checkpoints" / f"{both.name}-run1"
     checkpoint.mkdir(parents=True)
     (checkpoint / "train_state.json").write_text(json.dumps({"target_set": both.name}))
+    # first's conversation becomes a duplicate of third's (same day, its path sorts first): the warehouse no
+    # longer holds first's interaction, the sets planned before still do
+    third.write_text(json.dumps(chat("2026-01-05", "the sea")) + "\n")
+    third.rename(sdpo_home / "a_third.jsonl")
+    assert main(["ingest", str(sdpo_home / "a_third.jsonl")]) == 0
+    with connect() as con:
+        assert con.execute("SELECT count(*) FROM conversations WHERE source_file = ?", [str(first.resolve())]).fetchone() == (0,)
     capsys.readouterr()
 
-    assert main(["forget", "--purge-targets", str(first)]) == 0
+    assert main(["forget", "--purge-targets", str(first)]) == 1  # the damaged file could not be checked
     outcome = json.loads(capsys.readouterr().out)
     holding = {c["target_set"]: (c["interactions"], c["checkpoints"]) for c in outcome["target_sets_holding_them"]}
-    assert holding == {both.name: (1, [str(checkpoint)]), "rev3-old": (1, [])}
-    assert sorted(outcome["target_sets_purged"]) == sorted([str(both), str(old_shard.parent)])
-    assert not both.exists() and not old_shard.parent.exists() and kept_only.exists()  # the other file's set stays
+    assert holding == {both.name: (1, [str(checkpoint)]), "rev3-old": (1, []), "rev4-moved": (1, [])}
+    assert [u["path"] for u in outcome["unreadable"]] == [str(kept_only / "shard-cut.parquet")]
+    assert sorted(outcome["target_sets_purged"]) == sorted([str(both), str(old_shard.parent), str(targets_dir() / "rev4-moved")])
+    assert not both.exists() and not old_shard.parent.exists() and not elsewhere.exists() and kept_only.exists()
