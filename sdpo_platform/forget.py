@@ -27,19 +27,8 @@ from sdpo_platform.paths import models_dir, targets_dir
 
 
 def forget_files(con: duckdb.DuckDBPyConnection, paths: list[str | Path], inbox: Path | None = None) -> tuple[list[str], list[str]]:
-    """(the files forgotten, as stored, ISO days their records were in). A path never ingested is an error,
-    and so is one still in `inbox`: the next run would ingest it again."""
-    files = stored_paths(paths)
-    known = {row[0] for row in con.execute(
-        "SELECT source_file FROM source_files WHERE list_contains($files, source_file)", {"files": files}).fetchall()}
-    unknown = [f for f in files if f not in known]
-    if unknown:
-        raise ValueError(f"not ingested, nothing to forget: {', '.join(unknown)}")
-    if inbox is not None:
-        root = Path(inbox).expanduser().resolve()
-        inside = [f for f in files if Path(f).exists() and Path(f).is_relative_to(root)]
-        if inside:
-            raise ValueError(f"still in the inbox {root} (the next run would ingest it again); move it out first: {', '.join(inside)}")
+    """(the files forgotten, as stored, ISO days their records were in); `forgettable` checks the paths first."""
+    files = forgettable(con, paths, inbox)
     con.begin()
     try:
         removed: set = set()
@@ -54,9 +43,21 @@ def forget_files(con: duckdb.DuckDBPyConnection, paths: list[str | Path], inbox:
     return files, sorted(str(day) for day in removed)
 
 
-def stored_paths(paths: list[str | Path]) -> list[str]:
-    """Paths as ingestion stores them (`source_file`)."""
-    return [str(Path(path).expanduser().resolve()) for path in paths]
+def forgettable(con: duckdb.DuckDBPyConnection, paths: list[str | Path], inbox: Path | None = None) -> list[str]:
+    """The paths as stored (`source_file`, each once). A path never ingested is an error, and so is one still
+    in `inbox`: the next run would ingest it again."""
+    files = list(dict.fromkeys(str(Path(path).expanduser().resolve()) for path in paths))
+    known = {row[0] for row in con.execute(
+        "SELECT source_file FROM source_files WHERE list_contains($files, source_file)", {"files": files}).fetchall()}
+    unknown = [f for f in files if f not in known]
+    if unknown:
+        raise ValueError(f"not ingested, nothing to forget: {', '.join(unknown)}")
+    if inbox is not None:
+        root = Path(inbox).expanduser().resolve()
+        inside = [f for f in files if Path(f).exists() and Path(f).is_relative_to(root)]
+        if inside:
+            raise ValueError(f"still in the inbox {root} (the next run would ingest it again); move it out first: {', '.join(inside)}")
+    return files
 
 
 def record_ids_of(con: duckdb.DuckDBPyConnection, files: list[str]) -> list[str]:
@@ -69,46 +70,70 @@ def record_ids_of(con: duckdb.DuckDBPyConnection, files: list[str]) -> list[str]
 
 def derived_copies(record_ids: list[str], root: Path | None = None) -> tuple[list[dict], list[dict]]:
     """(per target set holding an interaction of `record_ids` in its inputs or any shard on disk: its folder,
-    how many it holds and the checkpoints trained on it (`train_state.json`'s `target_set`); the files that
-    could not be read, each with its error). A set with an unreadable file may hold them too: it is reported,
-    not guessed."""
+    how many it holds and the checkpoints trained on it (`train_state.json`'s `target_set`); the files and
+    folders that could not be checked, each with why). A set with an unreadable file may hold them too: it is
+    reported, not guessed. A folder linked in from elsewhere counts once, under all its names; a link to the
+    data root or to a folder above it is not a set and is reported, never scanned or purged."""
     if not record_ids:
         return [], []
-    copies, unreadable = [], []
+    unreadable: list[dict] = []
     trained: dict[str, list[str]] = {}
     for state in sorted((models_dir(root) / "checkpoints").glob("*/train_state.json")):
         try:
             trained.setdefault(json.loads(state.read_text())["target_set"], []).append(str(state.parent))
         except (OSError, ValueError, KeyError, TypeError) as error:  # a run still writing it, or a damaged one
             unreadable.append({"path": str(state), "error": f"{type(error).__name__}: {error}"})
+    home = targets_dir(root).resolve()
+    folders: dict[Path, list[Path]] = {}  # resolved folder -> its names under targets/
+    for entry in sorted(d for d in targets_dir(root).iterdir() if d.is_dir()):
+        resolved = entry.resolve()
+        if home.is_relative_to(resolved):
+            unreadable.append({"path": str(entry), "error": f"links to {resolved}, which holds the target sets: not a set"})
+            continue
+        folders.setdefault(resolved, []).append(entry)
+    copies = []
     with duckdb.connect() as con:
-        for folder in sorted(d for d in targets_dir(root).iterdir() if d.is_dir()):
+        con.execute("CREATE TEMP TABLE forgotten AS SELECT unnest($ids::VARCHAR[]) AS id", {"ids": list(record_ids)})
+        for resolved, names in folders.items():
             held = set()
-            for file in sorted(folder.glob("*.parquet")):  # inputs.parquet and every shard, replaced ones included
-                try:
-                    held |= {row[0] for row in con.execute(
-                        "SELECT DISTINCT interaction_id FROM read_parquet($file) WHERE list_contains($ids, split_part(interaction_id, ':', 1))",
-                        {"file": str(file), "ids": list(record_ids)}).fetchall()}
-                except (duckdb.Error, OSError) as error:
-                    unreadable.append({"path": str(file), "error": f"{type(error).__name__}: {error}"})
+            for file in sorted(resolved.glob("*.parquet")):  # inputs.parquet and every shard, replaced ones included
+                held |= _held(con, file, unreadable)
             if held:
-                copies.append({"target_set": folder.name, "path": str(folder), "interactions": len(held),
-                               "checkpoints": trained.get(folder.name, [])})
+                names_in_use = [n.name for n in names]
+                checkpoints = sorted({c for name in names_in_use for c in trained.get(name, [])})
+                copies.append({"target_set": names[0].name, "path": str(names[0]), "names": names_in_use,
+                               "interactions": len(held), "checkpoints": checkpoints})
     return copies, unreadable
 
 
+def _held(con, file: Path, unreadable: list[dict]) -> set[str]:
+    """Interaction ids in one Parquet file whose conversation is a forgotten record (`forgotten`); a file that
+    cannot be read goes to `unreadable`, one without interaction ids (not a set file) is passed over."""
+    try:
+        columns = [row[0] for row in con.execute("DESCRIBE SELECT * FROM read_parquet($file)", {"file": str(file)}).fetchall()]
+        if "interaction_id" not in columns:
+            return set()
+        return {row[0] for row in con.execute(
+            """SELECT DISTINCT interaction_id FROM read_parquet($file)
+               WHERE split_part(interaction_id, ':', 1) IN (SELECT id FROM forgotten)""", {"file": str(file)}).fetchall()}
+    except (duckdb.Error, OSError) as error:
+        unreadable.append({"path": str(file), "error": f"{type(error).__name__}: {error}"})
+        return set()
+
+
 def purge_target_sets(copies: list[dict]) -> tuple[list[str], list[dict]]:
-    """Delete the target sets `derived_copies` found, whole (inputs, shards, snapshots, heatmaps; a set that is a
-    symbolic link goes with the folder it points to): (the folders deleted, those that could not be, with why)."""
+    """Delete the target sets `derived_copies` found, whole (inputs, shards, snapshots, heatmaps; a set linked in
+    from elsewhere goes with the folder it points to, and its links): (the sets deleted, those that could not be,
+    with why)."""
     purged, failed = [], []
     for copy in copies:
         path = Path(copy["path"])
+        links = [path.parent / name for name in copy.get("names", [path.name])]
         try:
-            if path.is_symlink():
-                shutil.rmtree(path.resolve())
-                path.unlink()
-            else:
-                shutil.rmtree(path)
+            shutil.rmtree(path.resolve())
+            for link in links:
+                if link.is_symlink():
+                    link.unlink(missing_ok=True)
             purged.append(str(path))
         except OSError as error:
             failed.append({"path": str(path), "error": f"{type(error).__name__}: {error}"})

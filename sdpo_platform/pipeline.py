@@ -47,12 +47,14 @@ def forget_and_rebuild(con: duckdb.DuckDBPyConnection, paths: list[str | Path], 
     target sets outside the warehouse that hold their interactions (`forget.derived_copies`, looked for before
     the erasure, so a damaged set costs its report line, never the erasure's), deleted with `purge_targets`.
     Files that could not be read or deleted are listed under `unreadable`."""
-    from sdpo_platform.forget import derived_copies, forget_files, purge_target_sets, record_ids_of, stored_paths
+    from sdpo_platform.forget import derived_copies, forget_files, forgettable, purge_target_sets, record_ids_of
 
-    copies, unreadable = derived_copies(record_ids_of(con, stored_paths(paths)))
+    copies, unreadable = derived_copies(record_ids_of(con, forgettable(con, paths, inbox)))
     files, days = forget_files(con, paths, inbox)
     outcome = {"forgotten": files, "partitions": days, **rebuild_days(con, cfg, days, log)}
+    folders = {c["path"]: Path(c["path"]).resolve() for c in copies}  # resolved while a linked set's link exists
     purged, failed = purge_target_sets(copies) if purge_targets else ([], [])
+    unreadable = [u for u in unreadable if not any(Path(u["path"]).is_relative_to(folders[p]) for p in purged)]  # deleted with its set
     outcome |= {"target_sets_holding_them": copies, "target_sets_purged": purged, "unreadable": unreadable + failed}
     if log is not None and copies:
         action = f"{len(purged)} were deleted" if purge_targets else "still hold them (`sdpo forget --purge-targets` deletes those sets)"

@@ -214,6 +214,8 @@ def test_forget_lists_and_purges_the_target_sets_that_hold_the_forgotten_interac
     pd.DataFrame({"interaction_id": rows.interaction_id[of_first]}).to_parquet(elsewhere / "inputs.parquet")
     (targets_dir() / "rev4-moved").symlink_to(elsewhere)
     (kept_only / "shard-cut.parquet").write_bytes(b"PAR1 cut off")  # a damaged file in an unrelated set
+    (targets_dir() / "zz-alias").symlink_to(both)  # another name for a set: counted once, its link goes with it
+    (targets_dir() / "all").symlink_to(targets_dir())  # not a set: never scanned, never purged
     checkpoint = models_dir() / "checkpoints" / f"{both.name}-run1"
     checkpoint.mkdir(parents=True)
     (checkpoint / "train_state.json").write_text(json.dumps({"target_set": both.name}))
@@ -228,8 +230,10 @@ def test_forget_lists_and_purges_the_target_sets_that_hold_the_forgotten_interac
 
     assert main(["forget", "--purge-targets", str(first)]) == 1  # the damaged file could not be checked
     outcome = json.loads(capsys.readouterr().out)
-    holding = {c["target_set"]: (c["interactions"], c["checkpoints"]) for c in outcome["target_sets_holding_them"]}
-    assert holding == {both.name: (1, [str(checkpoint)]), "rev3-old": (1, []), "rev4-moved": (1, [])}
-    assert [u["path"] for u in outcome["unreadable"]] == [str(kept_only / "shard-cut.parquet")]
+    holding = {c["target_set"]: (c["names"], c["interactions"], c["checkpoints"]) for c in outcome["target_sets_holding_them"]}
+    assert holding == {both.name: ([both.name, "zz-alias"], 1, [str(checkpoint)]), "rev3-old": (["rev3-old"], 1, []),
+                       "rev4-moved": (["rev4-moved"], 1, [])}
+    assert sorted(u["path"] for u in outcome["unreadable"]) == [str(targets_dir() / "all"), str(kept_only / "shard-cut.parquet")]
     assert sorted(outcome["target_sets_purged"]) == sorted([str(both), str(old_shard.parent), str(targets_dir() / "rev4-moved")])
     assert not both.exists() and not old_shard.parent.exists() and not elsewhere.exists() and kept_only.exists()
+    assert not (targets_dir() / "zz-alias").is_symlink() and (targets_dir() / "all").is_symlink()
