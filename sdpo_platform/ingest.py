@@ -296,9 +296,11 @@ def _arrow(line_nos: list[int], datas: list[bytes], errors: list[str | None], so
 
 
 # Parquet rows as JSON text (and no read error), so that every container reaches cleaning in the same shape.
+# The row is packed from its columns, not `to_json(t)`: a column named `t` would take the alias's place.
 _PARQUET_ROWS_SQL = """
-    (SELECT file_row_number + 1 AS line_no, json_remove(to_json(t), '$.file_row_number') AS raw_text, NULL::VARCHAR AS read_error
-     FROM read_parquet($path, file_row_number = true) t)
+    (SELECT file_row_number + 1 AS line_no, to_json(struct_pack(*COLUMNS(* EXCLUDE (file_row_number)))) AS raw_text,
+            NULL::VARCHAR AS read_error
+     FROM read_parquet($path, file_row_number = true))
 """
 # The same for a file with strings that are not UTF-8, read by `parquet_utf8` and registered as `parquet_repaired`.
 _REPAIRED_ROWS_SQL = f"""
@@ -312,7 +314,7 @@ def _parquet_rows(con, path: Path) -> Iterator[tuple[str, dict]]:
     """SQL for a Parquet file's rows (line_no, raw_text, read_error) and its parameters. DuckDB reads a
     clean file; it stops at the first string that is not UTF-8, so a file holding one is read by
     `parquet_utf8` and loses only the rows that hold one (kept, flagged 'invalid_utf8'), as JSONL does."""
-    if parquet_utf8.file_is_utf8(path):
+    if parquet_utf8.file_is_utf8(path) and not parquet_utf8.has_column(path, "file_row_number"):  # DuckDB adds that one
         yield _PARQUET_ROWS_SQL, {"path": str(path)}
         return
     con.register("parquet_repaired", parquet_utf8.repaired_table(path))

@@ -29,6 +29,11 @@ def file_is_utf8(path: str | Path) -> bool:
     return all(_is_valid(batch) for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS))
 
 
+def has_column(path: str | Path, name: str) -> bool:
+    """Whether the file has a top-level column `name` (from its footer)."""
+    return name in pq.ParquetFile(path).schema_arrow.names
+
+
 def repaired_batch(batch: pa.RecordBatch) -> tuple[pa.RecordBatch, list[bool]]:
     """`batch` with every string made UTF-8 (bad bytes replaced by U+FFFD), and which rows had bad bytes."""
     if _is_valid(batch):

@@ -226,6 +226,23 @@ def test_invalid_utf8_costs_one_record_in_parquet_too(con, tmp_path, gzipped):
     assert_reconciled(con)
 
 
+def test_parquet_columns_named_like_the_readers_own_names_are_read_as_data(con, tmp_path):
+    """`to_json(t)` took a column named `t` for the row, and DuckDB's own `file_row_number` clashed with a
+    column of that name (the file was rejected): both files now ingest whole, their columns in the JSON."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    messages = [[{"role": "user", "content": "Hi there, what is the capital of France?"},
+                 {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "Thanks!"}]]
+    for name in ("t", "file_row_number"):
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.table({name: ["2026-01-05T10:00:00Z"], "messages": messages}), path)
+        ingested = ingest_files(con, [path])
+        assert ingested.records_new == 1 and ingested.files_rejected == 0, name
+        raw = con.execute("SELECT raw_text FROM raw_records WHERE source_file = ?", [str(path.resolve())]).fetchone()[0]
+        assert json.loads(raw) == {name: "2026-01-05T10:00:00Z", "messages": messages[0]}
+
+
 @pytest.mark.parametrize(("container", "cut", "stored", "complete"), [
     ("jsonl.gz", 12, 10, 9),  # the last line is cut in two: stored, then quarantined as invalid_json
     ("jsonl.gz", 4, 10, 10),  # only the gzip trailer is missing: every record is whole
