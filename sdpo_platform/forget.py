@@ -121,20 +121,22 @@ def _held(con, file: Path, unreadable: list[dict]) -> set[str]:
         return set()
 
 
-def purge_target_sets(copies: list[dict]) -> tuple[list[str], list[dict]]:
+def purge_target_sets(copies: list[dict], unreadable: list[dict]) -> tuple[list[str], list[dict]]:
     """Delete the target sets `derived_copies` found, whole (inputs, shards, snapshots, heatmaps; a set linked in
-    from elsewhere goes with the folder it points to, and its links): (the sets deleted, those that could not be,
-    with why)."""
-    purged, failed = [], []
+    from elsewhere goes with the folder it points to, and its links): (the sets deleted; `unreadable` less what
+    went with them, plus the sets that could not be deleted, with why)."""
+    purged, gone, failed = [], [], []
     for copy in copies:
         path = Path(copy["path"])
-        links = [path.parent / name for name in copy.get("names", [path.name])]
+        folder = path.resolve()
         try:
-            shutil.rmtree(path.resolve())
-            for link in links:
+            shutil.rmtree(folder)
+            for link in (path.parent / name for name in copy["names"]):
                 if link.is_symlink():
-                    link.unlink(missing_ok=True)
+                    link.unlink()
             purged.append(str(path))
+            gone.append(folder)
         except OSError as error:
             failed.append({"path": str(path), "error": f"{type(error).__name__}: {error}"})
-    return purged, failed
+    left = [u for u in unreadable if not any(Path(u["path"]).is_relative_to(folder) for folder in gone)]
+    return purged, left + failed

@@ -52,10 +52,8 @@ def forget_and_rebuild(con: duckdb.DuckDBPyConnection, paths: list[str | Path], 
     copies, unreadable = derived_copies(record_ids_of(con, forgettable(con, paths, inbox)))
     files, days = forget_files(con, paths, inbox)
     outcome = {"forgotten": files, "partitions": days, **rebuild_days(con, cfg, days, log)}
-    folders = {c["path"]: Path(c["path"]).resolve() for c in copies}  # resolved while a linked set's link exists
-    purged, failed = purge_target_sets(copies) if purge_targets else ([], [])
-    unreadable = [u for u in unreadable if not any(Path(u["path"]).is_relative_to(folders[p]) for p in purged)]  # deleted with its set
-    outcome |= {"target_sets_holding_them": copies, "target_sets_purged": purged, "unreadable": unreadable + failed}
+    purged, unreadable = purge_target_sets(copies, unreadable) if purge_targets else ([], unreadable)
+    outcome |= {"target_sets_holding_them": copies, "target_sets_purged": purged, "unreadable": unreadable}
     if log is not None and copies:
         action = f"{len(purged)} were deleted" if purge_targets else "still hold them (`sdpo forget --purge-targets` deletes those sets)"
         log(f"{sum(c['interactions'] for c in copies)} interaction(s) of the forgotten files are in {len(copies)} target set(s): "
