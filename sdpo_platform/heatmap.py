@@ -105,8 +105,8 @@ def decode_tokens(tokenizer, token_ids: list[int]) -> list[str]:
 def rows_from_targets(targets, tokenizer, interaction_text: dict[str, tuple[str, str]], title_prefix: str = "") -> list[HeatmapRow]:
     """HeatmapRows from target rows; `interaction_text[id] = (last user message, follow-up)`."""
     rows = []
-    cut = targets["truncated"] if "truncated" in targets else [False] * len(targets)
-    for interaction_id, response_ids, advantages, truncated in zip(targets["interaction_id"], targets["response_ids"], targets["advantages"], cut):
+    columns = ("interaction_id", "response_ids", "advantages", "truncated")
+    for interaction_id, response_ids, advantages, truncated in zip(*(targets[c] for c in columns)):
         prompt, followup = interaction_text.get(interaction_id, ("", ""))
         title = f"{title_prefix}{interaction_id}" + (CUT_NOTE if truncated else "")
         rows.append(HeatmapRow(title, prompt, followup, decode_tokens(tokenizer, response_ids), list(advantages)))

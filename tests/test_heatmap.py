@@ -89,7 +89,7 @@ def test_each_run_publishes_its_own_page_and_keeps_earlier_ones(tiny_model_dir, 
         advantages = [[0.1 * (i + 1) * (-1) ** j for j in range(len(ids))] for i in range(n)]
         targets = pd.DataFrame({
             "interaction_id": [f"i{i}" for i in range(n)], "response_ids": [ids] * n, "advantages": advantages,
-            "mean_abs_advantage": [sum(map(abs, a)) / len(a) for a in advantages],
+            "mean_abs_advantage": [sum(map(abs, a)) / len(a) for a in advantages], "truncated": False,
         })
         interactions = pd.DataFrame({
             "interaction_id": targets["interaction_id"],
