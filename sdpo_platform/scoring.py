@@ -14,7 +14,7 @@ tensor ever exists.
 
 Each level is batched under a token budget (rows × (longest cached prefix + longest chain)) and sorted by
 chain length, so little compute goes to padding: chains are right-padded (a real token never sees the
-padding after it), their cached prefixes zero-padded to a common width and masked, position ids
+padding after it), their cached prefixes padded to a common width and masked, position ids
 continuing from each chain's own start. Every row is exact, whatever its batch neighbours. On a CPU
 (budget 0: batching does not pay there, padding does cost) every chain runs alone, with no padding.
 Models with windowed attention (Mistral, Gemma 2/3, Phi-3, Qwen2 sliding, Llama 4 chunked) keep only
@@ -185,7 +185,7 @@ def _score_group(model, jobs: list[BranchJob], pad_id: int, token_budget: int, t
     n_branches = len(jobs[0].prompts)
     targets = [t for job in jobs for _ in job.prompts for t in job.response_ids]
     wants_topk = [top_k > 0 and b == topk_branch for job in jobs for b in range(n_branches) for _ in job.response_ids]
-    token_lp, top_ids, top_lp = _head_logprobs(model, states, targets, wants_topk, top_k)
+    token_lp, top_ids, top_lp, tail = _head_logprobs(model, states, targets, wants_topk, top_k)
 
     results, offset, topk_offset = [], 0, 0
     for job in jobs:
@@ -193,13 +193,29 @@ def _score_group(model, jobs: list[BranchJob], pad_id: int, token_budget: int, t
         result = BranchScores(logprobs=[token_lp[offset + b * n : offset + (b + 1) * n] for b in range(n_branches)])
         offset += n_branches * n
         if top_k > 0:
-            lp = top_lp[topk_offset : topk_offset + n]
             result.topk_ids = top_ids[topk_offset : topk_offset + n]
-            result.topk_logprobs = lp.numpy().astype(np.float32)
-            result.tail_mass = (-torch.expm1(torch.logsumexp(lp, dim=-1))).clamp(min=0.0).numpy().astype(np.float32)
+            result.topk_logprobs = top_lp[topk_offset : topk_offset + n]
+            result.tail_mass = tail[topk_offset : topk_offset + n]
             topk_offset += n
         results.append(result)
     return results
+
+
+@dataclass
+class _PassCache:
+    """The KV cache one forward pass leaves for its rows' child chains: per layer one (keys, values) pair
+    [rows, kv heads, slots, head dim] for all of them. Slots [0, width) hold each row's cached prefix,
+    padded to the longest (masked slots); the pass's own tokens follow. Child chains read it with one
+    gather per layer."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    width: int
+    serial: int  # the pass's number in its group: orders a batch's rows by parent pass, the same every run
+
+    def slots(self, start: int, length: int) -> np.ndarray:
+        """The slots of positions [0, length) of the row that ran from position `start` in this pass."""
+        positions = np.arange(length)
+        return np.where(positions < start, positions, self.width + positions - start)
 
 
 def _group_states(model, jobs: list[BranchJob], pad_id: int, token_budget: int) -> torch.Tensor:
@@ -210,6 +226,8 @@ def _group_states(model, jobs: list[BranchJob], pad_id: int, token_budget: int) 
     (`heavy_chains`), which run level by level, batched under the budget, each on top of its parent
     chain's KV cache up to where it branches off. A chain keeps the hidden states from the first
     position any sequence through it reads, and its KV cache only until its child chains ran.
+    Caches and hidden states move a whole pass at a time, never row by row: on an accelerator every
+    copy is a kernel launch, and per-row, per-layer copies once issued as many as the model itself.
     """
     device = next(model.parameters()).device
     sequences = [list(p) + list(job.response_ids[:-1]) for job in jobs for p in job.prompts]
@@ -232,30 +250,49 @@ def _group_states(model, jobs: list[BranchJob], pad_id: int, token_budget: int) 
     for parent in chains.parent:
         if parent >= 0:
             has_children[parent] = True
-    caches: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # chain → KV cache of positions [0, end)
-    kept: dict[int, torch.Tensor] = {}  # chain → hidden states of positions [keep_from, end)
+    caches: dict[int, tuple[_PassCache, int]] = {}  # chain → the cache of the pass it ran in, and its row there
+    kept: list[torch.Tensor] = []  # per pass, the hidden states its chains keep
+    kept_at = [0] * len(chains)  # position p of chain c is row kept_at[c] + p of torch.cat(kept)
+    n_kept = passes = 0
     for level in range(1, max(chains.level, default=0) + 1):
         members = [c for c in range(len(chains)) if chains.level[c] == level]
         widths = [end[c] - start[c] for c in members]
         for batch in length_batches(widths, token_budget, cached=[start[c] for c in members], max_width=window and window - 1):
             rows = [members[k] for k in batch]
+            parents = None
+            if level > 1:  # rows whose parents ran in the same pass sit together: one gather per parent pass
+                rows.sort(key=lambda c: caches[chains.parent[c]][0].serial)
+                parents = [(*caches[chains.parent[c]], start[chains.parent[c]]) for c in rows]
             tokens = [sequences[tree.source[chains.nodes[c][-1]]][start[c] : end[c]] for c in rows]
-            parents = [_cache_prefix(caches[chains.parent[c]], start[c]) if chains.parent[c] >= 0 else None for c in rows]
-            hidden, new_caches = _run_rows(model, tokens, [start[c] for c in rows], parents, pad_id, device, [has_children[c] for c in rows])
+            hidden, cache = _run_rows(model, tokens, [start[c] for c in rows], parents, pad_id, device, [has_children[c] for c in rows], serial=passes)
+            passes += 1
+            spans = []
             for row, c in enumerate(rows):
                 if keep_from[c] is not None:
-                    kept[c] = hidden[row, keep_from[c] - start[c] : end[c] - start[c]].clone()
-                if new_caches[row] is not None:
-                    caches[c] = new_caches[row]
+                    spans.append((row, keep_from[c] - start[c], end[c] - start[c]))
+                    kept_at[c], n_kept = n_kept - keep_from[c], n_kept + end[c] - keep_from[c]
+            if spans:
+                kept.append(_gather_spans(hidden, spans))
+            for row, c in enumerate(c for c in rows if has_children[c]):
+                caches[c] = (cache, row)
         caches = {c: cache for c, cache in caches.items() if chains.level[c] == level}  # the previous level's children all ran
 
-    states = []
-    for q, first in enumerate(reads_from):
-        for node in tree.path(tree.leaf[q]):
-            if tree.end[node] > first:
-                c = chains.chain_of[node]
-                states.append(kept[c][max(tree.start[node], first) - keep_from[c] : tree.end[node] - keep_from[c]])
-    return torch.cat(states)
+    reads = [
+        np.arange(max(tree.start[node], first), tree.end[node]) + kept_at[chains.chain_of[node]]
+        for q, first in enumerate(reads_from)
+        for node in tree.path(tree.leaf[q])
+        if tree.end[node] > first
+    ]
+    every = torch.cat(kept)
+    kept.clear()
+    return every.index_select(0, torch.from_numpy(np.concatenate(reads)).to(device))
+
+
+def _gather_spans(hidden: torch.Tensor, spans: list[tuple[int, int, int]]) -> torch.Tensor:
+    """Rows (row, first, stop) of hidden [rows, width, size]: positions [first, stop) of each, one after another."""
+    width = hidden.shape[1]
+    index = np.concatenate([row * width + np.arange(first, stop) for row, first, stop in spans])
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, torch.from_numpy(index).to(hidden.device))
 
 
 def attention_window(model) -> int | None:
@@ -280,79 +317,92 @@ def attention_window(model) -> int | None:
 def _unshared_states(model, sequences: list[list[int]], reads_from: list[int], pad_id: int, device, token_budget: int) -> torch.Tensor:
     """`_group_states` for sequences that outgrow a windowed model's cache: each sequence runs whole from
     position 0 (right-padded in length batches, no cache kept), as the model's own forward would run it."""
-    states: list[torch.Tensor | None] = [None] * len(sequences)
+    parts, order = [], []
     for batch in length_batches([len(s) for s in sequences], token_budget):
-        hidden, _ = _run_rows(model, [sequences[q] for q in batch], [0] * len(batch), [None] * len(batch), pad_id, device, [False] * len(batch))
-        for row, q in enumerate(batch):
-            states[q] = hidden[row, reads_from[q] : len(sequences[q])]
-    return torch.cat(states)
+        hidden, _ = _run_rows(model, [sequences[q] for q in batch], [0] * len(batch), None, pad_id, device, [False] * len(batch))
+        parts.append(_gather_spans(hidden, [(row, reads_from[q], len(sequences[q])) for row, q in enumerate(batch)]))
+        order.extend(batch)
+    lengths = np.array([len(sequences[q]) - reads_from[q] for q in order])
+    offsets = dict(zip(order, np.cumsum(lengths) - lengths))
+    index = np.concatenate([offsets[q] + np.arange(len(sequences[q]) - reads_from[q]) for q in range(len(sequences))])
+    return torch.cat(parts).index_select(0, torch.from_numpy(index).to(device))
 
 
-def _cache_prefix(cache: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The keys/values of the first `length` positions (views: nothing is copied)."""
-    return [(k[:, :, :length], v[:, :, :length]) for k, v in cache]
+def _run_rows(model, tokens: list[list[int]], starts: list[int], parents: list | None, pad_id: int, device, keep: list[bool], serial: int = 0):
+    """One forward pass over rows of tokens, row i at positions starts[i].. after its cached prefix.
 
-
-def _run_rows(model, tokens: list[list[int]], starts: list[int], parents: list, pad_id: int, device, keep: list[bool]):
-    """One forward pass over rows of tokens, row i at positions starts[i].. after its cached prefix
-    parents[i] (None: nothing before it). Returns the hidden states [rows, longest row, hidden] and,
-    for the rows in `keep`, the full KV cache of positions [0, start + len(row))."""
+    `parents[i]` = (pass cache, row, start) of the chain row i continues (None for all: nothing cached
+    before them), whose positions [0, starts[i]) it attends to. Returns the hidden states
+    [rows, longest row, hidden] and, when a row is in `keep`, the pass's `_PassCache` of those rows
+    (in their order, numbered `serial`), else None."""
     from transformers import DynamicCache
 
     sizes = [len(t) for t in tokens]
     width, row_width = max(starts), max(sizes)
-    ids = torch.full((len(tokens), row_width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(tokens), width + row_width), dtype=torch.long)
+    ids = np.full((len(tokens), row_width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(tokens), width + row_width), dtype=np.int64)
     for row, row_tokens in enumerate(tokens):
-        ids[row, : sizes[row]] = torch.tensor(row_tokens)
+        ids[row, : sizes[row]] = row_tokens
         mask[row, : starts[row]] = 1  # cache pad slots (shorter prefixes) stay masked
         mask[row, width : width + sizes[row]] = 1
     positions = torch.tensor(starts)[:, None] + torch.arange(row_width)
     if width > 0:
-        cache = _stacked_cache(model, parents, width)
+        cache = _prefix_cache(model, parents, starts, device)
     else:
         cache = DynamicCache(config=model.config) if any(keep) else None
     hidden = model.get_decoder()(
-        input_ids=ids.to(device),
+        input_ids=torch.from_numpy(ids).to(device),
         # right-padded rows need no mask (causal); cached prefixes shorter than `width` do
-        attention_mask=mask.to(device) if min(starts) < width else None,
+        attention_mask=torch.from_numpy(mask).to(device) if min(starts) < width else None,
         position_ids=positions.to(device),
         cache=cache,
         use_cache=cache is not None,
     ).last_hidden_state
-    full = [None] * len(tokens)
-    for row in (r for r in range(len(tokens)) if keep[r]):
-        if starts[row] == width:  # its prefix fills the cache width: one contiguous slice
-            full[row] = [(layer.keys[row : row + 1, :, : width + sizes[row]], layer.values[row : row + 1, :, : width + sizes[row]]) for layer in cache.layers]
-        else:
-            real = torch.tensor([*range(starts[row]), *range(width, width + sizes[row])], device=device)
-            full[row] = [(layer.keys[row : row + 1, :, real], layer.values[row : row + 1, :, real]) for layer in cache.layers]
-    return hidden, full
+    if not any(keep):
+        return hidden, None
+    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    if not all(keep):
+        rows = torch.tensor([r for r in range(len(tokens)) if keep[r]], device=device)
+        layers = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in layers]
+    return hidden, _PassCache(layers=layers, width=width, serial=serial)
 
 
-def _stacked_cache(model, caches: list, width: int):
-    """One DynamicCache with each row's cached keys/values, zero-padded to `width` (the mask hides it)."""
+def _prefix_cache(model, parents: list[tuple[_PassCache, int, int]], lengths: list[int], device):
+    """A DynamicCache holding positions [0, lengths[i]) of each row's parent chain, padded to the longest
+    with copies of real slots (the mask hides them): per layer one gather from each parent pass's cache
+    (rows with the same parent pass must be adjacent), or a plain slice when one row's prefix is
+    contiguous there."""
     from transformers import DynamicCache
 
-    if len(caches) == 1 and caches[0][0][0].shape[2] == width:
-        return DynamicCache(ddp_cache_data=caches[0], config=model.config)  # updates concatenate: never mutated
-    layers = []
-    for layer in range(len(caches[0])):
-        shape = caches[0][layer][0].shape
-        keys = caches[0][layer][0].new_zeros((len(caches), shape[1], width, shape[3]))
-        values = torch.zeros_like(keys)
-        for row, cache in enumerate(caches):
-            k, v = cache[layer]
-            keys[row, :, : k.shape[2]], values[row, :, : v.shape[2]] = k[0], v[0]
-        layers.append((keys, values))
-    return DynamicCache(ddp_cache_data=layers, config=model.config)
+    width = max(lengths)
+    if len(parents) == 1:
+        cache, row, start = parents[0]
+        if width <= start or cache.width == start:  # its slots are [0, width): no gather
+            return DynamicCache(ddp_cache_data=[(k[row : row + 1, :, :width], v[row : row + 1, :, :width]) for k, v in cache.layers], config=model.config)
+    groups: list[tuple[_PassCache, list[int], list[np.ndarray]]] = []
+    for (cache, row, start), length in zip(parents, lengths):
+        if not groups or groups[-1][0] is not cache:
+            groups.append((cache, [], []))
+        slots = np.zeros(width, dtype=np.int64)  # beyond `length`: any real slot, masked
+        slots[:length] = cache.slots(start, length)
+        groups[-1][1].append(row)
+        groups[-1][2].append(slots)
+    index = [(torch.tensor(rows, device=device)[:, None], torch.from_numpy(np.stack(slots)).to(device)) for _, rows, slots in groups]
+
+    def gathered(layer: int, which: int) -> torch.Tensor:  # [rows, kv heads, width, head dim]
+        parts = [cache.layers[layer][which].transpose(1, 2)[rows, slots] for (cache, _, _), (rows, slots) in zip(groups, index)]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).transpose(1, 2)
+
+    return DynamicCache(ddp_cache_data=[(gathered(layer, 0), gathered(layer, 1)) for layer in range(len(groups[0][0].layers))], config=model.config)
 
 
 def _head_logprobs(model, states: torch.Tensor, targets: list[int], wants_topk: list[bool], top_k: int):
-    """log π of each target (float64 numpy) and, where asked, the top-k ids and log-probs, chunk by chunk."""
+    """log π of each target (float64 numpy) and, where asked, the top-k ids, log-probs (float32) and the
+    probability outside them, chunk by chunk. Which rows want a top-k is known up front, so no chunk
+    waits on the device to find out."""
     device = states.device
     targets_t = torch.tensor(targets).to(device)
-    wants_t = torch.tensor(wants_topk, dtype=torch.bool).to(device)
+    wanted = np.flatnonzero(wants_topk)
     budget = HEAD_CHUNK_BYTES["cpu" if device.type == "cpu" else "accelerator"]
     chunk = max(1, budget // (4 * model.get_output_embeddings().weight.shape[0]))
     token_lp, top_ids, top_lp = [], [], []
@@ -360,13 +410,14 @@ def _head_logprobs(model, states: torch.Tensor, targets: list[int], wants_topk: 
         logits = lm_logits(model, states[start : start + chunk]).float()
         normalizer = torch.logsumexp(logits, dim=-1)
         token_lp.append(logits.gather(-1, targets_t[start : start + chunk, None]).squeeze(-1) - normalizer)
-        chosen = wants_t[start : start + chunk]
-        if chosen.any():
-            values, ids = logits[chosen].topk(top_k, dim=-1)
+        chosen = wanted[(wanted >= start) & (wanted < start + chunk)] - start
+        if chosen.size:
+            chosen_t = torch.from_numpy(chosen).to(device)
+            values, ids = logits.index_select(0, chosen_t).topk(top_k, dim=-1)
             top_ids.append(ids)
-            top_lp.append(values - normalizer[chosen, None])
-    return (
-        torch.cat(token_lp).double().cpu().numpy(),
-        torch.cat(top_ids).cpu().numpy() if top_ids else None,
-        torch.cat(top_lp).cpu() if top_lp else None,
-    )
+            top_lp.append(values - normalizer.index_select(0, chosen_t)[:, None])
+    if not top_lp:
+        return torch.cat(token_lp).double().cpu().numpy(), None, None, None
+    top_lp_t = torch.cat(top_lp)
+    tail = (-torch.expm1(torch.logsumexp(top_lp_t, dim=-1))).clamp(min=0.0)
+    return torch.cat(token_lp).double().cpu().numpy(), torch.cat(top_ids).cpu().numpy(), top_lp_t.cpu().numpy(), tail.cpu().numpy()
