@@ -131,6 +131,53 @@ def measured_matmul_peak(device) -> float:
     return 10 * 2 * 8192**3 / (time.perf_counter() - t0)
 
 
+# Kernel families, by name, in the order they are tried (cuBLAS/CUTLASS GEMMs on Hopper are nvjet/sm90 kernels).
+KERNEL_FAMILIES = (
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul", "gemv")),
+    ("top-k/sort", ("topk", "sort", "radix")),
+    ("copy/gather/cat", ("copy", "cat", "index", "gather", "scatter", "fill")),
+    ("reduction/softmax", ("reduce", "softmax", "norm", "logsumexp")),
+    ("elementwise", ("elementwise",)),
+)
+
+
+def kernel_family(name: str) -> str:
+    lowered = name.lower()
+    return next((family for family, keys in KERNEL_FAMILIES if any(k in lowered for k in keys)), "other")
+
+
+def profile_engine(model, jobs, pad_id, budget: int, path: Path, sync) -> dict:
+    """Where one engine run's time goes on the device: kernel time per family, how busy the GPU was
+    (kernel time / wall: the rest is the host launching work), the costliest kernels. Written to `path`."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    sync()
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        score_jobs(model, jobs, pad_id, token_budget=budget, top_k=20)
+        sync()
+    wall = time.perf_counter() - t0
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    per_family: dict[str, float] = {}
+    per_name: dict[str, list] = {}
+    for e in kernels:
+        seconds = e.time_range.elapsed_us() / 1e6
+        per_family[kernel_family(e.name)] = per_family.get(kernel_family(e.name), 0.0) + seconds
+        entry = per_name.setdefault(e.name, [0.0, 0])
+        entry[0] += seconds
+        entry[1] += 1
+    kernel_s = sum(per_family.values())
+    top = sorted(per_name.items(), key=lambda item: -item[1][0])[:25]
+    path.write_text(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60) + "\n\nkernels by time:\n"
+                    + "\n".join(f"{t * 1e3:10.1f} ms {n:7d}  {name[:160]}" for name, (t, n) in top) + "\n")
+    return {"wall_s_profiled": wall, "kernels": len(kernels), "kernel_s": kernel_s, "gpu_busy_fraction": kernel_s / wall,
+            "kernel_s_by_family": {k: round(v, 4) for k, v in sorted(per_family.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [(name[:120], round(t * 1e3, 2), n) for name, (t, n) in top[:10]]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", required=True, help="jobs exported by bench_scoring.py --export-jobs")
@@ -140,6 +187,9 @@ def main() -> None:
     parser.add_argument("--exact-n", type=int, default=48, help="interactions in the float32 exactness check")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", help="append one JSON line per result here")
+    parser.add_argument("--profile", nargs="*", default=[], metavar="MODEL:BUDGET",
+                        help="after the timings, profile one engine run of each: kernel time by family, GPU busy fraction, "
+                             "top kernels; the profiler's table goes next to --out")
     args = parser.parse_args()
 
     import torch
@@ -194,6 +244,20 @@ def main() -> None:
             emit({"model": name, "error": f"out of memory: {str(error).splitlines()[0]}"})
         if on_gpu:
             torch.cuda.empty_cache()
+
+    for spec in args.profile:  # last: a profiler problem costs no timing
+        name, budget = spec.split(":")
+        try:
+            model = build_model(name, device, torch.bfloat16)
+            score_jobs(model, jobs[:32], pad_id, token_budget=int(budget), top_k=20)  # warm-up
+            table = Path(args.out or "profile").with_name(f"profile-{name}-{budget}.txt")
+            emit({"model": name, "method": "engine profile", "budget": int(budget), "table": table.name,
+                  **profile_engine(model, jobs, pad_id, int(budget), table, sync)})
+            del model
+            if on_gpu:
+                torch.cuda.empty_cache()
+        except Exception as error:  # noqa: BLE001  (reported, never fatal)
+            emit({"model": name, "method": "engine profile", "error": repr(error)[:500]})
 
 
 def measure_model(name, jobs, pad_id, device, budgets, sequence_tokens, datasheet, measured, sync, emit) -> None:
