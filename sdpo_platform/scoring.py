@@ -227,7 +227,7 @@ def _group_states(model, jobs: list[BranchJob], pad_id: int, token_budget: int) 
     chain's KV cache up to where it branches off. A chain keeps the hidden states from the first
     position any sequence through it reads, and its KV cache only until its child chains ran.
     Caches and hidden states move a whole pass at a time, never row by row: on an accelerator every
-    copy is a kernel launch, and per-row, per-layer copies once issued as many as the model itself.
+    copy is a kernel launch, and per-row, per-layer copies once issued twice as many as the model itself.
     """
     device = next(model.parameters()).device
     sequences = [list(p) + list(job.response_ids[:-1]) for job in jobs for p in job.prompts]
