@@ -204,18 +204,12 @@ def _score_group(model, jobs: list[BranchJob], pad_id: int, token_budget: int, t
 @dataclass
 class _PassCache:
     """The KV cache one forward pass leaves for its rows' child chains: per layer one (keys, values) pair
-    [rows, kv heads, slots, head dim] for all of them. Slots [0, width) hold each row's cached prefix,
-    padded to the longest (masked slots); the pass's own tokens follow. Child chains read it with one
-    gather per layer."""
+    [slots, kv heads, head dim] holding each such row's real positions [0, start + size), one row after
+    another. The pass's padding is dropped, so no more is held than the chains' own tokens, and child
+    chains read their prefixes back with one gather per layer."""
 
     layers: list[tuple[torch.Tensor, torch.Tensor]]
-    width: int
     serial: int  # the pass's number in its group: orders a batch's rows by parent pass, the same every run
-
-    def slots(self, start: int, length: int) -> np.ndarray:
-        """The slots of positions [0, length) of the row that ran from position `start` in this pass."""
-        positions = np.arange(length)
-        return np.where(positions < start, positions, self.width + positions - start)
 
 
 def _group_states(model, jobs: list[BranchJob], pad_id: int, token_budget: int) -> torch.Tensor:
@@ -250,7 +244,7 @@ def _group_states(model, jobs: list[BranchJob], pad_id: int, token_budget: int) 
     for parent in chains.parent:
         if parent >= 0:
             has_children[parent] = True
-    caches: dict[int, tuple[_PassCache, int]] = {}  # chain → the cache of the pass it ran in, and its row there
+    caches: dict[int, tuple[_PassCache, int]] = {}  # chain → its pass's cache, and the slot of its position 0 there
     kept: list[torch.Tensor] = []  # per pass, the hidden states its chains keep
     kept_at = [0] * len(chains)  # position p of chain c is row kept_at[c] + p of torch.cat(kept)
     n_kept = passes = 0
@@ -262,9 +256,9 @@ def _group_states(model, jobs: list[BranchJob], pad_id: int, token_budget: int) 
             parents = None
             if level > 1:  # rows whose parents ran in the same pass sit together: one gather per parent pass
                 rows.sort(key=lambda c: caches[chains.parent[c]][0].serial)
-                parents = [(*caches[chains.parent[c]], start[chains.parent[c]]) for c in rows]
+                parents = [caches[chains.parent[c]] for c in rows]
             tokens = [sequences[tree.source[chains.nodes[c][-1]]][start[c] : end[c]] for c in rows]
-            hidden, cache = _run_rows(model, tokens, [start[c] for c in rows], parents, pad_id, device, [has_children[c] for c in rows], serial=passes)
+            hidden, cache, slot0 = _run_rows(model, tokens, [start[c] for c in rows], parents, pad_id, device, [has_children[c] for c in rows], serial=passes)
             passes += 1
             spans = []
             for row, c in enumerate(rows):
@@ -273,8 +267,9 @@ def _group_states(model, jobs: list[BranchJob], pad_id: int, token_budget: int) 
                     kept_at[c], n_kept = n_kept - keep_from[c], n_kept + end[c] - keep_from[c]
             if spans:
                 kept.append(_gather_spans(hidden, spans))
-            for row, c in enumerate(c for c in rows if has_children[c]):
-                caches[c] = (cache, row)
+            for row, c in enumerate(rows):
+                if has_children[c]:
+                    caches[c] = (cache, slot0[row])
         caches = {c: cache for c, cache in caches.items() if chains.level[c] == level}  # the previous level's children all ran
 
     reads = [
@@ -319,7 +314,7 @@ def _unshared_states(model, sequences: list[list[int]], reads_from: list[int], p
     position 0 (right-padded in length batches, no cache kept), as the model's own forward would run it."""
     parts, order = [], []
     for batch in length_batches([len(s) for s in sequences], token_budget):
-        hidden, _ = _run_rows(model, [sequences[q] for q in batch], [0] * len(batch), None, pad_id, device, [False] * len(batch))
+        hidden, _, _ = _run_rows(model, [sequences[q] for q in batch], [0] * len(batch), None, pad_id, device, [False] * len(batch))
         parts.append(_gather_spans(hidden, [(row, reads_from[q], len(sequences[q])) for row, q in enumerate(batch)]))
         order.extend(batch)
     lengths = np.array([len(sequences[q]) - reads_from[q] for q in order])
@@ -331,10 +326,10 @@ def _unshared_states(model, sequences: list[list[int]], reads_from: list[int], p
 def _run_rows(model, tokens: list[list[int]], starts: list[int], parents: list | None, pad_id: int, device, keep: list[bool], serial: int = 0):
     """One forward pass over rows of tokens, row i at positions starts[i].. after its cached prefix.
 
-    `parents[i]` = (pass cache, row, start) of the chain row i continues (None for all: nothing cached
-    before them), whose positions [0, starts[i]) it attends to. Returns the hidden states
+    `parents[i]` = (pass cache, slot of position 0) of the chain row i continues (None for all: nothing
+    cached before them), whose positions [0, starts[i]) it attends to. Returns the hidden states
     [rows, longest row, hidden] and, when a row is in `keep`, the pass's `_PassCache` of those rows
-    (in their order, numbered `serial`), else None."""
+    (numbered `serial`) and each kept row's first slot there (else None, {})."""
     from transformers import DynamicCache
 
     sizes = [len(t) for t in tokens]
@@ -359,38 +354,38 @@ def _run_rows(model, tokens: list[list[int]], starts: list[int], parents: list |
         use_cache=cache is not None,
     ).last_hidden_state
     if not any(keep):
-        return hidden, None
-    layers = [(layer.keys, layer.values) for layer in cache.layers]
-    if not all(keep):
-        rows = torch.tensor([r for r in range(len(tokens)) if keep[r]], device=device)
-        layers = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in layers]
-    return hidden, _PassCache(layers=layers, width=width, serial=serial)
+        return hidden, None, {}
+    # The kept rows' real slots, in position order: the cached prefix, then the pass's own tokens.
+    kept = [r for r in range(len(tokens)) if keep[r]]
+    lengths = np.array([starts[r] + sizes[r] for r in kept])
+    slot0 = dict(zip(kept, (np.cumsum(lengths) - lengths).tolist()))
+    rows = torch.from_numpy(np.repeat(kept, lengths)).to(device)
+    slots = torch.from_numpy(np.concatenate([np.r_[0 : starts[r], width : width + sizes[r]] for r in kept])).to(device)
+    layers = [(layer.keys[rows, :, slots], layer.values[rows, :, slots]) for layer in cache.layers]
+    return hidden, _PassCache(layers=layers, serial=serial), slot0
 
 
-def _prefix_cache(model, parents: list[tuple[_PassCache, int, int]], lengths: list[int], device):
+def _prefix_cache(model, parents: list[tuple[_PassCache, int]], lengths: list[int], device):
     """A DynamicCache holding positions [0, lengths[i]) of each row's parent chain, padded to the longest
-    with copies of real slots (the mask hides them): per layer one gather from each parent pass's cache
-    (rows with the same parent pass must be adjacent), or a plain slice when one row's prefix is
-    contiguous there."""
+    with copies of a real slot (the mask hides them): per layer one gather from each parent pass's cache
+    (rows with the same parent pass must be adjacent), or a slice for a single row."""
     from transformers import DynamicCache
 
     width = max(lengths)
     if len(parents) == 1:
-        cache, row, start = parents[0]
-        if width <= start or cache.width == start:  # its slots are [0, width): no gather
-            return DynamicCache(ddp_cache_data=[(k[row : row + 1, :, :width], v[row : row + 1, :, :width]) for k, v in cache.layers], config=model.config)
-    groups: list[tuple[_PassCache, list[int], list[np.ndarray]]] = []
-    for (cache, row, start), length in zip(parents, lengths):
+        cache, first = parents[0]
+        return DynamicCache(ddp_cache_data=[(k[first : first + width].transpose(0, 1)[None], v[first : first + width].transpose(0, 1)[None]) for k, v in cache.layers], config=model.config)
+    groups: list[tuple[_PassCache, list[np.ndarray]]] = []
+    for (cache, first), length in zip(parents, lengths):
         if not groups or groups[-1][0] is not cache:
-            groups.append((cache, [], []))
-        slots = np.zeros(width, dtype=np.int64)  # beyond `length`: any real slot, masked
-        slots[:length] = cache.slots(start, length)
-        groups[-1][1].append(row)
-        groups[-1][2].append(slots)
-    index = [(torch.tensor(rows, device=device)[:, None], torch.from_numpy(np.stack(slots)).to(device)) for _, rows, slots in groups]
+            groups.append((cache, []))
+        slots = np.full(width, first, dtype=np.int64)  # beyond `length`: the row's position 0, masked
+        slots[:length] += np.arange(length)
+        groups[-1][1].append(slots)
+    index = [torch.from_numpy(np.stack(slots)).to(device) for _, slots in groups]
 
     def gathered(layer: int, which: int) -> torch.Tensor:  # [rows, kv heads, width, head dim]
-        parts = [cache.layers[layer][which].transpose(1, 2)[rows, slots] for (cache, _, _), (rows, slots) in zip(groups, index)]
+        parts = [cache.layers[layer][which][slots] for (cache, _), slots in zip(groups, index)]
         return (parts[0] if len(parts) == 1 else torch.cat(parts)).transpose(1, 2)
 
     return DynamicCache(ddp_cache_data=[(gathered(layer, 0), gathered(layer, 1)) for layer in range(len(groups[0][0].layers))], config=model.config)

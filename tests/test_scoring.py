@@ -170,6 +170,33 @@ def test_caches_and_states_move_a_whole_pass_at_a_time():
             np.testing.assert_allclose(branch, expected, atol=1e-4)
 
 
+def test_a_pass_keeps_only_the_real_positions_of_its_rows_with_children(monkeypatch):
+    """A pass mixing a long cached prefix (no children) with short ones (children) is padded to the long
+    one; the cache it leaves must hold the short rows' own positions only, or the held cache grows with
+    the longest prefix of every pass rather than with the tokens of the chains that need it."""
+    from sdpo_platform import scoring
+
+    model = tiny_architecture("llama")
+    common = [1] + list(range(50, 80))  # a 31-token prefix the long jobs share
+    short = [BranchJob(([1, 10 + k, 11] + [6] * k, [1, 10 + k, 11] + [6] * k + [9]), [7, 8]) for k in range(6)]  # teacher adds a token
+    long = [BranchJob((common + [100 + k, 5, 5], common + [100 + k, 5, 5]), [7, 8]) for k in range(3)]  # identical branches
+    held, run_rows = [], scoring._run_rows
+
+    def recording(model, tokens, starts, parents, pad_id, device, keep, serial=0):
+        hidden, cache, slot0 = run_rows(model, tokens, starts, parents, pad_id, device, keep, serial)
+        if cache is not None:
+            held.append((max(starts), cache.layers[0][0].shape[0], sum(s + len(t) for s, t, k in zip(starts, tokens, keep) if k)))
+        return hidden, cache, slot0
+
+    monkeypatch.setattr(scoring, "_run_rows", recording)
+    jobs = short + long
+    for got, job in zip(score_jobs(model, jobs, pad_id=0, token_budget=10**6), jobs):
+        for branch, expected in zip(got.logprobs, reference(model, job)):
+            np.testing.assert_allclose(branch, expected, atol=1e-4)
+    assert any(width >= len(common) for width, _, _ in held)  # a padded pass did keep rows
+    assert all(slots == real for _, slots, real in held)
+
+
 def test_groups_cover_every_job_once_keep_conversations_together_and_bound_the_tokens_held(tiny):
     _, tok = tiny
     jobs = hindsight_jobs(tok, 12) + conversation_jobs(tok, turns=3, conversations=3)
