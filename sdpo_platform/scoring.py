@@ -145,7 +145,7 @@ def score_jobs(
     token ids per response position with their log-probs and the probability mass outside them; a k
     above the vocabulary is a ValueError before any work (clamping it would return fewer columns than
     asked for). Every prompt needs a token (a BOS at least): nothing predicts a response's first token
-    otherwise. The model runs in eval mode under `torch.inference_mode` and its mode is restored after;
+    otherwise; every response needs one too. The model runs in eval mode under `torch.inference_mode` and its mode is restored after;
     a model's first use checks that its head is reproduced exactly (`heads.check_lm_logits`).
     """
     if not jobs:
@@ -155,6 +155,11 @@ def score_jobs(
     empty = next(((i, b) for i, job in enumerate(jobs) for b, prompt in enumerate(job.prompts) if not prompt), None)
     if empty is not None:
         raise ValueError(f"job {empty[0]} has an empty prompt (branch {empty[1]}): a response is scored after at least one token")
+    no_response = next((i for i, job in enumerate(jobs) if not job.response_ids), None)
+    if no_response is not None:
+        raise ValueError(f"job {no_response} has an empty response: there is no token to score")
+    if top_k > 0 and not 0 <= topk_branch < len(jobs[0].prompts):
+        raise ValueError(f"topk_branch={topk_branch} names no branch: the jobs have {len(jobs[0].prompts)}")
     vocab = model.get_output_embeddings().weight.shape[0]
     if top_k > vocab:
         raise ValueError(f"top_k={top_k} is larger than the model's vocabulary ({vocab} tokens)")

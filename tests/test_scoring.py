@@ -380,12 +380,16 @@ def test_top_k_above_the_vocabulary_fails_up_front(tiny):
     assert score_jobs(model, [job], tok.pad_token_id, top_k=vocab)[0].topk_ids.shape == (2, vocab)  # all of it: allowed
 
 
-def test_an_empty_prompt_fails_up_front(tiny):
+def test_an_empty_prompt_or_response_or_a_missing_topk_branch_fails_up_front(tiny):
     model, tok = tiny
     with pytest.raises(ValueError, match="job 1 has an empty prompt"):
         score_jobs(model, [BranchJob(([5, 6, 7], [5, 6, 8]), [9, 10]), BranchJob(([5], []), [9, 10])], tok.pad_token_id)
     with pytest.raises(ValueError, match="empty prompt"):
         response_logprobs(model, [], [9, 10])
+    with pytest.raises(ValueError, match="job 1 has an empty response"):
+        score_jobs(model, [BranchJob(([5, 6, 7], [5, 6, 8]), [9, 10]), BranchJob(([5], [6]), [])], tok.pad_token_id)
+    with pytest.raises(ValueError, match="topk_branch=2 names no branch: the jobs have 2"):
+        score_jobs(model, [BranchJob(([5, 6, 7], [5, 6, 8]), [9, 10])], tok.pad_token_id, top_k=3, topk_branch=2)
 
 
 @pytest.mark.parametrize("name", ["mistral-window8", "gemma3-window8", "qwen2-window8"])
