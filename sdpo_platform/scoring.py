@@ -224,7 +224,8 @@ def _group_states(model, jobs: list[BranchJob], pad_id: int, token_budget: int) 
     nothing); it reads positions len(prompt) - 1 onwards. The prefix tree is cut into chains
     (`heavy_chains`), which run level by level, batched under the budget, each on top of its parent
     chain's KV cache up to where it branches off. A chain keeps the hidden states from the first
-    position any sequence through it reads, and its KV cache only until its child chains ran.
+    position any sequence through it reads, and its KV cache up to its last branch point, only until
+    its child chains ran.
     Caches and hidden states move a whole pass at a time, never row by row: on an accelerator every
     copy is a kernel launch, and per-row, per-layer copies once issued twice as many as the model itself.
     """
@@ -245,10 +246,10 @@ def _group_states(model, jobs: list[BranchJob], pad_id: int, token_budget: int) 
                 c, read = chains.chain_of[node], max(tree.start[node], first)
                 keep_from[c] = read if keep_from[c] is None else min(keep_from[c], read)
 
-    has_children = [False] * len(chains)
-    for parent in chains.parent:
+    cached_until = [0] * len(chains)  # positions of a chain's cache its child chains read: up to the last branch point
+    for c, parent in enumerate(chains.parent):
         if parent >= 0:
-            has_children[parent] = True
+            cached_until[parent] = max(cached_until[parent], start[c])
     caches: dict[int, tuple[_PassCache, int]] = {}  # chain → its pass's cache, and the slot of its position 0 there
     kept: list[torch.Tensor] = []  # per pass, the hidden states its chains keep
     kept_at = [0] * len(chains)  # position p of chain c is row kept_at[c] + p of torch.cat(kept)
@@ -263,7 +264,7 @@ def _group_states(model, jobs: list[BranchJob], pad_id: int, token_budget: int) 
                 rows.sort(key=lambda c: caches[chains.parent[c]][0].serial)
                 parents = [caches[chains.parent[c]] for c in rows]
             tokens = [sequences[tree.source[chains.nodes[c][-1]]][start[c] : end[c]] for c in rows]
-            hidden, cache, slot0 = _run_rows(model, tokens, [start[c] for c in rows], parents, pad_id, device, [has_children[c] for c in rows], serial=passes)
+            hidden, cache, slot0 = _run_rows(model, tokens, [start[c] for c in rows], parents, pad_id, device, [cached_until[c] for c in rows], serial=passes)
             passes += 1
             spans = []
             for row, c in enumerate(rows):
@@ -273,7 +274,7 @@ def _group_states(model, jobs: list[BranchJob], pad_id: int, token_budget: int) 
             if spans:
                 kept.append(_gather_spans(hidden, spans))
             for row, c in enumerate(rows):
-                if has_children[c]:
+                if cached_until[c]:
                     caches[c] = (cache, slot0[row])
         caches = {c: cache for c, cache in caches.items() if chains.level[c] == level}  # the previous level's children all ran
 
@@ -319,7 +320,7 @@ def _unshared_states(model, sequences: list[list[int]], reads_from: list[int], p
     position 0 (right-padded in length batches, no cache kept), as the model's own forward would run it."""
     parts, order = [], []
     for batch in length_batches([len(s) for s in sequences], token_budget):
-        hidden, _, _ = _run_rows(model, [sequences[q] for q in batch], [0] * len(batch), None, pad_id, device, [False] * len(batch))
+        hidden, _, _ = _run_rows(model, [sequences[q] for q in batch], [0] * len(batch), None, pad_id, device, [0] * len(batch))
         parts.append(_gather_spans(hidden, [(row, reads_from[q], len(sequences[q])) for row, q in enumerate(batch)]))
         order.extend(batch)
     lengths = np.array([len(sequences[q]) - reads_from[q] for q in order])
@@ -328,13 +329,14 @@ def _unshared_states(model, sequences: list[list[int]], reads_from: list[int], p
     return torch.cat(parts).index_select(0, torch.from_numpy(index).to(device))
 
 
-def _run_rows(model, tokens: list[list[int]], starts: list[int], parents: list | None, pad_id: int, device, keep: list[bool], serial: int = 0):
+def _run_rows(model, tokens: list[list[int]], starts: list[int], parents: list | None, pad_id: int, device, keep: list[int], serial: int = 0):
     """One forward pass over rows of tokens, row i at positions starts[i].. after its cached prefix.
 
     `parents[i]` = (pass cache, slot of position 0) of the chain row i continues (None for all: nothing
     cached before them), whose positions [0, starts[i]) it attends to. Returns the hidden states
-    [rows, longest row, hidden] and, when a row is in `keep`, the pass's `_PassCache` of those rows
-    (numbered `serial`) and each kept row's first slot there (else None, {})."""
+    [rows, longest row, hidden] and, when a row has `keep[i]` > 0, the pass's `_PassCache` of positions
+    [0, keep[i]) of those rows (numbered `serial`; keep[i] > starts[i]) and each kept row's first slot
+    there (else None, {})."""
     from transformers import DynamicCache
 
     sizes = [len(t) for t in tokens]
@@ -362,10 +364,10 @@ def _run_rows(model, tokens: list[list[int]], starts: list[int], parents: list |
         return hidden, None, {}
     # The kept rows' real slots, in position order: the cached prefix, then the pass's own tokens.
     kept = [r for r in range(len(tokens)) if keep[r]]
-    lengths = np.array([starts[r] + sizes[r] for r in kept])
+    lengths = np.array([keep[r] for r in kept])
     slot0 = dict(zip(kept, (np.cumsum(lengths) - lengths).tolist()))
     rows = torch.from_numpy(np.repeat(kept, lengths)).to(device)
-    slots = torch.from_numpy(np.concatenate([np.r_[0 : starts[r], width : width + sizes[r]] for r in kept])).to(device)
+    slots = torch.from_numpy(np.concatenate([np.r_[0 : starts[r], width : width + keep[r] - starts[r]] for r in kept])).to(device)
     layers = [(layer.keys[rows, :, slots], layer.values[rows, :, slots]) for layer in cache.layers]
     return hidden, _PassCache(layers=layers, serial=serial), slot0
 

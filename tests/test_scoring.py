@@ -170,10 +170,11 @@ def test_caches_and_states_move_a_whole_pass_at_a_time():
             np.testing.assert_allclose(branch, expected, atol=1e-4)
 
 
-def test_a_pass_keeps_only_the_real_positions_of_its_rows_with_children(monkeypatch):
+def test_a_pass_keeps_only_the_positions_its_child_chains_read(monkeypatch):
     """A pass mixing a long cached prefix (no children) with short ones (children) is padded to the long
-    one; the cache it leaves must hold the short rows' own positions only, or the held cache grows with
-    the longest prefix of every pass rather than with the tokens of the chains that need it."""
+    one; the cache it leaves must hold the short rows' own positions, up to where their last child
+    branches off, or the held cache grows with the longest prefix of every pass rather than with the
+    tokens that child chains read."""
     from sdpo_platform import scoring
 
     model = tiny_architecture("llama")
@@ -185,7 +186,7 @@ def test_a_pass_keeps_only_the_real_positions_of_its_rows_with_children(monkeypa
     def recording(model, tokens, starts, parents, pad_id, device, keep, serial=0):
         hidden, cache, slot0 = run_rows(model, tokens, starts, parents, pad_id, device, keep, serial)
         if cache is not None:
-            held.append((max(starts), cache.layers[0][0].shape[0], sum(s + len(t) for s, t, k in zip(starts, tokens, keep) if k)))
+            held.append((max(starts), cache.layers[0][0].shape[0], sum(keep), sum(s + len(t) for s, t, k in zip(starts, tokens, keep) if k)))
         return hidden, cache, slot0
 
     monkeypatch.setattr(scoring, "_run_rows", recording)
@@ -193,8 +194,9 @@ def test_a_pass_keeps_only_the_real_positions_of_its_rows_with_children(monkeypa
     for got, job in zip(score_jobs(model, jobs, pad_id=0, token_budget=10**6), jobs):
         for branch, expected in zip(got.logprobs, reference(model, job)):
             np.testing.assert_allclose(branch, expected, atol=1e-4)
-    assert any(width >= len(common) for width, _, _ in held)  # a padded pass did keep rows
-    assert all(slots == real for _, slots, real in held)
+    assert any(width >= len(common) for width, _, _, _ in held)  # a padded pass did keep rows
+    assert all(slots == needed for _, slots, needed, _ in held)
+    assert sum(needed for _, _, needed, _ in held) < sum(real for _, _, _, real in held)  # not past the last branch point
 
 
 def test_groups_cover_every_job_once_keep_conversations_together_and_bound_the_tokens_held(tiny):
