@@ -145,8 +145,9 @@ def score_jobs(
     token ids per response position with their log-probs and the probability mass outside them; a k
     above the vocabulary is a ValueError before any work (clamping it would return fewer columns than
     asked for). Every prompt needs a token (a BOS at least): nothing predicts a response's first token
-    otherwise; every response needs one too. The model runs in eval mode under `torch.inference_mode` and its mode is restored after;
-    a model's first use checks that its head is reproduced exactly (`heads.check_lm_logits`).
+    otherwise; every response needs one too. The model runs in eval mode under `torch.inference_mode`
+    and its mode is restored after; a model's first use checks that its head is reproduced exactly
+    (`heads.check_lm_logits`).
     """
     if not jobs:
         return []
@@ -209,9 +210,9 @@ def _score_group(model, jobs: list[BranchJob], pad_id: int, token_budget: int, t
 @dataclass
 class _PassCache:
     """The KV cache one forward pass leaves for its rows' child chains: per layer one (keys, values) pair
-    [slots, kv heads, head dim] holding each such row's real positions [0, start + size), one row after
-    another. The pass's padding is dropped, so no more is held than the chains' own tokens, and child
-    chains read their prefixes back with one gather per layer."""
+    [slots, kv heads, head dim] holding each such row's positions from 0 to its last branch point, one
+    row after another. The pass's padding is dropped, so no more is held than child chains read, and
+    they read their prefixes back with one gather per layer."""
 
     layers: list[tuple[torch.Tensor, torch.Tensor]]
     serial: int  # the pass's number in its group: orders a batch's rows by parent pass, the same every run
@@ -362,7 +363,7 @@ def _run_rows(model, tokens: list[list[int]], starts: list[int], parents: list |
     ).last_hidden_state
     if not any(keep):
         return hidden, None, {}
-    # The kept rows' real slots, in position order: the cached prefix, then the pass's own tokens.
+    # The kept rows' slots in position order, up to keep[r]: the cached prefix, then the pass's own tokens.
     kept = [r for r in range(len(tokens)) if keep[r]]
     lengths = np.array([keep[r] for r in kept])
     slot0 = dict(zip(kept, (np.cumsum(lengths) - lengths).tolist()))
