@@ -164,8 +164,8 @@ def profile_engine(model, jobs, pad_id, budget: int, path: Path, sync) -> dict:
     per_family: dict[str, float] = {}
     per_name: dict[str, list] = {}
     for e in kernels:
-        seconds = e.time_range.elapsed_us() / 1e6
-        per_family[kernel_family(e.name)] = per_family.get(kernel_family(e.name), 0.0) + seconds
+        seconds, family = e.time_range.elapsed_us() / 1e6, kernel_family(e.name)
+        per_family[family] = per_family.get(family, 0.0) + seconds
         entry = per_name.setdefault(e.name, [0.0, 0])
         entry[0] += seconds
         entry[1] += 1

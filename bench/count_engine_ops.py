@@ -40,35 +40,52 @@ def load_engine(path: str | None):
     return module
 
 
-def count_ops(engine, model, jobs, pad_id: int, budget: int) -> dict:
+class EngineOps:
+    """Counts, while active, the aten ops run outside a model's decoder forward (`outside[kind]`, kind =
+    "launch" or "view"; `by_op` for the launching ones), those inside it (`inside[kind]`), and the
+    decoder forwards (`passes`). The tests use it too."""
+
+    def __init__(self, model):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.inside, self.outside, self.by_op, self.passes = collections.Counter(), collections.Counter(), collections.Counter(), 0
+        counter, depth = self, [0]
+
+        class Count(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kind = "view" if func.is_view else "launch"
+                (counter.inside if depth[0] else counter.outside)[kind] += 1
+                if not depth[0] and kind == "launch":
+                    counter.by_op[str(func).replace("aten.", "")] += 1
+                return func(*args, **(kwargs or {}))
+
+        def enter(module, args):
+            depth[0] += 1
+            counter.passes += 1
+
+        self._mode, self._decoder, self._enter = Count(), model.get_decoder(), enter
+        self._leave = lambda *_: depth.__setitem__(0, depth[0] - 1)
+
+    def __enter__(self):
+        self._hooks = [self._decoder.register_forward_pre_hook(self._enter), self._decoder.register_forward_hook(self._leave)]
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        for hook in self._hooks:
+            hook.remove()
+
+
+def count_ops(engine, model, jobs, pad_id: int, budget: int) -> EngineOps:
+    """The ops of one engine run over `jobs` (exported dicts) with teacher top-20, after a warm-up call."""
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
 
-    inside, counts, passes = [0], collections.Counter(), [0]
-
-    class Count(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            counts[("decoder" if inside[0] else "engine", "view" if func.is_view else "launch")] += 1
-            if not inside[0] and not func.is_view:
-                counts[str(func)] += 1
-            return func(*args, **(kwargs or {}))
-
-    def enter(module, args):
-        inside[0] += 1
-        passes[0] += 1
-
-    decoder = model.get_decoder()
-    hooks = [decoder.register_forward_pre_hook(enter), decoder.register_forward_hook(lambda *_: inside.__setitem__(0, inside[0] - 1))]
     engine_jobs = [engine.BranchJob(tuple(j["prompts"]), j["response_ids"]) for j in jobs]
     engine.score_jobs(model, engine_jobs[:1], pad_id, token_budget=budget)  # the head check's forward, once per model
-    passes[0] = 0
-    try:
-        with torch.inference_mode(), Count():
-            engine.score_jobs(model, engine_jobs, pad_id, token_budget=budget, top_k=20)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return {"passes": passes[0], "counts": counts}
+    with torch.inference_mode(), EngineOps(model) as ops:
+        engine.score_jobs(model, engine_jobs, pad_id, token_budget=budget, top_k=20)
+    return ops
 
 
 def main() -> None:
@@ -92,13 +109,11 @@ def main() -> None:
     model = LlamaForCausalLM(config).eval()
     print(f"{len(jobs)} interactions, budget {args.budget}, a {args.layers}-layer stand-in model")
     for path in [None, *args.scoring]:
-        result = count_ops(load_engine(path), model, jobs, exported["pad_id"], args.budget)
-        c = result["counts"]
-        top = [(k, v) for k, v in c.most_common() if isinstance(k, str)][:6]
-        print(f"{path or 'sdpo_platform/scoring.py'}: {result['passes']} passes; decoder {c['decoder', 'launch']:,} launching + "
-              f"{c['decoder', 'view']:,} views; engine outside it {c['engine', 'launch']:,} launching + {c['engine', 'view']:,} views "
-              f"({c['engine', 'launch'] / max(c['decoder', 'launch'], 1):.2f}x the decoder's launching ops)")
-        print("   commonest outside: " + ", ".join(f"{k.replace('aten.', '')} {v:,}" for k, v in top))
+        ops = count_ops(load_engine(path), model, jobs, exported["pad_id"], args.budget)
+        print(f"{path or 'sdpo_platform/scoring.py'}: {ops.passes} passes; decoder {ops.inside['launch']:,} launching + "
+              f"{ops.inside['view']:,} views; engine outside it {ops.outside['launch']:,} launching + {ops.outside['view']:,} views "
+              f"({ops.outside['launch'] / max(ops.inside['launch'], 1):.2f}x the decoder's launching ops)")
+        print("   commonest outside: " + ", ".join(f"{k} {v:,}" for k, v in ops.by_op.most_common(6)))
 
 
 if __name__ == "__main__":

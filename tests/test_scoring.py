@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -114,57 +117,29 @@ def test_turns_of_a_conversation_share_their_tokens_and_stay_exact(tiny, budget)
             np.testing.assert_allclose(branch, expected, atol=1e-4)
 
 
-class HostOps:
-    """Counts the non-view aten ops a block of code runs outside the decoder's forward: on a GPU each is a
-    kernel launch the engine adds to the model's own."""
-
-    def __init__(self, model):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        counter, self.outside, self.forwards, depth = self, 0, 0, [0]
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                counter.outside += not func.is_view and not depth[0]
-                return func(*args, **(kwargs or {}))
-
-        def enter(module, args):
-            depth[0] += 1
-            counter.forwards += 1
-
-        decoder = model.get_decoder()
-        self._mode, self._hooks = Mode(), [decoder.register_forward_pre_hook(enter), decoder.register_forward_hook(lambda *_: depth.__setitem__(0, depth[0] - 1))]
-
-    def __enter__(self):
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._mode.__exit__(*exc)
-        for hook in self._hooks:
-            hook.remove()
-
-
 def test_caches_and_states_move_a_whole_pass_at_a_time():
     """Per row and per layer copies of the KV cache once cost as many kernel launches as the model: the
     engine's own ops must not grow with the rows of a pass. Children whose parents ran in different
     passes (prefixes of 3 and 40 tokens) share one pass and stay exact."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from count_engine_ops import EngineOps  # the benchmark's counter
+
     model = tiny_architecture("llama")
     jobs = lambda n: [BranchJob(([2 + k, 1, 3, 4], [2 + k, 1, 3, 9, 9]), [7, 8, 9]) for k in range(n)]  # noqa: E731
     score_jobs(model, jobs(1), pad_id=0, token_budget=10**6)  # the head check's forward, once per model
     counts = []
     for n in (4, 32):
-        with HostOps(model) as ops:
+        with EngineOps(model) as ops:
             score_jobs(model, jobs(n), pad_id=0, token_budget=10**6, top_k=3)
-        counts.append((ops.forwards, ops.outside))
+        counts.append((ops.passes, ops.outside["launch"]))
     assert counts[0] == counts[1] and counts[0][0] == 2  # two passes (prefix chains, then branches) whatever the rows
 
     short = [BranchJob(([2 + k, 1, 3], [2 + k, 1, 3, 60, 61]), [7, 8, 9]) for k in range(3)]
     long = [BranchJob(([12 + k, 1] + list(range(20, 58)), [12 + k, 1] + list(range(20, 58)) + [60, 61]), [7, 8, 9]) for k in range(3)]
     mixed = short + long
-    with HostOps(model) as ops:
+    with EngineOps(model) as ops:
         scores = score_jobs(model, mixed, pad_id=0, token_budget=10**6)
-    assert ops.forwards == 3  # short and long prefixes in two passes, every branch in one
+    assert ops.passes == 3  # short and long prefixes in two passes, every branch in one
     for job, got in zip(mixed, scores):
         for branch, expected in zip(got.logprobs, reference(model, job)):
             np.testing.assert_allclose(branch, expected, atol=1e-4)
