@@ -84,6 +84,28 @@ def test_topk_is_the_teachers_most_likely_tokens_with_tail_mass(tiny):
         assert (got.topk_logprobs[:, 0] >= got.logprobs[1] - 1e-6).all()  # the top-1 is at least the sampled token
 
 
+def test_tail_mass_keeps_its_precision_when_the_teacher_is_confident(tiny_model_dir):
+    """A peaked teacher leaves ~1e-9..1e-5 outside its top-k: 1 − Σ top-k reads 0 or noise there in float32;
+    the stored tail must match a float64 sum over the other tokens to its own precision."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(100.0)  # sharpens every logit the head sees
+    jobs = hindsight_jobs(tok, 2)
+    scores = score_jobs(model, jobs, tok.pad_token_id, top_k=5, topk_branch=1)
+    tails, expected = [], []
+    for job, got in zip(jobs, scores):
+        ids = torch.tensor([list(job.prompts[1]) + list(job.response_ids)])
+        with torch.inference_mode():
+            full = torch.log_softmax(model(ids).logits[0, len(job.prompts[1]) - 1 : -1].double(), dim=-1)
+        outside = full.scatter(-1, torch.from_numpy(got.topk_ids).long(), float("-inf"))
+        expected.append(outside.logsumexp(-1).exp().numpy())
+        tails.append(got.tail_mass)
+    tails, expected = np.concatenate(tails), np.concatenate(expected)
+    assert expected.min() < 1e-8 and expected.max() > 1e-6  # the set really reaches below float32's 1 − Σ
+    np.testing.assert_allclose(tails, expected, rtol=1e-4)
+
+
 def conversation_jobs(tok, turns: int, conversations: int = 2) -> list[BranchJob]:
     """Every interaction of a few multi-turn conversations, context window wide enough to keep the first
     message: turn k's prompt + response starts turn k+1's prompt."""
