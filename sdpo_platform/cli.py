@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     fgt = sub.add_parser("forget", help="erase ingested files: their records and everything the warehouse built from them, and list the target sets holding them (move them out of the inbox first)")
     fgt.add_argument("paths", nargs="+", help="files as they were ingested (paths; they may no longer exist)")
     fgt.add_argument("--purge-targets", action="store_true",
-                     help="also delete the target sets that hold their interactions (listed either way; the next round rescores without them)")
+                     help="also delete the target sets that hold their interactions and the heatmap pages logged to MLflow that show them "
+                          "(listed either way; the next round rescores without them)")
     st = sub.add_parser("stats", help="warehouse counts (records, conversations, interactions, quarantine by reason)")
     st.add_argument("--json", action="store_true", help="print one JSON object")
     adv = sub.add_parser("advantages", help="per-token hindsight advantages of JSONL rows, optionally as an HTML heatmap")

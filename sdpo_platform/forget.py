@@ -9,14 +9,17 @@ Outside the warehouse, earlier rounds wrote copies of its interactions: target s
 (`inputs.parquet`) and token ids (shards, replaced shards kept for snapshots included), and their
 heatmaps may show them. `derived_copies` finds every such set, and the checkpoints trained on it, so an
 erasure says what still holds the data; `purge_target_sets` deletes those sets whole (the next round
-plans and scores again without the forgotten rows). Checkpoints cannot be un-trained: they are listed,
-for the operator to retire, and so are copies this module cannot see (heatmaps logged to MLflow runs).
+plans and scores again without the forgotten rows). The heatmap pages runs logged to MLflow are found by
+`logged_heatmaps` and deleted by `erase_logged_heatmaps`. Checkpoints cannot be un-trained: they are
+listed, for the operator to retire. Dagster's event log keeps each run's metadata (a heatmap's strongest
+tokens among it); nothing here edits it.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import duckdb
@@ -140,3 +143,80 @@ def purge_target_sets(copies: list[dict], unreadable: list[dict]) -> tuple[list[
             failed.append({"path": str(path), "error": f"{type(error).__name__}: {error}"})
     left = [u for u in unreadable if not any(Path(u["path"]).is_relative_to(folder) for folder in gone)]
     return purged, left + failed
+
+
+def logged_heatmaps(record_ids: list[str], tracking_uri: str, experiment: str) -> tuple[list[dict], list[dict]]:
+    """(per MLflow run whose heatmap page still shows an interaction of `record_ids`: its run id, target set
+    and how many it shows; what could not be checked, with why). Read from each run's `SHOWN_TAG`; a run
+    with a page but without the tag (logged before runs recorded it) is reported as unchecked, not guessed.
+    A tracking store that does not exist yet holds nothing and is not created."""
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+    from mlflow.exceptions import MlflowException
+
+    from sdpo_platform.heatmap import SHOWN_TAG
+
+    forgotten = set(record_ids)
+    if not forgotten or not _store_exists(tracking_uri):
+        return [], []
+    found, unreadable = [], []
+    try:
+        client = MlflowClient(tracking_uri)
+        found_experiment = client.get_experiment_by_name(experiment)
+        runs, token = [], None
+        while found_experiment is not None:  # every run of every set, deleted runs too: their artifacts stay
+            page = client.search_runs([found_experiment.experiment_id], "tags.target_set LIKE '%'",
+                                      run_view_type=ViewType.ALL, max_results=1000, page_token=token)
+            runs += page
+            token = page.token
+            if not token:
+                break
+        for run in runs:
+            run_id, tags = run.info.run_id, run.data.tags
+            if SHOWN_TAG not in tags:
+                if client.list_artifacts(run_id, "heatmaps"):
+                    unreadable.append({"path": f"runs:/{run_id}/heatmaps",
+                                       "error": f"logged before runs recorded the interactions a page shows ({SHOWN_TAG}): check it by hand"})
+                continue
+            shown = [i for i in json.loads(tags[SHOWN_TAG]) if i.rsplit(":", 1)[0] in forgotten]
+            if shown and client.list_artifacts(run_id, "heatmaps"):  # not erased yet
+                found.append({"run_id": run_id, "target_set": tags["target_set"], "interactions": len(shown)})
+    except (MlflowException, OSError, ValueError) as error:  # a store that cannot be reached, a damaged tag
+        unreadable.append({"path": tracking_uri, "error": f"{type(error).__name__}: {error}"})
+    return found, unreadable
+
+
+def erase_logged_heatmaps(found: list[dict], tracking_uri: str) -> tuple[list[str], list[dict]]:
+    """Delete the heatmap pages of the runs `logged_heatmaps` found (the run, its metrics and its other
+    artifacts stay) and tag the run `heatmaps_erased` when it still accepts tags: (the pages' `runs:/`
+    folders deleted; those that could not be, with why)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    erased, failed = [], []
+    client = MlflowClient(tracking_uri) if found else None
+    for entry in found:
+        folder = f"runs:/{entry['run_id']}/heatmaps"
+        try:
+            run = client.get_run(entry["run_id"])
+            get_artifact_repository(run.info.artifact_uri).delete_artifacts("heatmaps")
+            erased.append(folder)
+        except (MlflowException, OSError) as error:
+            failed.append({"path": folder, "error": f"{type(error).__name__}: {error}"})
+            continue
+        try:  # a deleted run takes no tags; its pages are gone all the same
+            client.set_tag(entry["run_id"], "heatmaps_erased", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        except MlflowException:
+            pass
+    return erased, failed
+
+
+def _store_exists(tracking_uri: str) -> bool:
+    """Whether a local tracking store is there (opening a missing SQLite file would create one); a remote
+    store is assumed to be."""
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri.removeprefix("sqlite:///")).exists()
+    if tracking_uri.startswith("file:") or "://" not in tracking_uri:
+        return Path(tracking_uri.removeprefix("file://")).exists()
+    return True

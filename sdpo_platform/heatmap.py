@@ -8,12 +8,16 @@ its value. All text from the logs is HTML-escaped; nothing from the data reaches
 from __future__ import annotations
 
 import html
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 BLUE, RED = (37, 99, 235), (220, 38, 38)
+# The MLflow run tag naming the interactions a run's page shows (a JSON list): `sdpo forget` finds the pages
+# that show a forgotten file's interactions from it, without downloading every page.
+SHOWN_TAG = "heatmap_interactions"
 
 
 @dataclass
@@ -25,6 +29,7 @@ class HeatmapRow:
     followup: str
     tokens: list[str]
     advantages: list[float]
+    interaction_id: str | None = None  # for a page logged by a run: what an erasure must find
 
 
 def intensity_scale(rows: list[HeatmapRow], quantile: float = 0.98) -> float:
@@ -109,7 +114,7 @@ def rows_from_targets(targets, tokenizer, interaction_text: dict[str, tuple[str,
     for interaction_id, response_ids, advantages, truncated in zip(*(targets[c] for c in columns)):
         prompt, followup = interaction_text.get(interaction_id, ("", ""))
         title = f"{title_prefix}{interaction_id}" + (CUT_NOTE if truncated else "")
-        rows.append(HeatmapRow(title, prompt, followup, decode_tokens(tokenizer, response_ids), list(advantages)))
+        rows.append(HeatmapRow(title, prompt, followup, decode_tokens(tokenizer, response_ids), list(advantages), interaction_id))
     return rows
 
 
@@ -182,7 +187,8 @@ def publish_extremes(
     configure_mlflow(tracking_uri, experiment)
     with mlflow.start_run(run_name=f"targets-{result.target_set}") as run:
         mlflow.set_tags({"target_set": result.target_set, "model_revision": result.model_revision,
-                         "template_hash": result.template_hash, "run_label": label})
+                         "template_hash": result.template_hash, "run_label": label,
+                         SHOWN_TAG: json.dumps([row.interaction_id for row in rows])})
         mlflow.log_metrics({
             "rows": result.rows,
             "shards_scored": result.shards_scored,

@@ -40,24 +40,35 @@ def ingest_and_clean(con: duckdb.DuckDBPyConnection, paths: list[str | Path], cf
     }
 
 
-def forget_and_rebuild(con: duckdb.DuckDBPyConnection, paths: list[str | Path], cfg: PlatformConfig,
-                       inbox: Path | None = None, log: Callable[[str], None] | None = None, purge_targets: bool = False) -> dict:
+def forget_and_rebuild(con: duckdb.DuckDBPyConnection, paths: list[str | Path], cfg: PlatformConfig, inbox: Path | None = None,
+                       log: Callable[[str], None] | None = None, purge_targets: bool = False, tracking_uri: str | None = None) -> dict:
     """Erase ingested files (`forget.forget_files`) and rebuild the days they were in, so nothing built from
     them is left in the warehouse; returns the forgotten files, their days, what the rebuild did, and the
-    target sets outside the warehouse that hold their interactions (`forget.derived_copies`, looked for before
-    the erasure, so a damaged set costs its report line, never the erasure's), deleted with `purge_targets`.
-    Files that could not be read or deleted are listed under `unreadable`."""
-    from sdpo_platform.forget import derived_copies, forget_files, forgettable, purge_target_sets, record_ids_of
+    copies outside the warehouse that hold their interactions: target sets (`forget.derived_copies`) and
+    heatmap pages logged to MLflow (`forget.logged_heatmaps`, in `tracking_uri`, default the platform's),
+    looked for before the erasure, so a damaged set costs its report line, never the erasure's. With
+    `purge_targets` both are deleted. Whatever could not be read or deleted is listed under `unreadable`."""
+    from sdpo_platform.forget import (derived_copies, erase_logged_heatmaps, forget_files, forgettable, logged_heatmaps,
+                                      purge_target_sets, record_ids_of)
+    from sdpo_platform.paths import mlflow_tracking_uri
 
-    copies, unreadable = derived_copies(record_ids_of(con, forgettable(con, paths, inbox)))
+    record_ids = record_ids_of(con, forgettable(con, paths, inbox))
+    tracking_uri = tracking_uri or mlflow_tracking_uri()
+    copies, unreadable = derived_copies(record_ids)
+    pages, unchecked = logged_heatmaps(record_ids, tracking_uri, cfg.registry.experiment)
     files, days = forget_files(con, paths, inbox)
     outcome = {"forgotten": files, "partitions": days, **rebuild_days(con, cfg, days, log)}
     purged, unreadable = purge_target_sets(copies, unreadable) if purge_targets else ([], unreadable)
-    outcome |= {"target_sets_holding_them": copies, "target_sets_purged": purged, "unreadable": unreadable}
+    erased, not_erased = erase_logged_heatmaps(pages, tracking_uri) if purge_targets else ([], [])
+    outcome |= {"target_sets_holding_them": copies, "target_sets_purged": purged, "heatmaps_showing_them": pages,
+                "heatmaps_erased": erased, "unreadable": unreadable + unchecked + not_erased}
     if log is not None and copies:
         action = f"{len(purged)} were deleted" if purge_targets else "still hold them (`sdpo forget --purge-targets` deletes those sets)"
         log(f"{sum(c['interactions'] for c in copies)} interaction(s) of the forgotten files are in {len(copies)} target set(s): "
             f"{action}; checkpoints trained on them: {sum(len(c['checkpoints']) for c in copies)} (retire them by hand)")
+    if log is not None and pages:
+        action = f"{len(erased)} were deleted" if purge_targets else "still show them (`--purge-targets` deletes those pages)"
+        log(f"{len(pages)} heatmap page(s) logged to MLflow show interactions of the forgotten files: {action}")
     if log is not None and outcome["unreadable"]:
         log(f"{len(outcome['unreadable'])} file(s) could not be checked or deleted: see `unreadable`")
     return outcome

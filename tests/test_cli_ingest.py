@@ -237,3 +237,69 @@ def test_forget_lists_and_purges_the_target_sets_that_hold_the_forgotten_interac
     assert sorted(outcome["target_sets_purged"]) == sorted([str(both), str(old_shard.parent), str(targets_dir() / "rev4-moved")])
     assert not both.exists() and not old_shard.parent.exists() and not elsewhere.exists() and kept_only.exists()
     assert not (targets_dir() / "zz-alias").is_symlink() and (targets_dir() / "all").is_symlink()
+
+
+def test_forget_finds_and_erases_the_heatmap_pages_that_show_the_forgotten_interactions(sdpo_home, capsys, no_model, tiny_model_dir):
+    """Each `hindsight_targets` run logs a page of its most and least informative interactions to MLflow:
+    text from the logs, outside the warehouse and outside the target set. An erasure lists the runs whose
+    page shows a forgotten interaction, and with --purge-targets deletes exactly those pages."""
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+    from transformers import AutoTokenizer
+
+    from sdpo_platform.heatmap import publish_extremes
+    from sdpo_platform.registry import configure_mlflow
+    from sdpo_platform.target_workers import TargetSetResult
+    from sdpo_platform.warehouse import connect
+
+    chat = lambda day, topic: {"created": f"{day}T10:00:00Z", "messages": [  # noqa: E731
+        {"role": "user", "content": f"Write a short poem about {topic} for my class, please."},
+        {"role": "assistant", "content": f"Here is a poem about {topic}: it rolls and sings and rises high."},
+        {"role": "user", "content": "Too short, make it longer please."}]}
+    first, second = sdpo_home / "first.jsonl", sdpo_home / "second.jsonl"
+    first.write_text(json.dumps(chat("2026-01-05", "the sea")) + "\n")
+    second.write_text(json.dumps(chat("2026-01-06", "the mountains")) + "\n")
+    assert main(["ingest", str(first), str(second)]) == 0
+    with connect() as con:
+        interactions = con.execute("SELECT i.*, c.source_file FROM interactions i JOIN conversations c USING (conversation_id) "
+                                   "ORDER BY c.source_file").df()
+    assert list(interactions.source_file) == [str(first.resolve()), str(second.resolve())]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tokenizer("A poem.", add_special_tokens=False)["input_ids"]
+
+    def publish(rows, label):
+        targets = pd.DataFrame({"interaction_id": rows.interaction_id, "response_ids": [ids] * len(rows),
+                                "advantages": [[0.5] * len(ids)] * len(rows), "mean_abs_advantage": 0.5, "truncated": False})
+        result = TargetSetResult(str(sdpo_home / "targets" / "set-a"), "set-a", "rev", "tmpl", rows=len(rows), shards=1, shards_scored=1, shards_reused=0)
+        return publish_extremes(result, targets, rows, tokenizer, "sdpo", run_label=label).mlflow_run_id
+
+    both, second_only = publish(interactions, "both"), publish(interactions.iloc[1:], "second")
+    configure_mlflow(None, "sdpo")
+    with mlflow.start_run(tags={"target_set": "set-old"}) as old:  # a page logged before runs named what it shows
+        page = sdpo_home / "extremes-old.html"
+        page.write_text("<html>...</html>")
+        mlflow.log_artifact(str(page), artifact_path="heatmaps")
+    capsys.readouterr()
+
+    assert main(["forget", str(second)]) == 1  # the old page cannot be checked
+    outcome = json.loads(capsys.readouterr().out)
+    assert sorted((p["run_id"], p["interactions"]) for p in outcome["heatmaps_showing_them"]) == sorted([(both, 1), (second_only, 1)])
+    assert outcome["heatmaps_erased"] == [] and [u["path"] for u in outcome["unreadable"]] == [f"runs:/{old.info.run_id}/heatmaps"]
+    client = MlflowClient()
+    assert client.list_artifacts(both, "heatmaps") and client.list_artifacts(second_only, "heatmaps")  # listed, not deleted
+
+    assert main(["forget", "--purge-targets", str(first)]) == 1
+    outcome = json.loads(capsys.readouterr().out)
+    assert [(p["run_id"], p["interactions"]) for p in outcome["heatmaps_showing_them"]] == [(both, 1)]
+    assert outcome["heatmaps_erased"] == [f"runs:/{both}/heatmaps"]
+    assert client.list_artifacts(both, "heatmaps") == [] and "heatmaps_erased" in client.get_run(both).data.tags
+    assert client.list_artifacts(second_only, "heatmaps")  # a page without the first file's interactions stays
+    assert client.get_run(both).data.metrics["rows"] == 2  # the run itself stays
+
+    from sdpo_platform.forget import logged_heatmaps
+    from sdpo_platform.paths import mlflow_tracking_uri
+
+    assert logged_heatmaps([interactions.conversation_id[0]], mlflow_tracking_uri(), "sdpo")[0] == []  # erased pages are not found again
+    assert logged_heatmaps(["x"], f"sqlite:///{sdpo_home / 'none' / 'mlflow.db'}", "sdpo") == ([], [])  # no store: nothing, none created
+    assert not (sdpo_home / "none").exists()
