@@ -24,10 +24,10 @@ from sdpo_platform.assessments import hindsight_template
 from sdpo_platform.config import PlatformConfig, TargetsConfig
 from sdpo_platform.heatmap import CUT_NOTE, HeatmapRow, decode_tokens, render_html
 from sdpo_platform.hindsight import student_messages
-from sdpo_platform.models import generate_response
+from sdpo_platform.models import generate_continuation
 from sdpo_platform.paths import atomic_write, write_jsonl_atomic
 from sdpo_platform.progress import ScoringProgress
-from sdpo_platform.targets import compute_targets
+from sdpo_platform.targets import compute_targets, encode_interactions
 
 
 ROLES = ("user", "assistant", "system")
@@ -123,27 +123,26 @@ def score_rows(rows: list[dict], model, tokenizer, cfg: TargetsConfig, seed: int
     from tqdm.auto import tqdm
 
     contexts, responses = zip(*(context_and_response(row) for row in rows)) if rows else ((), ())
-    missing = sum(r is None for r in responses)
-    with tqdm(total=missing, unit="row", desc="generating responses", disable=None if show_progress and missing else True, file=sys.stderr) as bar:
-        generated, complete = [], []
-        for c, r in zip(contexts, responses):
-            stopped = True  # a logged response is taken as the whole answer
-            if r is None:
-                r, stopped = generate_response(model, tokenizer, c, cfg.max_response_tokens, seed)
-                bar.update()
-            generated.append(r)
-            complete.append(stopped)
-    responses = generated
     frame = pd.DataFrame(
         {
             "interaction_id": [f"row{i}" for i in range(len(rows))],
             "context": list(contexts),
-            "response": responses,
+            "response": list(responses),
             "followup": [row["followup"] for row in rows],
-            "response_complete": complete,
+            "response_complete": True,  # a logged response is taken as the whole answer
             "split": "train",
         }
     )
+    missing = frame.index[frame["response"].isna()]
+    with tqdm(total=len(missing), unit="row", desc="generating responses", disable=None if show_progress and len(missing) else True,
+              file=sys.stderr) as bar:
+        # from the student prompt the answer is then scored under: cut to `max_prompt_tokens` as scoring cuts it
+        encoded, _ = encode_interactions(tokenizer, frame.loc[missing].assign(response=""), cfg)
+        for i, e in zip(missing, encoded):
+            frame.loc[i, ["response", "response_complete"]] = generate_continuation(
+                model, tokenizer, e.student_prompt_ids, cfg.max_response_tokens, seed)
+            bar.update()
+    responses = list(frame["response"])
     with tqdm(total=len(rows), unit="row", desc="scoring", disable=None if show_progress else True, file=sys.stderr) as bar:
         def report(p: ScoringProgress) -> None:
             bar.update(p.interactions_done - bar.n)
@@ -201,8 +200,11 @@ def run(input_path: str, out_path: str, html_path: str | None = None, model_spec
     prepare_output(out_path, "--out")
     if html_path:
         prepare_output(html_path, "--html")
+        for other, name in ((out_path, "--out"), (input_path, "the input")):  # the page would replace it
+            if Path(html_path).resolve() == Path(other).resolve():
+                raise ValueError(f"--html {html_path}: is the same file as {name}; give the page its own file")
     rows = [row for _, row in located]
-    model, tokenizer = load_model(model_spec or cfg.model)
+    model, tokenizer = load_model(cfg.model if model_spec is None else model_spec)
     scoring = cfg.targets.model_copy(update={"template": hindsight_template(cfg)})  # as the targets asset scores
     scored = score_rows(rows, model, tokenizer, scoring, seed, show_progress=True)
     page = render_html(heatmap_rows(scored), heading=f"Per-token advantages: {Path(input_path).name}") if html_path else None

@@ -93,13 +93,15 @@ def decode_tokens(tokenizer, token_ids: list[int]) -> list[str]:
     Tokens are not decoded alone: byte-level BPE splits one emoji or CJK character over several tokens
     (alone each is U+FFFD), and SentencePiece drops a lone token's leading space. Each token instead
     gets what it adds to the decoded prefix; a token ending inside a character shows "" and the one
-    completing it shows the character. Quadratic in the length, fine for responses.
+    completing it shows the character. A prefix counts once the whole text starts with it, so a prefix
+    ending in a U+FFFD that later tokens rewrite is incomplete, and a literal U+FFFD in the text (common in
+    scraped logs) stays with its own token. Quadratic in the length, fine for responses.
     """
     ids = [int(t) for t in token_ids]
+    texts = [tokenizer.decode(ids[:end], skip_special_tokens=False, clean_up_tokenization_spaces=False) for end in range(1, len(ids) + 1)]
     pieces, shown = [], ""
-    for end in range(1, len(ids) + 1):
-        text = tokenizer.decode(ids[:end], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        if end < len(ids) and (text.endswith("\ufffd") or not text.startswith(shown)):
+    for end, text in enumerate(texts, start=1):
+        if end < len(ids) and not (texts[-1].startswith(text) and len(text) >= len(shown)):
             pieces.append("")  # a character still incomplete: its bytes carry to the next token
             continue
         pieces.append(text[len(shown) :])
@@ -121,12 +123,15 @@ def rows_from_targets(targets, tokenizer, interaction_text: dict[str, tuple[str,
 CUT_NOTE = " (response cut at the length limit: its first tokens, no EOS, as training scores it)"
 
 
-def extremes(targets, n: int = 3):
-    """The `n` most and `n` least informative interactions (by mean |A|), most informative first."""
-    ranked = targets.sort_values(["mean_abs_advantage", "interaction_id"], ascending=[False, True])
+def extremes(targets, n: int = 3) -> tuple[object, int]:
+    """(the `n` most and `n` least informative interactions, most informative first; how many lead as the
+    most). Informative as the platform judges it (`informativeness`, the follow-up's kind and the model's
+    signal), not by mean |A|, which alone tells a relevant follow-up from an unrelated one no better than
+    chance; equal scores are ordered by mean |A|. With `2n` rows or fewer, the better half leads."""
+    ranked = targets.sort_values(["informativeness", "mean_abs_advantage", "interaction_id"], ascending=[False, False, True])
     if len(ranked) <= 2 * n:
-        return ranked
-    return ranked.iloc[list(range(n)) + list(range(len(ranked) - n, len(ranked)))]
+        return ranked, (len(ranked) + 1) // 2
+    return ranked.iloc[list(range(n)) + list(range(len(ranked) - n, len(ranked)))], n
 
 
 def strongest_tokens(row: HeatmapRow, k: int = 3) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
@@ -139,9 +144,10 @@ def strongest_tokens(row: HeatmapRow, k: int = 3) -> tuple[list[tuple[str, float
 
 
 def extremes_rows(targets, interactions, tokenizer, n: int = 3) -> list[HeatmapRow]:
-    """HeatmapRows of `extremes(targets, n)`, titled most/least informative; `interactions` supplies the
-    text (context, followup)."""
-    chosen = extremes(targets, n)
+    """HeatmapRows of `extremes`, titled most/least informative with their score; `interactions` supplies
+    the text (context, followup) and the informativeness."""
+    scores = interactions[["interaction_id", "informativeness"]].drop_duplicates("interaction_id")
+    chosen, leading = extremes(targets.merge(scores, on="interaction_id", how="left", validate="one_to_one"), n)
     wanted = set(chosen["interaction_id"])
     text = {
         i: (list(c)[-1]["content"], f)
@@ -149,8 +155,8 @@ def extremes_rows(targets, interactions, tokenizer, n: int = 3) -> list[HeatmapR
         if i in wanted
     }
     rows = rows_from_targets(chosen, tokenizer, text)
-    for position, row in enumerate(rows):
-        row.title = f"{'most' if position < min(n, len(rows)) else 'least'} informative · {row.title}"
+    for position, (row, score) in enumerate(zip(rows, chosen["informativeness"])):
+        row.title = f"{'most' if position < leading else 'least'} informative ({score:.2f}) · {row.title}"
     return rows
 
 

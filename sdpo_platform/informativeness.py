@@ -270,7 +270,7 @@ def run_jsonl(input_path: str, out_path: str, model_spec: str | None = None, con
     model = tokenizer = None
     needs_generation = not all(isinstance(r, str) and r.strip() for r in frame["response"])
     if cfg.use_model or needs_generation:
-        model, tokenizer = load_model(model_spec or config.model)
+        model, tokenizer = load_model(config.model if model_spec is None else model_spec)
     if needs_generation:
         frame["response"] = generate_missing_responses(model, tokenizer, list(frame["context"]), list(frame["response"]), cfg.max_response_tokens)
     assessed = assess_interactions(frame, cfg, model, tokenizer, hindsight_template(config))

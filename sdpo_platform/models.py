@@ -57,12 +57,14 @@ def load_model(spec: str, root: Path | None = None, device: str | torch.device |
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if not spec.strip():
+        raise ValueError("the model spec is empty: give 'default', a folder or a hub id")
     location = resolve_model(spec, root)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
-    except OSError as error:  # a wrong path or hub id, or a hub id not cached while offline: the user's to fix
-        raise ValueError(f"cannot load model {spec!r}: {error}") from error
+    except Exception as error:  # a wrong path or hub id, one not cached while offline, a file, a folder missing a tokenizer
+        raise ValueError(f"cannot load model {spec!r}: {type(error).__name__}: {error}") from error
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer
@@ -167,14 +169,20 @@ def generate_response(model, tokenizer, context: list[dict], max_new_tokens: int
     """The model's greedy answer to the chat `context` (seeded, so a rerun gives the same text), for rows
     logged without a response, and whether the model stopped (False: `max_new_tokens` cut it, so its
     scoring must not learn a stop there)."""
+    prompt_ids = tokenizer.apply_chat_template(context, add_generation_prompt=True, tokenize=True, return_dict=False)
+    return generate_continuation(model, tokenizer, list(prompt_ids), max_new_tokens, seed)
+
+
+def generate_continuation(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, seed: int = 0) -> tuple[str, bool]:
+    """`generate_response` from prompt ids already built (and cut to a length), e.g. the student prompt a
+    response will be scored under."""
     torch.manual_seed(seed)
     device = next(model.parameters()).device
-    ids = tokenizer.apply_chat_template(context, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = torch.tensor([prompt_ids], device=device)
     with torch.inference_mode():
-        out = model.generate(
-            **{k: v.to(device) for k, v in ids.items()}, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
-    new = out[0, ids["input_ids"].shape[1] :].tolist()
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    new = out[0, ids.shape[1] :].tolist()
     stop_ids = model.generation_config.eos_token_id
     stop_ids = {tokenizer.eos_token_id, *(stop_ids if isinstance(stop_ids, list) else [stop_ids])} - {None}
     stopped = len(new) < max_new_tokens or (bool(new) and new[-1] in stop_ids)

@@ -123,6 +123,55 @@ def test_unloadable_model_is_an_error(tmp_path, sdpo_home, capsys):
     assert capsys.readouterr().err.startswith(f"sdpo: error: cannot load model '{tmp_path / 'no-model'}': ")
 
 
+def test_an_empty_model_spec_or_a_file_is_an_error_naming_the_spec(tmp_path, sdpo_home, tiny_model_dir, capsys):
+    """An unset `$MODEL` must not quietly score with the config's model; every load failure names the spec."""
+    source = tmp_path / "in.jsonl"
+    write_rows(source, [{"prompt": "ok", "response": "yes", "followup": "fine"}])
+    no_tokenizer = tmp_path / "weights-only"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    for spec, says in [("", "the model spec is empty"), (str(source), f"cannot load model '{source}': "),
+                       (str(no_tokenizer), f"cannot load model '{no_tokenizer}': ")]:
+        assert main(["advantages", str(source), "--out", str(tmp_path / "out.jsonl"), "--model", spec]) == 2
+        assert capsys.readouterr().err.startswith(f"sdpo: error: {says}")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("same_as", ["--out", "input"])
+def test_the_page_never_replaces_the_results_or_the_input(tmp_path, sdpo_home, no_model, capsys, same_as):
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_rows(source, [{"prompt": "ok", "response": "yes", "followup": "fine"}])
+    before = source.read_text()
+    page = out if same_as == "--out" else tmp_path / "." / "in.jsonl"  # the same file under another spelling
+    assert main(["advantages", str(source), "--out", str(out), "--html", str(page)]) == 2
+    assert "is the same file as" in capsys.readouterr().err and source.read_text() == before and not out.exists()
+
+
+def test_a_missing_response_is_generated_from_the_prompt_it_is_scored_under(tiny_model_dir, sdpo_home, tmp_path, monkeypatch):
+    """A context longer than `targets.max_prompt_tokens` is scored on its cut student prompt; generating from the
+    whole context would answer text the scored prompt never shows (and can pass the model's window)."""
+    from sdpo_platform import advantages
+
+    seen = []
+    real = advantages.generate_continuation
+
+    def spy(model, tokenizer, prompt_ids, *args):
+        seen.append(list(prompt_ids))
+        return real(model, tokenizer, prompt_ids, *args)
+
+    monkeypatch.setattr(advantages, "generate_continuation", spy)
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    long_context = [{"role": "user", "content": "old question " * 300}, {"role": "assistant", "content": "old answer " * 300},
+                    {"role": "user", "content": "And now? " * 10}]
+    write_rows(source, [{"messages": long_context, "followup": "Shorter."}])
+    assert main(["advantages", str(source), "--out", str(out), "--model", str(tiny_model_dir)]) == 0
+    row = json.loads(out.read_text())
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = TargetsConfig()
+    scored = encode_interaction(tok, long_context, row["response"], "Shorter.", cfg.template, cfg.max_prompt_tokens, cfg.max_response_tokens)
+    assert seen == [scored.student_prompt_ids] and len(seen[0]) <= cfg.max_prompt_tokens
+
+
 def test_bugs_keep_their_traceback(tmp_path, monkeypatch):
     """Only input errors become one line; anything else is a bug and must surface whole."""
 

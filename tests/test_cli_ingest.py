@@ -262,8 +262,8 @@ def test_forget_finds_and_erases_the_heatmap_pages_that_show_the_forgotten_inter
     second.write_text(json.dumps(chat("2026-01-06", "the mountains")) + "\n")
     assert main(["ingest", str(first), str(second)]) == 0
     with connect() as con:
-        interactions = con.execute("SELECT i.*, c.source_file FROM interactions i JOIN conversations c USING (conversation_id) "
-                                   "ORDER BY c.source_file").df()
+        interactions = con.execute("SELECT i.*, c.source_file, 0.9 AS informativeness FROM interactions i "
+                                   "JOIN conversations c USING (conversation_id) ORDER BY c.source_file").df()
     assert list(interactions.source_file) == [str(first.resolve()), str(second.resolve())]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     ids = tokenizer("A poem.", add_special_tokens=False)["input_ids"]

@@ -95,6 +95,7 @@ def test_each_run_publishes_its_own_page_and_keeps_earlier_ones(tiny_model_dir, 
             "interaction_id": targets["interaction_id"],
             "context": [[{"role": "user", "content": f"question {i}"}] for i in range(n)],
             "followup": [f"too long {i}" for i in range(n)],
+            "informativeness": 0.5,  # all alike: mean |A| orders them
         })
         return targets, interactions
 
@@ -109,3 +110,47 @@ def test_each_run_publishes_its_own_page_and_keeps_earlier_ones(tiny_model_dir, 
 
     reinforced, penalized = strongest_tokens(second.rows[0], k=2)
     assert [a for _, a in reinforced] == pytest.approx([1.2, 1.2]) and [a for _, a in penalized] == pytest.approx([-1.2, -1.2])
+
+
+def test_extremes_are_ranked_by_the_platforms_informativeness_and_small_runs_split_in_half():
+    """Mean |A| alone tells a relevant follow-up from an unrelated one no better than chance, so the page's
+    "most informative" is the platform's judgement; mean |A| only orders equal scores."""
+    import pandas as pd
+
+    from sdpo_platform.heatmap import extremes_rows
+
+    class Characters:  # a tokenizer whose ids are characters
+        def decode(self, ids, **_):
+            return "".join(map(chr, ids))
+
+    def rows(scores, mean_abs):
+        n = len(scores)
+        targets = pd.DataFrame({"interaction_id": [f"i{i}" for i in range(n)], "response_ids": [[104, 105]] * n,
+                                "advantages": [[a, -a] for a in mean_abs], "mean_abs_advantage": mean_abs, "truncated": False})
+        interactions = pd.DataFrame({"interaction_id": targets["interaction_id"], "informativeness": scores,
+                                     "context": [[{"role": "user", "content": "q"}]] * n, "followup": "f"})
+        return [r.title for r in extremes_rows(targets, interactions, Characters())]
+
+    # i0: an unrelated follow-up with the largest |A|; i3: a clear refinement with the smallest
+    assert rows([0.2, 0.6, 0.6, 0.95, 0.4, 0.1, 0.7, 0.3], [0.9, 0.2, 0.3, 0.05, 0.5, 0.6, 0.1, 0.4]) == [
+        "most informative (0.95) · i3", "most informative (0.70) · i6", "most informative (0.60) · i2",
+        "least informative (0.30) · i7", "least informative (0.20) · i0", "least informative (0.10) · i5"]
+    assert rows([0.9, 0.1, 0.5], [0.1, 0.2, 0.3]) == [
+        "most informative (0.90) · i0", "most informative (0.50) · i2", "least informative (0.10) · i1"]
+    assert rows([0.9, 0.1], [0.1, 0.2]) == ["most informative (0.90) · i0", "least informative (0.10) · i1"]
+
+
+def test_a_literal_replacement_character_stays_with_its_own_token(tiny_model_dir):
+    """Scraped logs carry U+FFFD as text; it must not be taken for a character split over tokens (which would
+    move it onto the next token, EOS included)."""
+    from transformers import AutoTokenizer
+
+    from sdpo_platform.heatmap import decode_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for text in ["My name is Jos\ufffd", "He said \ufffd hi", "\ufffd\ufffd then 😀"]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        pieces = decode_tokens(tokenizer, ids)
+        assert len(pieces) == len(ids) and "".join(pieces) == text + tokenizer.eos_token
+        assert pieces[-1] == tokenizer.eos_token
+        assert pieces[:-1] == decode_tokens(tokenizer, ids[:-1])  # the same pieces whatever follows
