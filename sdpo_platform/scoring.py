@@ -35,6 +35,10 @@ from sdpo_platform.heads import check_lm_logits, lm_logits
 from sdpo_platform.prefix_tree import build_prefix_tree, common_prefix_length, heavy_chains
 from sdpo_platform.progress import ProgressCallback, ScoringProgress
 
+# Bumped whenever `score_jobs` returns other numbers for the same jobs, so that stored target shards are
+# rescored rather than reused or mixed with new ones (2: the teacher's tail mass is summed over the tokens
+# outside the top-k, no longer 1 − Σ top-k, which read 0 where the teacher is confident).
+SCORING_VERSION = 2
 GPU_TOKEN_BUDGET = 65536  # auto budget on accelerators; on CPU each chain runs alone (no padding)
 PREFIX_CACHE_BUDGETS = 2  # prompt tokens whose KV cache a group may hold, in token budgets (16 GB for a 3B Llama at 65k)
 CPU_GROUP_TOKENS = 16384  # the same bound with budget 0 (CPU): ~750 MB of SmolLM2-135M cache at most

@@ -34,7 +34,7 @@ from sdpo_platform.config import TargetsConfig
 from sdpo_platform.hindsight import PROMPT_ENCODING_VERSION, EncodedInteraction, encode_interaction, template_hash
 from sdpo_platform.paths import atomic_write, targets_dir
 from sdpo_platform.progress import ProgressCallback
-from sdpo_platform.scoring import BranchJob, score_jobs
+from sdpo_platform.scoring import SCORING_VERSION, BranchJob, score_jobs
 
 INPUT_COLUMNS = ("interaction_id", "context", "response", "followup", "split")
 TARGET_COLUMNS = (
@@ -174,8 +174,9 @@ def select_for_scoring(interactions_df: pd.DataFrame, cfg: TargetsConfig) -> pd.
 
 
 def scoring_settings(cfg: TargetsConfig, dtype: str) -> dict:
-    """Everything that changes the numbers: the settings, the prompt encoding, the float precision."""
-    settings = {name: getattr(cfg, name) for name in SCORING_FIELDS} | {"prompt_encoding": PROMPT_ENCODING_VERSION, "dtype": dtype}
+    """Everything that changes the numbers: the settings, the prompt encoding, the scoring engine, the float precision."""
+    settings = {name: getattr(cfg, name) for name in SCORING_FIELDS} | {
+        "prompt_encoding": PROMPT_ENCODING_VERSION, "scoring": SCORING_VERSION, "dtype": dtype}
     if cfg.neutral_followup is not None:
         settings["neutral_shares_context"] = True  # the neutral prompt is cut with the others (was cut alone)
     return settings
@@ -276,6 +277,7 @@ def plan_target_set(
         "template_hash": template_hash(cfg.template),
         "scoring_key": scoring_key(cfg, dtype),
         "prompt_encoding": PROMPT_ENCODING_VERSION,  # a worker running other code must not add shards (check_scorable)
+        "scoring_version": SCORING_VERSION,
         "dtype": dtype,
         "model_path": model_path,
         "targets_config": cfg.model_dump(),
@@ -293,14 +295,15 @@ def plan_target_set(
 
 def check_scorable(manifest: dict) -> None:
     """Refuse to score a set whose plan this code would key differently: its shards would mix encodings
-    (another `PROMPT_ENCODING_VERSION` on one machine of a scale-out) under one set id."""
+    (another `PROMPT_ENCODING_VERSION` or `SCORING_VERSION` on one machine of a scale-out) under one set id."""
     if "scoring_key" not in manifest or "dtype" not in manifest:
         return
     ours = scoring_key(TargetsConfig.model_validate(manifest["targets_config"]), manifest["dtype"])
     if ours != manifest["scoring_key"]:
         raise ValueError(
             f"this code scores the set's settings under key {ours}, the set was planned under {manifest['scoring_key']} "
-            f"(prompt encoding {PROMPT_ENCODING_VERSION} here, {manifest.get('prompt_encoding', 'before 3')} in the plan): "
+            f"(prompt encoding {PROMPT_ENCODING_VERSION} and scoring {SCORING_VERSION} here, "
+            f"{manifest.get('prompt_encoding', 'before 3')} and {manifest.get('scoring_version', 1)} in the plan): "
             "score it with the sdpo-platform version that planned it, or re-plan"
         )
 

@@ -641,6 +641,23 @@ def test_the_targets_check_wants_eos_last_unless_the_response_was_cut(tiny, tmp_
     assert read_targets(legacy)["truncated"].tolist() == [False] * len(targets)
 
 
+def test_another_scoring_engine_version_keys_a_new_set_and_may_not_add_shards_to_an_old_one(tiny, tiny_model_dir, sdpo_home, monkeypatch):
+    """Shards of an engine that computed other numbers (the tail mass before version 2) must be neither reused
+    nor mixed with new ones: the version is part of the set's key."""
+    import sdpo_platform.targets as targets_module
+
+    model, tok = tiny
+    folder = planned(tiny_model_dir, n=2)
+    assert score_shard(folder, 0, model, tok)
+    cfg = TargetsConfig()
+    before = targets_module.scoring_key(cfg, "float32")
+    monkeypatch.setattr(targets_module, "SCORING_VERSION", targets_module.SCORING_VERSION + 1)
+    assert targets_module.scoring_key(cfg, "float32") != before
+    with pytest.raises(ValueError, match="scoring"):
+        score_shard(folder, 1, model, tok)
+    assert pending_shards(folder) == [1]
+
+
 def test_a_worker_running_another_encoding_refuses_the_set_and_old_shards_read_as_ending_in_eos(tiny, tiny_model_dir, sdpo_home, monkeypatch):
     """Scale-out machines may run different versions: a shard encoded otherwise must not join the set under its id."""
     import sdpo_platform.targets as targets_module
