@@ -54,6 +54,10 @@ def atomic_write(path: str | Path, write) -> None:
     """`write(temp_path)` next to `path`, then rename over it: readers never see half a file, and a failed
     write leaves the previous file as it was.
 
+    The data reaches the disk before the rename, and the rename before this returns (fsync of the file,
+    then of its folder): without that, a power loss can leave the new name on an empty file, which
+    resumable work would take for a finished one.
+
     The temp file is created as `open` would create `path` (mode 0666 less the umask, not mkstemp's
     0600), so workers, trainers and the inbox sensor running as other users can read it.
     """
@@ -64,10 +68,25 @@ def atomic_write(path: str | Path, write) -> None:
     os.close(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         write(staging)
+        _fsync(staging, os.O_RDONLY)
         os.replace(staging, path)
+        _fsync(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     finally:
         if os.path.exists(staging):
             os.remove(staging)
+
+
+def _fsync(path: str | Path, flags: int) -> None:
+    """Flush a file's (or a folder's entries') writes to the disk. A folder that cannot be opened for it
+    (Windows) is passed over: there the rename is what the file system guarantees."""
+    try:
+        descriptor = os.open(path, flags)
+    except (IsADirectoryError, PermissionError):
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def write_jsonl_atomic(out_path: str | Path, rows, default=None) -> int:

@@ -30,7 +30,7 @@ from typing import Callable
 
 from sdpo_platform.paths import targets_dir
 from sdpo_platform.shard_claims import is_stale, read_claim
-from sdpo_platform.targets import MANIFEST_FILE, SNAPSHOTS_DIR, read_manifest
+from sdpo_platform.targets import MANIFEST_FILE, SNAPSHOTS_DIR, read_manifest, shard_done
 
 GRACE_S = 3600.0  # leftovers younger than this are left alone: a reader or writer may still use them
 KEEP_SNAPSHOTS_S = 30 * 86400.0  # a run's snapshot, and the shards it pins, are kept this long
@@ -161,7 +161,7 @@ def summarize(set_dir: str | Path, grace_s: float = GRACE_S, keep_snapshots_s: f
     manifest = read_manifest(set_dir)
     files = [p for p in set_dir.rglob("*") if p.is_file()]
     found = leftovers(set_dir, grace_s, keep_snapshots_s=keep_snapshots_s, registered=registered)
-    scored = [set_dir / s["file"] for s in manifest["shards"] if (set_dir / s["file"]).exists()]
+    scored = [set_dir / s["file"] for s in manifest["shards"] if shard_done(set_dir, s)]
     newest = max((p.stat().st_mtime for p in scored), default=(set_dir / MANIFEST_FILE).stat().st_mtime)
     return SetSummary(
         target_set=set_dir.name,

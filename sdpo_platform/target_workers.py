@@ -29,7 +29,7 @@ from sdpo_platform.progress import ProgressCallback, ScoringProgress
 from sdpo_platform.shard_claims import CLAIM_TIMEOUT_S, describe, read_claim, try_claim
 from sdpo_platform.target_sets import leftovers
 from sdpo_platform.targets import (
-    MANIFEST_FILE, _shard, check_scorable, compute_targets, pending_shards, plan_target_set, read_manifest, read_plan, snapshot_plan,
+    MANIFEST_FILE, _shard, check_scorable, compute_targets, pending_shards, plan_target_set, read_manifest, read_plan, shard_done, snapshot_plan,
 )  # fmt: skip
 
 POLL_S, WAIT_LOG_S = 10.0, 60.0  # while others score the rest: look again / say so this often
@@ -90,7 +90,7 @@ def score_shard(set_dir: str | Path, shard_index: int, model=None, tokenizer=Non
     while True:
         manifest, data = read_plan(set_dir)
         shard = _shard(manifest, shard_index)
-        if (set_dir / shard["file"]).exists():
+        if shard_done(set_dir, shard):
             return False
 
         def get_model() -> tuple:
@@ -143,7 +143,7 @@ def score_pending(
     set_dir, log = Path(set_dir), log or (lambda message: None)
     manifest, data = read_plan(set_dir)
     chosen = [s for s in manifest["shards"] if only is None or s["index"] in only]
-    pending = [s for s in chosen if not (set_dir / s["file"]).exists()]
+    pending = [s for s in chosen if not shard_done(set_dir, s)]
     run, total = ScoringRun(reused=len(chosen) - len(pending), manifest=manifest), sum(s["rows"] for s in pending)
     loaded: list[tuple] = []  # the model, once a claim is won: nothing is loaded when others do it all
     seen: set[int] = set()
@@ -166,7 +166,7 @@ def score_pending(
     try:
         while True:
             for s in pending:  # count shards others finished, once
-                if s["index"] not in seen and (set_dir / s["file"]).exists():
+                if s["index"] not in seen and shard_done(set_dir, s):
                     seen.add(s["index"])
                     run.elsewhere.append(s["index"])
                     done_rows += s["rows"]
@@ -176,7 +176,7 @@ def score_pending(
                 break
             wrote = False
             for s in todo:
-                if (set_dir / s["file"]).exists():
+                if shard_done(set_dir, s):
                     continue
                 shard_started, last = time.monotonic(), []
 
@@ -208,7 +208,7 @@ def score_pending(
                     progress(ScoringProgress(done_rows, total, tokens, elapsed, extra))
             if wrote:
                 continue
-            left = [s for s in todo if not (set_dir / s["file"]).exists()]
+            left = [s for s in todo if not shard_done(set_dir, s)]
             if left and not wait:
                 run.left = [s["index"] for s in left]
                 break
@@ -301,7 +301,7 @@ def _score_claimed(set_dir: Path, manifest: dict, data: bytes, shard: dict, get_
     if claim is None:
         return False
     with claim:
-        if (set_dir / shard["file"]).exists():
+        if shard_done(set_dir, shard):
             return False
         model, tokenizer = get_model()
         if manifest.get("dtype", _dtype_name(model)) != _dtype_name(model):

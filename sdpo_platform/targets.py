@@ -334,9 +334,22 @@ def read_plan(set_dir: str | Path, attempts: int = 3) -> tuple[dict, bytes]:
 
 
 def pending_shards(set_dir: str | Path) -> list[int]:
-    """Indices of the planned shards whose file is not on disk yet."""
+    """Indices of the planned shards not on disk whole yet (`shard_done`)."""
     set_dir = Path(set_dir)
-    return [s["index"] for s in read_manifest(set_dir)["shards"] if not (set_dir / s["file"]).exists()]
+    return [s["index"] for s in read_manifest(set_dir)["shards"] if not shard_done(set_dir, s)]
+
+
+def shard_done(set_dir: str | Path, shard: dict) -> bool:
+    """Whether a planned shard (a manifest entry) is on disk whole: its file's Parquet footer counts the rows
+    planned. A file that a crash left empty despite `atomic_write`, or a damaged copy, is not done, and
+    scoring the shard again replaces it. Only the footer is read: cheap enough to ask whenever pending
+    work is counted."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_metadata(Path(set_dir) / shard["file"]).num_rows == shard["rows"]
+    except (OSError, ValueError):  # no file; pyarrow's ArrowInvalid (a ValueError) for an empty or cut one
+        return False
 
 
 def snapshot_plan(set_dir: str | Path, label: str, manifest: dict | None = None, complete: bool = True) -> Path:
@@ -382,9 +395,10 @@ def _read_frame(path: Path) -> pd.DataFrame:
 
 
 def _read_shards(set_dir: Path, manifest: dict, what: str) -> pd.DataFrame:
-    missing = [s["file"] for s in manifest["shards"] if not (set_dir / s["file"]).exists()]
+    missing = [s["file"] for s in manifest["shards"] if not shard_done(set_dir, s)]
     if missing:
-        raise FileNotFoundError(f"target set {what} is incomplete: {len(missing)} shard(s) not on disk (not scored yet, or pruned)")
+        raise FileNotFoundError(f"target set {what} is incomplete: {len(missing)} shard(s) not on disk whole "
+                                "(not scored yet, pruned, or damaged: scoring the set again replaces a damaged one)")
     frames = [_read_frame(set_dir / s["file"]) for s in manifest["shards"]]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(TARGET_COLUMNS))
 

@@ -676,3 +676,31 @@ def test_a_worker_running_another_encoding_refuses_the_set_and_old_shards_read_a
     pd.read_parquet(first).drop(columns=["truncated"]).to_parquet(first, index=False)
     frame = read_targets(folder)
     assert frame["truncated"].dtype == bool and not frame["truncated"].iloc[0]
+
+
+def test_a_shard_left_empty_or_cut_is_not_done_and_is_scored_again(tiny, tiny_model_dir, sdpo_home, monkeypatch):
+    """A power loss can leave a renamed shard empty (unless data and folder reach the disk before the rename
+    is trusted); a copy can be cut. Either must count as pending, never as finished forever."""
+    from sdpo_platform import paths
+
+    model, tok = tiny
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(paths.os, "fsync", lambda fd: synced.append(os.path.isdir(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    folder = planned(tiny_model_dir, n=3)
+    synced.clear()
+    run = score_pending(folder, lambda: (model, tok))
+    assert sorted(run.scored) == [0, 1, 2] and pending_shards(folder) == []
+    assert synced.count(False) >= 3 and synced.count(True) >= 3  # each shard: its data, then its folder entry
+    whole = read_targets(folder)
+
+    shards = read_manifest(folder)["shards"]
+    (folder / shards[0]["file"]).write_bytes(b"")
+    cut = folder / shards[2]["file"]
+    cut.write_bytes(cut.read_bytes()[:-100])
+    assert pending_shards(folder) == [0, 2]
+    with pytest.raises(FileNotFoundError, match="damaged"):
+        read_targets(folder)
+    again = score_pending(folder, lambda: (model, tok))
+    assert sorted(again.scored) == [0, 2] and again.reused == 1
+    pd.testing.assert_frame_equal(read_targets(folder), whole)
