@@ -90,8 +90,11 @@ def try_claim(path: str | Path, timeout_s: float = CLAIM_TIMEOUT_S, heartbeat_s:
     """Claim `path` for this process; None when a live claim of another holder is there.
 
     A stale claim is moved aside (a rename, which only one claimant wins) and put back if what was moved
-    is no longer the claim judged stale (someone else took it over meanwhile), so two claimants never
-    both hold one shard.
+    is no longer the claim judged stale (someone else took it over meanwhile). Putting it back fails when
+    a third claimant linked its own claim in that moment: the one whose claim was moved then holds a
+    `Claim` whose file is not its own, so holders check `held()` before they start the work (the
+    scoring workers do, once the model is loaded). Past that check a lost claim costs duplicate work,
+    never a wrong file: shards are written atomically and alike.
     """
     path = Path(path)
     token = secrets.token_hex(8)

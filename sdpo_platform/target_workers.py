@@ -304,6 +304,8 @@ def _score_claimed(set_dir: Path, manifest: dict, data: bytes, shard: dict, get_
         if shard_done(set_dir, shard):
             return False
         model, tokenizer = get_model()
+        if not claim.held():  # taken over while the model loaded, or in a race of takeovers (`try_claim`)
+            return False
         if manifest.get("dtype", _dtype_name(model)) != _dtype_name(model):
             raise ValueError(f"the set is scored in {manifest['dtype']}, this model is {_dtype_name(model)}: load it in {manifest['dtype']}")
         inputs = pd.read_parquet(io.BytesIO(data), filters=[("shard", "==", shard["index"])])

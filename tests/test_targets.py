@@ -704,3 +704,24 @@ def test_a_shard_left_empty_or_cut_is_not_done_and_is_scored_again(tiny, tiny_mo
     again = score_pending(folder, lambda: (model, tok))
     assert sorted(again.scored) == [0, 2] and again.reused == 1
     pd.testing.assert_frame_equal(read_targets(folder), whole)
+
+
+def test_a_worker_whose_claim_was_taken_over_leaves_the_shard(tiny, tiny_model_dir, sdpo_home, monkeypatch):
+    """Two takeovers of one stale claim can leave a claimant holding a `Claim` whose file is another's; it
+    must find out before it scores (a deterministic stand-in for that race: the file changes hands as the
+    claim is returned)."""
+    import sdpo_platform.target_workers as workers
+    from sdpo_platform.shard_claims import try_claim
+
+    model, tok = tiny
+    folder = planned(tiny_model_dir, n=1)
+
+    def claim_then_lose(path, *args):
+        claim = try_claim(path, *args)
+        Path(path).write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "theirs", "started": 0}))
+        return claim
+
+    monkeypatch.setattr(workers, "try_claim", claim_then_lose)
+    monkeypatch.setattr(workers, "compute_targets", lambda *a, **k: pytest.fail("scored a shard it does not hold"))
+    assert score_shard(folder, 0, model, tok) is False and pending_shards(folder) == [0]
+    assert json.loads(next(folder.glob("**/*.claim")).read_text())["token"] == "theirs"  # the holder's claim stays
