@@ -165,12 +165,14 @@ def score_pending(
     bar = tqdm(total=total, unit="interaction", desc="hindsight targets", disable=None if show_bar else True, file=sys.stderr)
     try:
         while True:
-            for s in pending:  # count shards others finished, once
-                if s["index"] not in seen and shard_done(set_dir, s):
-                    seen.add(s["index"])
-                    run.elsewhere.append(s["index"])
-                    done_rows += s["rows"]
-                    bar.update(s["rows"])
+            others_done = [s for s in pending if s["index"] not in seen and shard_done(set_dir, s)]
+            for s in others_done:  # count shards others finished, once
+                seen.add(s["index"])
+                run.elsewhere.append(s["index"])
+                done_rows += s["rows"]
+                bar.update(s["rows"])
+            if others_done and progress is not None:  # the log keeps up with the set, not only with this process
+                progress(ScoringProgress(done_rows, total, tokens, scoring_s(started), {"shards_elsewhere": len(run.elsewhere)}))
             todo = [s for s in pending if s["index"] not in seen]
             if not todo:
                 break

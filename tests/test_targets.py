@@ -725,3 +725,31 @@ def test_a_worker_whose_claim_was_taken_over_leaves_the_shard(tiny, tiny_model_d
     monkeypatch.setattr(workers, "compute_targets", lambda *a, **k: pytest.fail("scored a shard it does not hold"))
     assert score_shard(folder, 0, model, tok) is False and pending_shards(folder) == [0]
     assert json.loads(next(folder.glob("**/*.claim")).read_text())["token"] == "theirs"  # the holder's claim stays
+
+
+def test_the_progress_log_counts_the_shards_other_workers_write(tiny, tiny_model_dir, sdpo_home):
+    """With workers beside the asset, its Dagster log must still reach the set's total (a line for the shards
+    others wrote), not stop at what it scored itself."""
+    from sdpo_platform.progress import progress_logger
+    from sdpo_platform.shard_claims import try_claim
+
+    model, tok = tiny
+    folder = planned(tiny_model_dir, n=3)
+    assert score_shard(folder, 2, model, tok)  # what "another worker" will write, made ahead and put aside
+    third = folder / read_manifest(folder)["shards"][2]["file"]
+    aside = third.rename(folder.parent / "aside.parquet")
+    claim = try_claim(folder / third.name.replace(".parquet", ".claim"))  # the other worker holds shard 2
+
+    def other_worker():
+        while pending_shards(folder) != [2]:
+            time.sleep(0.01)
+        aside.rename(third)
+        claim.release()
+
+    thread = threading.Thread(target=other_worker)
+    thread.start()
+    lines = []
+    run = score_pending(folder, lambda: (model, tok), wait=True, progress=progress_logger(lines.append), poll_s=0.01)
+    thread.join()
+    assert sorted(run.scored) == [0, 1] and run.elsewhere == [2]
+    assert lines[-1].startswith("hindsight targets: 3/3 interactions")
