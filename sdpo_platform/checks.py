@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pandas as pd
 
 from sdpo_platform.config import CleaningConfig
@@ -202,7 +203,13 @@ def _all_finite(values) -> bool:
 
 def check_targets(targets: pd.DataFrame, eos_token_id: int) -> QualityReport:
     """Finite log-probs, one log-prob per response token under both prompts, EOS last unless the response
-    was cut at the limit (`truncated`: no EOS was learned there), both splits."""
+    was cut at the limit (`truncated`: no EOS was learned there), a well-formed top-k where one was stored,
+    both splits."""
+    from sdpo_platform.targets import topk_consistent  # here: the data checks import no torch
+
+    def stored(value) -> bool:
+        return isinstance(value, (list, tuple, np.ndarray))
+
     frame = pd.DataFrame(
         {
             "interaction_id": targets["interaction_id"],
@@ -226,6 +233,11 @@ def check_targets(targets: pd.DataFrame, eos_token_id: int) -> QualityReport:
             "logprobs_nonpositive": [
                 max(list(t) + list(s)) <= 1e-6 for t, s in zip(targets["teacher_logprobs"], targets["student_logprobs"])
             ],
+            "topk_consistent": [  # where a top-k was stored: what the top-k loss reads
+                topk_consistent(i, lp, m, len(r)) if stored(i) else True
+                for i, lp, m, r in zip(*(targets.get(c, pd.Series([None] * len(targets))) for c in (
+                    "teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_mass")), targets["response_ids"])
+            ],
         }
     )
     E = expect()
@@ -240,6 +252,7 @@ def check_targets(targets: pd.DataFrame, eos_token_id: int) -> QualityReport:
             E.ExpectColumnValuesToBeInSet(column="finite", value_set=[True]),
             E.ExpectColumnValuesToBeInSet(column="eos_last_unless_truncated", value_set=[True]),
             E.ExpectColumnValuesToBeInSet(column="logprobs_nonpositive", value_set=[True]),
+            E.ExpectColumnValuesToBeInSet(column="topk_consistent", value_set=[True]),
         ],
         "hindsight_targets",
     )

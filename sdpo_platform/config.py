@@ -92,14 +92,14 @@ class TargetsConfig(Section):
 
 
 class TrainingConfig(Section):
-    learning_rate: float = Field(2e-4, description="AdamW peak learning rate (LoRA; the paper's full fine-tuning uses 2e-6).")
-    steps: int = Field(32, description="Optimizer steps (one batch each).")
-    batch_size: int = Field(4, description="Interactions per step, sampled without replacement per epoch.")
-    skip_tokens: int = Field(2, description="First response tokens ignored by the loss (paper: 2).")
-    grad_clip: float = Field(1.0, description="Max global gradient norm.")
-    lora_r: int = Field(8, description="LoRA rank.")
-    lora_alpha: int = Field(16, description="LoRA scaling numerator (scale = alpha / r).")
-    lora_dropout: float = Field(0.0, description="Dropout on the LoRA branch.")
+    learning_rate: float = Field(2e-4, gt=0, description="AdamW peak learning rate (LoRA; the paper's full fine-tuning uses 2e-6).")
+    steps: int = Field(32, ge=1, description="Optimizer steps (one batch each).")
+    batch_size: int = Field(4, ge=1, description="Interactions per step, sampled without replacement per epoch.")
+    skip_tokens: int = Field(2, ge=0, description="First response tokens ignored by the loss (paper: 2).")
+    grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
+    lora_r: int = Field(8, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
     lora_target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], description="Module names wrapped with LoRA.")
     baseline: Literal["none", "sequence_mean", "neutral_followup"] = Field(
         "none",
@@ -116,7 +116,7 @@ class TrainingConfig(Section):
         "plus a tail bucket (frozen teacher, targets.top_k > 0, baseline none).",
     )
     seed: int = Field(0, description="Seeds LoRA init and batch sampling.")
-    warmup_fraction: float = Field(0.05, description="Share of steps with linear warm-up before the cosine decay.")
+    warmup_fraction: float = Field(0.05, ge=0, le=1, description="Share of steps with linear warm-up before the cosine decay.")
     device: str = Field("cpu", description="Torch device for training ('cpu', 'cuda', 'cuda:1', ...); weights stay float32.")
 
 

@@ -36,13 +36,14 @@ import pandas as pd
 import torch
 from peft import LoraConfig, get_peft_model
 from pydantic import BaseModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from sdpo_platform import paths
 from sdpo_platform.config import TrainingConfig
 from sdpo_platform.logprobs import batch_response_logprobs, batch_response_logprobs_at
 from sdpo_platform.loss import advantage_diagnostics, sdpo_loss, topk_forward_kl
-from sdpo_platform.targets import read_targets
+from sdpo_platform.registry import configure_mlflow
+from sdpo_platform.targets import read_targets, topk_consistent
 
 
 class TrainRun(BaseModel):
@@ -75,6 +76,9 @@ def read_split(targets_path: str | Path, split: str) -> pd.DataFrame:
     on it): interaction ids derive from the log file's path, so ordering by them would give the same logs
     other batches, and another model, under another data root."""
     frame = read_targets(targets_path)
+    missing = [c for c in ("interaction_id", "split", "student_prompt_ids", "response_ids") if c not in frame]
+    if missing:
+        raise ValueError(f"the targets {targets_path} lack column(s) {missing}")
     rows = frame[frame.split == split].copy()
     rows["content_key"] = [
         hashlib.sha256(json.dumps([list(map(int, prompt)), list(map(int, response))]).encode()).hexdigest()
@@ -120,12 +124,37 @@ def live_teacher_logprobs(model, batch: pd.DataFrame, pad_id: int) -> list[torch
     return teacher
 
 
+def check_train_rows(rows: pd.DataFrame, cfg: TrainingConfig, vocab_size: int) -> None:
+    """Refuse, before the model loads and the MLflow run starts, train rows the loss would misread: a missing
+    column, a log-prob list of another length than the response (it would broadcast), a non-finite
+    teacher log-prob (it would train NaN weights), an unknown `truncated`, a malformed top-k."""
+    needed = ["interaction_id", "student_prompt_ids", "response_ids", "truncated"]
+    needed += ["teacher_prompt_ids"] if cfg.teacher == "live" else ["teacher_logprobs"]
+    needed += ["student_logprobs", "neutral_logprobs"] if cfg.baseline == "neutral_followup" else []
+    needed += ["teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_mass"] if cfg.loss == "topk_kl" else []
+    missing = [c for c in needed if c not in rows]
+    if missing:
+        raise ValueError(f"the targets lack column(s) {missing} that training.{cfg.loss} with teacher {cfg.teacher!r} reads")
+    per_token = [c for c in ("teacher_logprobs", "student_logprobs", "neutral_logprobs") if c in needed]
+    for row in rows.itertuples():
+        n, where = len(row.response_ids), f"train row {row.interaction_id}"
+        if n == 0:
+            raise ValueError(f"{where}: empty response")
+        for column in per_token:
+            values = np.asarray(getattr(row, column), dtype=float)
+            if values.shape != (n,) or not np.isfinite(values).all():
+                raise ValueError(f"{where}: {column} must hold one finite log-prob per response token ({n}), has {values.size}"
+                                 + ("" if values.shape != (n,) else " with a non-finite one"))
+        if row.truncated is None or pd.isna(row.truncated):
+            raise ValueError(f"{where}: truncated is missing (whether the response was cut before its EOS)")
+        if cfg.loss == "topk_kl" and not topk_consistent(row.teacher_topk_ids, row.teacher_topk_logprobs, row.teacher_tail_mass, n, vocab_size):
+            raise ValueError(f"{where}: its top-k must hold {n} rows of k ids below {vocab_size}, k log-probs ≤ 0 and a tail mass in [0, 1]")
+
+
 def start_mlflow_run(run: TrainRun):
-    """Tracking URI from the run (else the data root); a new experiment keeps its artifacts under the data root."""
-    mlflow.set_tracking_uri(run.mlflow_tracking_uri or paths.mlflow_tracking_uri())
-    if mlflow.get_experiment_by_name(run.mlflow_experiment) is None:
-        mlflow.create_experiment(run.mlflow_experiment, artifact_location=paths.mlflow_artifact_root())
-    mlflow.set_experiment(run.mlflow_experiment)
+    """Tracking URI from the run (else the data root), the experiment made as the registry makes it: a new
+    one keeps its artifacts under the data root with a local store, and where a tracking server says."""
+    configure_mlflow(run.mlflow_tracking_uri, run.mlflow_experiment)
     return mlflow.start_run(run_name=run.mlflow_run_name)
 
 
@@ -153,6 +182,7 @@ def train(run: TrainRun, on_step: Callable[[int, dict], None] | None = None) -> 
         missing = [i for i in rows.interaction_id if i not in (run.interaction_weights or {})]
         if missing:
             raise ValueError(f"training.weighting='informativeness' but {len(missing)} train rows have no weight, e.g. {missing[:3]}")
+    check_train_rows(rows, cfg, AutoConfig.from_pretrained(run.base_model_path).vocab_size)
     batches = batch_indices(len(rows), cfg.batch_size, cfg.seed)
 
     # model: float32 base + LoRA adapter (the only trainable weights)

@@ -753,3 +753,19 @@ def test_the_progress_log_counts_the_shards_other_workers_write(tiny, tiny_model
     thread.join()
     assert sorted(run.scored) == [0, 1] and run.elsewhere == [2]
     assert lines[-1].startswith("hindsight targets: 3/3 interactions")
+
+
+def test_the_targets_check_wants_a_well_formed_top_k_where_one_was_stored(tiny):
+    """The top-k loss reads k ids and log-probs and a tail mass per response token; a malformed row must stop the run."""
+    from sdpo_platform.checks import check_targets
+
+    model, tok = tiny
+    targets = compute_targets(model, tok, make_interactions(), TargetsConfig(max_response_tokens=16, top_k=5), "rev")
+    assert check_targets(targets, tok.eos_token_id).passed
+    for column, damage in [("teacher_tail_mass", lambda m: [1.5] + list(m[1:])),
+                           ("teacher_topk_ids", lambda ids: list(ids[:-1])),  # one token short
+                           ("teacher_topk_logprobs", lambda lp: [[float("nan")] * 5] + list(lp[1:]))]:
+        damaged = targets.copy()
+        damaged.at[0, column] = damage(damaged.at[0, column])
+        report = check_targets(damaged, tok.eos_token_id)
+        assert not report.passed and "topk_consistent" in report.description, column

@@ -293,3 +293,52 @@ def test_the_same_logs_train_the_same_way_whatever_their_ids(tmp_path, sdpo_home
     first = train(run)
     second = train(run.model_copy(update={"targets_path": str(moved), "output_dir": str(tmp_path / "moved_adapter")}))
     assert second.losses == pytest.approx(first.losses, abs=1e-6)
+
+
+@pytest.mark.parametrize(("knob", "value"), [("steps", 0), ("batch_size", 0), ("skip_tokens", -1), ("learning_rate", 0.0),
+                                             ("grad_clip", 0.0), ("lora_r", 0), ("lora_dropout", 1.0), ("warmup_fraction", 1.5)])
+def test_training_settings_out_of_range_are_refused(knob, value):
+    """skip_tokens -1 would train on the last token only; steps 0 would write an untrained adapter and then fail."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=knob):
+        TrainingConfig(**{knob: value})
+
+
+@pytest.mark.parametrize(("damage", "says"), [
+    (lambda f: f.assign(teacher_logprobs=[[-1.0]] * len(f)), "one finite log-prob per response token"),  # would broadcast
+    (lambda f: f.assign(teacher_logprobs=[[float("nan")] * len(r) for r in f.response_ids]), "non-finite"),
+    (lambda f: f.drop(columns="response_ids"), "lack column"),
+    (lambda f: f.assign(truncated=None), "truncated is missing"),
+])
+def test_train_rows_the_loss_would_misread_are_refused_before_the_model_loads(tmp_path, sdpo_home, tiny_model_dir, monkeypatch, damage, says):
+    run = make_run(tmp_path, tiny_model_dir)
+    frame = pd.read_parquet(run.targets_path).assign(truncated=False)
+    damage(frame).to_parquet(run.targets_path)
+    monkeypatch.setattr("sdpo_platform.train.AutoModelForCausalLM.from_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(ValueError, match=says):
+        train(run)
+    assert not (tmp_path / "mlflow.db").exists() or not mlflow.MlflowClient(run.mlflow_tracking_uri).search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient(run.mlflow_tracking_uri).search_experiments()])  # no FAILED run left
+
+
+def test_training_leaves_a_tracking_servers_artifact_store_to_the_server(monkeypatch):
+    """On a remote tracking server a new experiment must not point its artifacts at the trainer's own disk."""
+    from mlflow import MlflowClient
+
+    from sdpo_platform.train import start_mlflow_run
+
+    created = {}
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", lambda self, name: None)
+    monkeypatch.setattr(MlflowClient, "create_experiment", lambda self, name, artifact_location=None, **k: created.update(
+        name=name, artifact_location=artifact_location) or "7")
+    monkeypatch.setattr(mlflow, "set_experiment", lambda **k: None)
+    monkeypatch.setattr(mlflow, "start_run", lambda **k: "started")
+    previous = mlflow.get_tracking_uri()
+    try:
+        run = TrainRun(base_model_path="b", targets_path="t", output_dir="o", mlflow_tracking_uri="http://tracking.example:5000",
+                       mlflow_experiment="custom")
+        assert start_mlflow_run(run) == "started"
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert created == {"name": "custom", "artifact_location": None}
