@@ -251,20 +251,30 @@ def distilled_checkpoint(
 
 
 @dg.asset(group_name="training", kinds={"pytorch", "mlflow"})
-def evaluation(hindsight_targets: dict, distilled_checkpoint: dict, warehouse: Warehouse, mlflow_tracking: MlflowTracking) -> dg.Output[dict]:
-    """Held-out hindsight gap, base vs checkpoint: how far the student is from the teacher."""
+def evaluation(
+    hindsight_targets: dict, distilled_checkpoint: dict, settings: SdpoSettings, warehouse: Warehouse, mlflow_tracking: MlflowTracking
+) -> dg.Output[dict]:
+    """Held-out hindsight gap, base vs checkpoint (and vs the champion, when rounds start from the base
+    model): how far the student is from the teacher."""
     import mlflow
 
     from sdpo_platform.evaluate import evaluate_checkpoint, record_evaluation
+    from sdpo_platform.registry import champion_model_dir, current_champion
 
-    result = evaluate_checkpoint(hindsight_targets["base_model_path"], distilled_checkpoint["adapter_dir"], hindsight_targets["path"])
+    cfg = settings.platform()
+    mlflow_tracking.configure()
+    champion_path = None
+    if cfg.registry.next_round_from == "base" and (version := current_champion(cfg.registry.model_name)) is not None:
+        champion_path = str(champion_model_dir(cfg.registry.model_name, version))  # not this round's base: measured too
+    result = evaluate_checkpoint(hindsight_targets["base_model_path"], distilled_checkpoint["adapter_dir"], hindsight_targets["path"],
+                                 champion_path)
     with warehouse.connect() as con:
         record_evaluation(con, result, hindsight_targets["target_set"], distilled_checkpoint["adapter_dir"], distilled_checkpoint["mlflow_run_id"])
     values = asdict(result)
-    mlflow_tracking.configure()
     client = mlflow.MlflowClient()
-    for key in ("gap_before", "gap_after", "signed_before", "signed_after"):
-        client.log_metric(distilled_checkpoint["mlflow_run_id"], f"eval_{key}", float(values[key]))
+    for key in ("gap_before", "gap_after", "signed_before", "signed_after", "gap_champion"):
+        if values[key] is not None:
+            client.log_metric(distilled_checkpoint["mlflow_run_id"], f"eval_{key}", float(values[key]))
     return dg.Output(
         values,
         metadata={
@@ -272,6 +282,7 @@ def evaluation(hindsight_targets: dict, distilled_checkpoint: dict, warehouse: W
             "gap_after": dg.MetadataValue.float(result.gap_after),
             "gap_change": dg.MetadataValue.float(result.gap_after - result.gap_before),
             "n_validation": result.n_validation,
+            **({"gap_champion": dg.MetadataValue.float(result.gap_champion)} if result.gap_champion is not None else {}),
             "improved": result.improved,
         },
     )
@@ -295,6 +306,7 @@ def registered_model(
         "teacher": hindsight_targets.get("teacher", "base"),  # the round's base: the previous champion or the base model
         "gap_before": f"{evaluation['gap_before']:.6f}",
         "gap_after": f"{evaluation['gap_after']:.6f}",
+        **({"gap_champion": f"{evaluation['gap_champion']:.6f}"} if evaluation.get("gap_champion") is not None else {}),
         "validation_status": "improved" if gate_passed else "not_improved",
         "checks": "passed",
     }

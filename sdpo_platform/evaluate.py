@@ -9,6 +9,12 @@ said. It is reported beside the gap as a diagnostic, never as the criterion.
 
 The teacher is the stored `teacher_logprobs` (fixed), so before and after are measured against the
 same target and differ only by the student.
+
+"Before" is the round's base: the champion when rounds build on it (`registry.next_round_from:
+champion`), then beating it is beating the champion. When every round starts from the plain base model
+(`next_round_from: base`), beating the base says nothing about the champion, which an earlier round
+trained; that champion is then measured on the same rows too (`gap_champion`), and the checkpoint
+improves only if it beats both.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class EvaluationResult:
     signed_after: float
     n_validation: int
     improved: bool
+    gap_champion: float | None = None  # the current champion on the same rows, when it is not the round's base
 
 
 def hindsight_gap(model, targets_df: pd.DataFrame, skip: int = 0) -> GapResult:
@@ -64,21 +71,26 @@ def hindsight_gap(model, targets_df: pd.DataFrame, skip: int = 0) -> GapResult:
     )
 
 
-def evaluate_checkpoint(base_model_path: str, adapter_dir: str, targets_path: str) -> EvaluationResult:
-    """Hindsight gap on the validation split for the base model (before) and base + adapter (after)."""
+def evaluate_checkpoint(base_model_path: str, adapter_dir: str, targets_path: str, champion_model_path: str | None = None) -> EvaluationResult:
+    """Hindsight gap on the validation split for the base model (before) and base + adapter (after), and for
+    `champion_model_path` (a plain model directory) when the champion is not the round's base."""
     validation = read_split(targets_path, "validation")
     if validation.empty:
         raise ValueError(f"no validation rows in {targets_path}")
     base = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=torch.float32)
     before = hindsight_gap(base, validation)
     after = hindsight_gap(PeftModel.from_pretrained(base, adapter_dir), validation)
+    champion = None
+    if champion_model_path is not None:
+        champion = hindsight_gap(AutoModelForCausalLM.from_pretrained(champion_model_path, dtype=torch.float32), validation).mean_abs_advantage
     return EvaluationResult(
         gap_before=before.mean_abs_advantage,
         gap_after=after.mean_abs_advantage,
         signed_before=before.mean_advantage,
         signed_after=after.mean_advantage,
         n_validation=before.n_interactions,
-        improved=after.mean_abs_advantage < before.mean_abs_advantage,
+        improved=after.mean_abs_advantage < before.mean_abs_advantage and (champion is None or after.mean_abs_advantage < champion),
+        gap_champion=champion,
     )
 
 

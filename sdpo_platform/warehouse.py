@@ -94,6 +94,7 @@ CREATE TABLE IF NOT EXISTS evaluations (
     n_validation  INTEGER NOT NULL,
     improved      BOOLEAN NOT NULL
 );
+ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS gap_champion DOUBLE;  -- the champion on the same rows, when it was not the round's base
 """
 
 

@@ -47,3 +47,23 @@ def test_training_towards_a_toy_teacher_lowers_the_validation_gap(tmp_path, sdpo
     assert evaluation.gap_before == pytest.approx(0.3, abs=1e-4)  # A = offset exactly before training
     assert evaluation.signed_after > 0  # moved towards the teacher, not past it
     assert result.loss_last < result.loss_first
+
+
+def test_when_rounds_start_from_the_base_a_checkpoint_must_also_beat_the_champion(tmp_path, sdpo_home, tiny_model_dir):
+    """With `next_round_from: base` the round's "before" is the base model: a checkpoint that beats it only a
+    little must not replace a champion an earlier round trained much closer to the teacher."""
+    from peft import PeftModel
+
+    (tmp_path / "good").mkdir()
+    (tmp_path / "weak").mkdir()
+    good = train(make_run(tmp_path / "good", tiny_model_dir, steps=8, batch_size=4, learning_rate=2e-2, warmup_fraction=0.0))
+    champion = tmp_path / "champion"  # the earlier round's version, merged as the registry keeps it
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    PeftModel.from_pretrained(base, good.adapter_dir).merge_and_unload().save_pretrained(champion)
+    weak_run = make_run(tmp_path / "weak", tiny_model_dir, steps=1, batch_size=4, learning_rate=2e-3, warmup_fraction=0.0)
+    weak = train(weak_run)
+
+    alone = evaluate_checkpoint(weak_run.base_model_path, weak.adapter_dir, weak_run.targets_path)
+    assert alone.improved and alone.gap_champion is None  # it does beat the base
+    judged = evaluate_checkpoint(weak_run.base_model_path, weak.adapter_dir, weak_run.targets_path, str(champion))
+    assert judged.gap_champion < judged.gap_after < judged.gap_before and not judged.improved
