@@ -115,6 +115,11 @@ class TrainingConfig(Section):
         description="sdpo: the paper's advantage-weighted log-likelihood; topk_kl: forward KL from the stored teacher's top-k tokens "
         "plus a tail bucket (frozen teacher, targets.top_k > 0, baseline none).",
     )
+    kl_coef: float = Field(
+        0.0, ge=0,
+        description="Weight β of a KL(π_θ ‖ π_ref) penalty to the round's base model (the LoRA adapter disabled), exact over the "
+        "vocabulary at the response positions, added to the sdpo loss; 0 = off (paper). One more forward per step without grad.",
+    )
     seed: int = Field(0, description="Seeds LoRA init and batch sampling.")
     warmup_fraction: float = Field(0.05, ge=0, le=1, description="Share of steps with linear warm-up before the cosine decay.")
     device: str = Field("cpu", description="Torch device for training ('cpu', 'cuda', 'cuda:1', ...); weights stay float32.")

@@ -58,6 +58,17 @@ def batch_response_logprobs_at(
     return sampled, chosen, outside
 
 
+def batch_response_log_softmax(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int = 0) -> list[torch.Tensor]:
+    """Per row, the whole float32 log-softmax [len(response), vocab] at the positions predicting the response
+    (what `batch_response_logprobs` picks the sampled tokens from): for a loss over the whole vocabulary."""
+    return list(_response_log_softmax(model, prompts, responses, pad_id))
+
+
+def sampled_logprobs(log_softmax: list[torch.Tensor], responses: list[list[int]]) -> list[torch.Tensor]:
+    """Each row's log-probs of its response tokens, picked from `batch_response_log_softmax`'s rows."""
+    return [_sampled(log_probs, r) for log_probs, r in zip(log_softmax, responses, strict=True)]
+
+
 OUTSIDE_MASK = -1e4  # a masked log-prob: exp() is 0 in float32, yet a top-k covering the vocabulary stays finite
 
 

@@ -15,6 +15,15 @@ with m_T the teacher's tail mass; the student's tail is summed over the other to
 1 − Σ cancels in float32 once the top-k hold nearly all the mass. It is KL(teacher ‖ student) on that
 partition of the vocabulary: forward, not reverse (top-k reverse KL is known to be unstable), and exact
 when k covers the vocabulary.
+
+The optional penalty towards a reference model (DESIGN.md: "no KL to a reference model, available as an
+option, default 0"), added to the SDPO loss with weight β (`training.kl_coef`):
+
+    β · mean over interactions of (1/|y|) Σ_{i ≥ skip} Σ_v π_θ(v | x, y_<i) (log π_θ(v | x, y_<i) − log π_ref(v | x, y_<i))
+
+the exact KL(π_θ ‖ π_ref) over the whole vocabulary at the logged response's positions. The responses are
+logged, not sampled from π_θ, so a one-token estimator of it would be biased; π_ref is the round's base
+(the LoRA adapter disabled).
 """
 
 from __future__ import annotations
@@ -51,6 +60,21 @@ def sdpo_loss(
             a = a - a.mean()
         per_interaction.append(-(a * logp[skip:]).sum() / logp.numel())
     return _interaction_mean(per_interaction, weights), advantage_diagnostics(advantages, skip, ends_with_eos)
+
+
+def reference_kl(
+    student_log_softmax: list[torch.Tensor], reference_log_softmax: list[torch.Tensor], skip: int = 2, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, float]:
+    """The reference-KL penalty (module docstring, without β) over a batch: per interaction the student's and
+    the reference's log-softmax [|y|, vocab] at the response positions; the reference side is detached.
+    Returns the penalty and the mean KL per counted token, for the logs."""
+    per_interaction, token_kl = [], []
+    for student, reference in zip(student_log_softmax, reference_log_softmax, strict=True):
+        kl = (student.exp() * (student - reference.detach())).sum(-1)[skip:]
+        per_interaction.append(kl.sum() / student.shape[0])
+        token_kl.append(kl.detach())
+    counted = torch.cat(token_kl)
+    return _interaction_mean(per_interaction, weights), float(counted.mean()) if counted.numel() else 0.0
 
 
 def topk_forward_kl(

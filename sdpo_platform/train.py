@@ -14,6 +14,9 @@ paper's advantage (teacher minus the model being trained). At step 1 the two coi
 starts as the identity. In mode 'live' the teacher is also the current weights (adapter included),
 scored under no_grad on the hindsight prompt, as in the paper.
 
+`training.kl_coef` > 0 adds β · KL(π_θ ‖ π_ref) to the sdpo loss (`loss.reference_kl`), π_ref being the
+same model with its adapter disabled: one more forward per step, without grad.
+
 Baseline 'neutral_followup' (frozen only) keeps only what the follow-up says beyond the template: the
 target becomes stored_student + (teacher − neutral), so at step 1 A = teacher − neutral (the design's
 definition) and, like the plain frozen target, A still shrinks to 0 as the student reaches it.
@@ -40,8 +43,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from sdpo_platform import paths
 from sdpo_platform.config import TrainingConfig
-from sdpo_platform.logprobs import batch_response_logprobs, batch_response_logprobs_at
-from sdpo_platform.loss import advantage_diagnostics, sdpo_loss, topk_forward_kl
+from sdpo_platform.logprobs import (batch_response_log_softmax, batch_response_logprobs, batch_response_logprobs_at,
+                                    sampled_logprobs)
+from sdpo_platform.loss import advantage_diagnostics, reference_kl, sdpo_loss, topk_forward_kl
 from sdpo_platform.registry import configure_mlflow
 from sdpo_platform.targets import read_targets, topk_consistent
 
@@ -115,6 +119,16 @@ def frozen_teacher_logprobs(batch: pd.DataFrame, baseline: str, device) -> list[
     return [tensor(t) for t in batch.teacher_logprobs]
 
 
+def reference_log_softmax(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> list[torch.Tensor]:
+    """The reference of `training.kl_coef`: the round's base, i.e. this model with its LoRA adapter disabled,
+    in eval mode and without grad."""
+    model.eval()
+    with torch.no_grad(), model.disable_adapter():
+        reference = batch_response_log_softmax(model, prompts, responses, pad_id)
+    model.train()
+    return reference
+
+
 def live_teacher_logprobs(model, batch: pd.DataFrame, pad_id: int) -> list[torch.Tensor]:
     """The current weights on the hindsight prompt, in eval mode (no LoRA dropout) and without grad."""
     model.eval()
@@ -174,6 +188,8 @@ def train(run: TrainRun, on_step: Callable[[int, dict], None] | None = None) -> 
         if "neutral_logprobs" not in rows or rows.neutral_logprobs.isna().any():
             raise ValueError("targets lack neutral_logprobs: score them with targets.neutral_followup set")
     if cfg.loss == "topk_kl":
+        if cfg.kl_coef > 0:
+            raise ValueError("training.kl_coef adds its penalty to the sdpo loss; topk_kl is already a KL to the stored teacher: set kl_coef 0")
         if cfg.teacher == "live" or cfg.baseline != "none":
             raise ValueError("training.loss 'topk_kl' matches the stored (frozen) teacher's distribution: it needs teacher 'frozen' and baseline 'none'")
         if "teacher_topk_ids" not in rows or rows.teacher_topk_ids.isna().any():
@@ -236,7 +252,11 @@ def train(run: TrainRun, on_step: Callable[[int, dict], None] | None = None) -> 
                 teacher = frozen_teacher_logprobs(batch, cfg.baseline, device)
                 diagnostics |= advantage_diagnostics([t - s.detach() for t, s in zip(teacher, student)], cfg.skip_tokens, ends_with_eos)
             else:
-                student = batch_response_logprobs(model, prompts, responses, pad_id)
+                if cfg.kl_coef > 0:  # the whole log-softmax, for the penalty towards the reference as well
+                    student_rows = batch_response_log_softmax(model, prompts, responses, pad_id)
+                    student = sampled_logprobs(student_rows, responses)
+                else:
+                    student = batch_response_logprobs(model, prompts, responses, pad_id)
                 if cfg.teacher == "live":
                     teacher = live_teacher_logprobs(model, batch, pad_id)
                 else:
@@ -245,6 +265,11 @@ def train(run: TrainRun, on_step: Callable[[int, dict], None] | None = None) -> 
                 centring = "sequence_mean" if cfg.baseline == "sequence_mean" else "none"
                 loss, diagnostics = sdpo_loss(student, advantages, skip=cfg.skip_tokens, baseline=centring, weights=weights,
                                               ends_with_eos=ends_with_eos)
+                if cfg.kl_coef > 0:
+                    penalty, diagnostics["reference_kl"] = reference_kl(
+                        student_rows, reference_log_softmax(model, prompts, responses, pad_id), skip=cfg.skip_tokens, weights=weights)
+                    diagnostics["sdpo_loss"] = loss.item()
+                    loss = loss + cfg.kl_coef * penalty
 
             # backward, clip, step
             optimizer.zero_grad(set_to_none=True)

@@ -215,3 +215,25 @@ def test_the_outside_mass_matches_the_masked_logsumexp_and_keeps_no_masked_copy_
     one_copy = 6 * 40 * 8
     assert vocab_sized_bytes_saved(reference) == 2 * one_copy  # the log-softmax and the masked copy
     assert vocab_sized_bytes_saved(ours) == one_copy  # the log-softmax only
+
+
+def test_reference_kl_is_the_exact_kl_to_the_reference_over_the_counted_tokens():
+    """KL(π_θ ‖ π_ref) summed over the vocabulary at each position, (1/|y|) over positions ≥ skip, mean over
+    interactions; checked against torch's own kl_div, with no gradient into the reference."""
+    import torch.nn.functional as F
+
+    from sdpo_platform.loss import reference_kl
+
+    torch.manual_seed(0)
+    logits = [torch.randn(n, 11, requires_grad=True) for n in (5, 3)]
+    references = [torch.log_softmax(torch.randn(n, 11), -1).requires_grad_() for n in (5, 3)]
+    students = [torch.log_softmax(x, -1) for x in logits]
+    penalty, token_kl = reference_kl(students, references, skip=2)
+    per_token = [F.kl_div(r, s, log_target=True, reduction="none").sum(-1) for s, r in zip(students, references)]
+    expected = torch.stack([kl[2:].sum() / kl.numel() for kl in per_token]).mean()
+    assert penalty.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert token_kl == pytest.approx(torch.cat([kl[2:] for kl in per_token]).mean().item(), rel=1e-6)
+    penalty.backward()
+    assert all(r.grad is None for r in references) and all(x.grad.abs().sum() > 0 for x in logits)
+    zero, _ = reference_kl([r.detach() for r in references], references, skip=0)
+    assert zero.item() == pytest.approx(0.0, abs=1e-7)  # the student at the reference pays nothing
