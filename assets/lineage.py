@@ -214,10 +214,15 @@ def distilled_checkpoint(
     pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.Output[dict]:
     """LoRA distillation of teacher into student, run as its own process (Dagster Pipes)."""
+    from sdpo_platform.resume import output_folder
     from sdpo_platform.train import TrainRun
 
     cfg = settings.platform()
-    output_dir = paths.models_dir() / "checkpoints" / f"{hindsight_targets['target_set']}-{context.run_id[:8]}"
+    folder = lambda run_id: paths.models_dir() / "checkpoints" / f"{hindsight_targets['target_set']}-{run_id[:8]}"  # noqa: E731
+    earlier = [folder(r) for r in (context.run.parent_run_id, context.run.root_run_id) if r]  # a re-execution resumes a killed try
+    output_dir = output_folder(folder(context.run_id), earlier)
+    if output_dir != folder(context.run_id):
+        context.log.info(f"resuming the training that an earlier try left in {output_dir}")
     output_dir.mkdir(parents=True, exist_ok=True)
     run = TrainRun(
         base_model_path=hindsight_targets["base_model_path"],

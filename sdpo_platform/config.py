@@ -120,6 +120,11 @@ class TrainingConfig(Section):
         description="Weight β of a KL(π_θ ‖ π_ref) penalty to the round's base model (the LoRA adapter disabled), exact over the "
         "vocabulary at the response positions, added to the sdpo loss; 0 = off (paper). One more forward per step without grad.",
     )
+    save_every: int = Field(
+        10, ge=0,
+        description="Write a resume point (LoRA weights, optimizer, RNG, step) every N steps: the same run started again in "
+        "the same output folder goes on from there, in the same MLflow run, to the adapter an uninterrupted run ends with; 0 = never.",
+    )
     seed: int = Field(0, description="Seeds LoRA init and batch sampling.")
     warmup_fraction: float = Field(0.05, ge=0, le=1, description="Share of steps with linear warm-up before the cosine decay.")
     device: str = Field("cpu", description="Torch device for training ('cpu', 'cuda', 'cuda:1', ...); weights stay float32.")

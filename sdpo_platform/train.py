@@ -47,6 +47,7 @@ from sdpo_platform.logprobs import (batch_response_log_softmax, batch_response_l
                                     sampled_logprobs)
 from sdpo_platform.loss import advantage_diagnostics, reference_kl, sdpo_loss, topk_forward_kl
 from sdpo_platform.registry import configure_mlflow
+from sdpo_platform.resume import RESUME_FILE, clear_point, load_point, restore, save_point
 from sdpo_platform.targets import read_targets, topk_consistent
 
 
@@ -165,10 +166,13 @@ def check_train_rows(rows: pd.DataFrame, cfg: TrainingConfig, vocab_size: int) -
             raise ValueError(f"{where}: its top-k must hold {n} rows of k ids below {vocab_size}, k log-probs ≤ 0 and a tail mass in [0, 1]")
 
 
-def start_mlflow_run(run: TrainRun):
+def start_mlflow_run(run: TrainRun, resume_run_id: str | None = None):
     """Tracking URI from the run (else the data root), the experiment made as the registry makes it: a new
-    one keeps its artifacts under the data root with a local store, and where a tracking server says."""
+    one keeps its artifacts under the data root with a local store, and where a tracking server says.
+    `resume_run_id`: the killed run this one goes on with."""
     configure_mlflow(run.mlflow_tracking_uri, run.mlflow_experiment)
+    if resume_run_id is not None:
+        return mlflow.start_run(run_id=resume_run_id)
     return mlflow.start_run(run_name=run.mlflow_run_name)
 
 
@@ -217,19 +221,30 @@ def train(run: TrainRun, on_step: Callable[[int, dict], None] | None = None) -> 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate)
 
+    # resume: a run killed after a resume point goes on from it (`resume.py`), in the same MLflow run
+    point, abandoned_run = load_point(run.output_dir, run)
     losses: list[float] = []
-    with start_mlflow_run(run) as mlflow_run:
-        mlflow.log_params({f"training.{key}": value for key, value in cfg.model_dump().items()})
-        mlflow.log_params({
-            "target_set": run.target_set,
-            "targets_path": run.targets_path,
-            "base_model_path": run.base_model_path,
-            "output_dir": run.output_dir,
-            "n_train_interactions": len(rows),
-            "trainable_parameters": sum(p.numel() for p in trainable),
-        })
+    if point is not None:
+        restore(point, model, optimizer)
+        losses = point["losses"]
+        for _ in range(point["step"]):
+            next(batches)  # the batches the killed run drew
+        print(f"resuming after step {point['step']}/{cfg.steps} from {Path(run.output_dir) / RESUME_FILE}", flush=True)
+    with start_mlflow_run(run, resume_run_id=point["mlflow_run_id"] if point else None) as mlflow_run:
+        if abandoned_run is not None:  # a killed run with other settings: nothing will resume it
+            mlflow.MlflowClient().set_terminated(abandoned_run, "KILLED")
+        if point is None:
+            mlflow.log_params({f"training.{key}": value for key, value in cfg.model_dump().items()})
+            mlflow.log_params({
+                "target_set": run.target_set,
+                "targets_path": run.targets_path,
+                "base_model_path": run.base_model_path,
+                "output_dir": run.output_dir,
+                "n_train_interactions": len(rows),
+                "trainable_parameters": sum(p.numel() for p in trainable),
+            })
 
-        for step in range(1, cfg.steps + 1):
+        for step in range(len(losses) + 1, cfg.steps + 1):
             started = time.perf_counter()
             lr = learning_rate_at(step - 1, cfg)
             for group in optimizer.param_groups:
@@ -295,6 +310,8 @@ def train(run: TrainRun, on_step: Callable[[int, dict], None] | None = None) -> 
                 f"grad_norm {metrics['grad_norm']:.3f} lr {lr:.2e} {metrics['tokens_per_s']:.0f} tok/s",
                 flush=True,
             )
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                save_point(run.output_dir, run, step, losses, model, optimizer, mlflow_run.info.run_id)
             if on_step is not None:
                 on_step(step, metrics)
 
@@ -315,6 +332,7 @@ def train(run: TrainRun, on_step: Callable[[int, dict], None] | None = None) -> 
             "mlflow_run_id": mlflow_run_id,
         }
         paths.atomic_write(output_dir / "train_state.json", lambda tmp: Path(tmp).write_text(json.dumps(state, indent=2)))  # never half-read
+        clear_point(output_dir)
         mlflow.set_tag("adapter_dir", str(output_dir))
 
     return TrainResult(

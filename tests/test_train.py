@@ -381,3 +381,96 @@ def test_the_reference_kl_penalty_keeps_the_adapter_closer_to_the_base(tmp_path,
 def test_the_reference_kl_is_for_the_sdpo_loss(tmp_path, sdpo_home, tiny_model_dir):
     with pytest.raises(ValueError, match="kl_coef"):
         train(make_run(tmp_path, tiny_model_dir, loss="topk_kl", kl_coef=0.1))
+
+
+def _adapter_weights(adapter_dir) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+
+
+def test_a_killed_run_resumes_from_its_last_point_and_ends_as_an_uninterrupted_one(tmp_path, sdpo_home, tiny_model_dir):
+    """Killed after step 5 with points every 2 steps, the same run started again goes on after step 4: same
+    adapter bit for bit, same losses, one MLflow run that ends FINISHED, and no resume point left behind."""
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "killed").mkdir()
+    settings = dict(steps=8, batch_size=3, learning_rate=2e-2, warmup_fraction=0.0, save_every=2, lora_dropout=0.1)
+    whole = train(make_run(tmp_path / "whole", tiny_model_dir, **settings))
+
+    run = make_run(tmp_path / "killed", tiny_model_dir, **settings)
+
+    def kill_after_step_5(step, metrics):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(run, on_step=kill_after_step_5)
+    assert (Path(run.output_dir) / "resume.pt").exists() and not (Path(run.output_dir) / "train_state.json").exists()
+    steps = []
+    resumed = train(run, on_step=lambda step, metrics: steps.append(step))
+
+    assert steps == [5, 6, 7, 8] and resumed.losses == whole.losses
+    expected, got = _adapter_weights(whole.adapter_dir), _adapter_weights(resumed.adapter_dir)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    client = mlflow.MlflowClient(run.mlflow_tracking_uri)
+    assert client.get_run(resumed.mlflow_run_id).info.status == "FINISHED"
+    assert len(client.search_runs([client.get_experiment_by_name("sdpo-test").experiment_id])) == 1
+    assert {m.step for m in client.get_metric_history(resumed.mlflow_run_id, "loss")} == set(range(1, 9))
+    assert not (Path(run.output_dir) / "resume.pt").exists()
+
+
+def test_a_resume_point_of_other_settings_is_not_resumed(tmp_path, sdpo_home, tiny_model_dir):
+    run = make_run(tmp_path, tiny_model_dir, steps=4, batch_size=2, save_every=2)
+
+    def kill(step, metrics):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(run, on_step=kill)
+    abandoned = torch.load(Path(run.output_dir) / "resume.pt", weights_only=False)["mlflow_run_id"]
+    other = run.model_copy(update={"training": run.training.model_copy(update={"learning_rate": 1e-3})})
+    steps = []
+    result = train(other, on_step=lambda step, metrics: steps.append(step))
+    assert steps == [1, 2, 3, 4] and result.mlflow_run_id != abandoned
+    assert mlflow.MlflowClient(run.mlflow_tracking_uri).get_run(abandoned).info.status == "KILLED"
+
+
+def test_a_run_killed_with_sigkill_resumes_in_its_mlflow_run(tmp_path, sdpo_home, tiny_model_dir):
+    """kill -9 leaves no handler to run: the point on disk (written atomically) and an MLflow run stuck in
+    RUNNING are all there is, and the next start goes on from them."""
+    run = make_run(tmp_path, tiny_model_dir, steps=6, batch_size=2, save_every=2)
+    run_file = tmp_path / "run.json"
+    run_file.write_text(run.model_dump_json())
+    killer = tmp_path / "killer.py"
+    killer.write_text(
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from sdpo_platform.train import TrainRun, train\n"
+        "run = TrainRun.model_validate_json(Path(sys.argv[1]).read_text())\n"
+        "train(run, on_step=lambda step, m: step == 3 and os.kill(os.getpid(), signal.SIGKILL))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    killed = subprocess.run([sys.executable, str(killer), str(run_file)], env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    stuck = torch.load(Path(run.output_dir) / "resume.pt", weights_only=False)["mlflow_run_id"]
+    client = mlflow.MlflowClient(run.mlflow_tracking_uri)
+    assert client.get_run(stuck).info.status == "RUNNING"
+    finished = subprocess.run([sys.executable, "-m", "sdpo_platform.train", str(run_file)], env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "resuming after step 2/6" in finished.stdout and "step 3/6" in finished.stdout and "step 2/6 loss" not in finished.stdout
+    assert json.loads(finished.stdout.strip().splitlines()[-1])["mlflow_run_id"] == stuck
+    assert client.get_run(stuck).info.status == "FINISHED"
+
+
+def test_a_reexecution_trains_in_the_folder_its_killed_try_left(tmp_path):
+    from sdpo_platform.resume import RESUME_FILE, output_folder
+
+    fresh, parent, root = tmp_path / "c", tmp_path / "b", tmp_path / "a"
+    for folder in (parent, root):
+        folder.mkdir()
+    assert output_folder(fresh, [parent, root]) == fresh  # nothing to resume: a folder of its own
+    (root / RESUME_FILE).write_bytes(b"x")
+    assert output_folder(fresh, [parent, root]) == root
+    (parent / RESUME_FILE).write_bytes(b"x")
+    assert output_folder(fresh, [parent, root]) == parent  # the latest try first
