@@ -205,7 +205,7 @@ def check_targets(targets: pd.DataFrame, eos_token_id: int) -> QualityReport:
     """Finite log-probs, one log-prob per response token under both prompts, EOS last unless the response
     was cut at the limit (`truncated`: no EOS was learned there), a well-formed top-k where one was stored,
     both splits."""
-    from sdpo_platform.targets import topk_consistent  # here: the data checks import no torch
+    from sdpo_platform.loss import topk_consistent  # here: the data checks import no torch
 
     def stored(value) -> bool:
         return isinstance(value, (list, tuple, np.ndarray))

@@ -386,21 +386,6 @@ def read_targets(path: str | Path) -> pd.DataFrame:
     return df
 
 
-def topk_consistent(topk_ids, topk_logprobs, tail_mass, n_tokens: int, vocab_size: int | None = None) -> bool:
-    """One row's stored top-k, as the top-k loss reads it: `n_tokens` rows of k ids (inside the vocabulary
-    when its size is given) and k finite log-probs ≤ 0, and a tail mass in [0, 1] per token."""
-    try:
-        ids, logprobs, tail = (np.asarray(list(map(list, topk_ids))), np.asarray(list(map(list, topk_logprobs)), dtype=float),
-                               np.asarray(list(tail_mass), dtype=float))
-    except (TypeError, ValueError):  # a missing row (None) or ragged lists
-        return False
-    return bool(
-        ids.ndim == 2 and ids.shape[0] == n_tokens and ids.shape[1] > 0 and logprobs.shape == ids.shape and tail.shape == (n_tokens,)
-        and (ids >= 0).all() and (vocab_size is None or (ids < vocab_size).all())
-        and np.isfinite(logprobs).all() and (logprobs <= 1e-6).all() and ((tail >= 0) & (tail <= 1 + 1e-6)).all()
-    )
-
-
 def _read_frame(path: Path) -> pd.DataFrame:
     """One shard or file; files encoded before version 3 have no `truncated` (every response ended with EOS)."""
     df = pd.read_parquet(path)

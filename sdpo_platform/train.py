@@ -45,10 +45,10 @@ from sdpo_platform import paths
 from sdpo_platform.config import TrainingConfig
 from sdpo_platform.logprobs import (batch_response_log_softmax, batch_response_logprobs, batch_response_logprobs_at,
                                     sampled_logprobs)
-from sdpo_platform.loss import advantage_diagnostics, reference_kl, sdpo_loss, topk_forward_kl
+from sdpo_platform.loss import advantage_diagnostics, reference_kl, sdpo_loss, topk_consistent, topk_forward_kl
 from sdpo_platform.registry import configure_mlflow
 from sdpo_platform.resume import RESUME_FILE, clear_point, load_point, restore, save_point
-from sdpo_platform.targets import read_targets, topk_consistent
+from sdpo_platform.targets import read_targets
 
 
 class TrainRun(BaseModel):
