@@ -29,13 +29,18 @@ from sdpo_platform.ingest import remove_file_rows
 from sdpo_platform.paths import models_dir, targets_dir
 
 
-def forget_files(con: duckdb.DuckDBPyConnection, paths: list[str | Path], inbox: Path | None = None) -> tuple[list[str], list[str]]:
-    """(the files forgotten, as stored, ISO days their records were in); `forgettable` checks the paths first."""
-    files = forgettable(con, paths, inbox)
+def forget_files(con: duckdb.DuckDBPyConnection, paths: list[str | Path], inbox: Path | None = None,
+                 already_forgotten_ok: bool = False) -> tuple[list[str], list[str]]:
+    """(the files forgotten, as stored, ISO days their records were in); `forgettable` checks the paths first.
+    The records' ids (not their text) are kept in `forgotten_records`, so that copies outside the warehouse
+    can still be found and purged after the erasure (`record_ids_of`)."""
+    files = forgettable(con, paths, inbox, already_forgotten_ok)
     con.begin()
     try:
         removed: set = set()
         for source_file in files:  # what ingestion does to a changed file's rows, and its `source_files` entry too
+            con.execute("""INSERT INTO forgotten_records (source_file, record_id)
+                           SELECT DISTINCT source_file, record_id FROM raw_records WHERE source_file = ?""", [source_file]).fetchall()
             removed |= remove_file_rows(con, source_file)
             clear_file(con, source_file)
             con.execute("DELETE FROM source_files WHERE source_file = ?", [source_file]).fetchall()
@@ -46,13 +51,19 @@ def forget_files(con: duckdb.DuckDBPyConnection, paths: list[str | Path], inbox:
     return files, sorted(str(day) for day in removed)
 
 
-def forgettable(con: duckdb.DuckDBPyConnection, paths: list[str | Path], inbox: Path | None = None) -> list[str]:
+def forgettable(con: duckdb.DuckDBPyConnection, paths: list[str | Path], inbox: Path | None = None,
+                already_forgotten_ok: bool = False) -> list[str]:
     """The paths as stored (`source_file`, each once). A path never ingested is an error, and so is one still
-    in `inbox`: the next run would ingest it again."""
+    in `inbox`: the next run would ingest it again. A path forgotten before is one only without
+    `already_forgotten_ok` (a later --purge-targets: its copies outside the warehouse are still to delete)."""
     files = list(dict.fromkeys(str(Path(path).expanduser().resolve()) for path in paths))
-    known = {row[0] for row in con.execute(
-        "SELECT source_file FROM source_files WHERE list_contains($files, source_file)", {"files": files}).fetchall()}
-    unknown = [f for f in files if f not in known]
+    query = "SELECT DISTINCT source_file FROM {} WHERE list_contains($files, source_file)"
+    known = {row[0] for row in con.execute(query.format("source_files"), {"files": files}).fetchall()}
+    forgotten = {row[0] for row in con.execute(query.format("forgotten_records"), {"files": files}).fetchall()} - known
+    if not already_forgotten_ok and forgotten:
+        raise ValueError(f"already forgotten: {', '.join(sorted(forgotten))}; add --purge-targets to delete the copies outside "
+                         "the warehouse that its first erasure listed")
+    unknown = [f for f in files if f not in known | forgotten]
     if unknown:
         raise ValueError(f"not ingested, nothing to forget: {', '.join(unknown)}")
     if inbox is not None:
@@ -68,7 +79,8 @@ def record_ids_of(con: duckdb.DuckDBPyConnection, files: list[str]) -> list[str]
     interaction's is `conversation_id:turn`, so these find every interaction built from the files in a target
     set, also one the warehouse no longer keeps (its conversation since quarantined as a duplicate)."""
     return [row[0] for row in con.execute(
-        "SELECT DISTINCT record_id FROM raw_records WHERE list_contains($files, source_file) ORDER BY 1", {"files": files}).fetchall()]
+        """SELECT record_id FROM raw_records WHERE list_contains($files, source_file)
+           UNION SELECT record_id FROM forgotten_records WHERE list_contains($files, source_file) ORDER BY 1""", {"files": files}).fetchall()]
 
 
 def derived_copies(record_ids: list[str], root: Path | None = None) -> tuple[list[dict], list[dict]]:

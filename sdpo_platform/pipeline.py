@@ -52,11 +52,11 @@ def forget_and_rebuild(con: duckdb.DuckDBPyConnection, paths: list[str | Path], 
                                       purge_target_sets, record_ids_of)
     from sdpo_platform.paths import mlflow_tracking_uri
 
-    record_ids = record_ids_of(con, forgettable(con, paths, inbox))
+    record_ids = record_ids_of(con, forgettable(con, paths, inbox, already_forgotten_ok=purge_targets))
     tracking_uri = tracking_uri or mlflow_tracking_uri()
     copies, unreadable = derived_copies(record_ids)
     pages, unchecked = logged_heatmaps(record_ids, tracking_uri, cfg.registry.experiment)
-    files, days = forget_files(con, paths, inbox)
+    files, days = forget_files(con, paths, inbox, already_forgotten_ok=purge_targets)
     outcome = {"forgotten": files, "partitions": days, **rebuild_days(con, cfg, days, log)}
     purged, unreadable = purge_target_sets(copies, unreadable) if purge_targets else ([], unreadable)
     erased, not_erased = erase_logged_heatmaps(pages, tracking_uri) if purge_targets else ([], [])

@@ -26,6 +26,11 @@ CREATE TABLE IF NOT EXISTS source_files (
     n_records    BIGINT,
     ingested_at  TIMESTAMP DEFAULT current_timestamp
 );
+CREATE TABLE IF NOT EXISTS forgotten_records (  -- the ids of files `sdpo forget` erased: no text, so a later --purge-targets still finds their copies
+    source_file  VARCHAR NOT NULL,
+    record_id    VARCHAR NOT NULL,
+    forgotten_at TIMESTAMP DEFAULT current_timestamp
+);
 CREATE TABLE IF NOT EXISTS raw_records (
     record_id    VARCHAR NOT NULL,      -- sha256 of (source_file, line_no, raw_text); unique (checked)
     source_file  VARCHAR NOT NULL,

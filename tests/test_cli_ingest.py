@@ -297,6 +297,13 @@ def test_forget_finds_and_erases_the_heatmap_pages_that_show_the_forgotten_inter
     assert client.list_artifacts(second_only, "heatmaps")  # a page without the first file's interactions stays
     assert client.get_run(both).data.metrics["rows"] == 2  # the run itself stays
 
+    # the copies the first erasure of `second` listed can still be purged after it
+    assert main(["forget", str(second)]) == 2 and "already forgotten" in capsys.readouterr().err
+    assert main(["forget", "--purge-targets", str(second)]) == 1  # the old page is still unchecked
+    outcome = json.loads(capsys.readouterr().out)
+    assert outcome["heatmaps_erased"] == [f"runs:/{second_only}/heatmaps"] and outcome["partitions"] == []
+    assert client.list_artifacts(second_only, "heatmaps") == []
+
     from sdpo_platform.forget import logged_heatmaps
     from sdpo_platform.paths import mlflow_tracking_uri
 
