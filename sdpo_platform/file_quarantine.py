@@ -20,7 +20,7 @@ from sdpo_platform.formats import FORMATS, Container
 STAGE = "raw_interaction_logs"
 TRUNCATION_REASONS = ("truncated_json_array", "truncated_file")
 _NO_RECORDS = {"json_array": "an empty JSON array", "parquet": "a Parquet file without rows"}
-_IS_REJECTION = "record_id = sha256(concat_ws(chr(31), 'reject', source_file, reason))"
+IS_REJECTION = "record_id = sha256(concat_ws(chr(31), 'reject', source_file, reason))"
 
 
 def note_file(con, source_file: str, container: Container, used_format: str | None, new: int, sample: list) -> None:
@@ -47,7 +47,7 @@ def reject_file(con, source_file: str, reason: str, detail: str) -> None:
     nothing is stored under the path: rows written before rejections had their own ids)."""
     con.execute(
         f"""DELETE FROM quarantine WHERE stage = $stage AND source_file = $source_file
-            AND ({_IS_REJECTION} OR NOT EXISTS (SELECT 1 FROM source_files WHERE source_file = $source_file))""",
+            AND ({IS_REJECTION} OR NOT EXISTS (SELECT 1 FROM source_files WHERE source_file = $source_file))""",
         {"stage": STAGE, "source_file": source_file},
     )
     _insert(con, source_file, reason, detail, kind="reject")
@@ -55,7 +55,7 @@ def reject_file(con, source_file: str, reason: str, detail: str) -> None:
 
 def clear_file(con, source_file: str, rejections_only: bool = False) -> None:
     """Forget the path's rows before it is stored again; only its rejections when its stored content is current."""
-    con.execute(f"DELETE FROM quarantine WHERE stage = ? AND source_file = ?{' AND ' + _IS_REJECTION if rejections_only else ''}",
+    con.execute(f"DELETE FROM quarantine WHERE stage = ? AND source_file = ?{' AND ' + IS_REJECTION if rejections_only else ''}",
                 [STAGE, source_file])
 
 

@@ -164,8 +164,10 @@ def stats(con: duckdb.DuckDBPyConnection) -> dict:
     `quarantined` counts rejected *source records* (one record-level 'conversations' row each), so
     `raw_records = records_kept + quarantined` always holds, and `raw_records = conversations_kept +
     quarantined` when every record holds one conversation; ShareGPT chunks joined into one conversation
-    count once in `conversations_kept` and once each in `records_kept`. File-level rejections (unknown
-    format, unreadable, empty) and dropped blank messages are reported apart: they are not records.
+    count once in `conversations_kept` and once each in `records_kept`. File-level rows and dropped blank
+    messages are reported apart: they are not records. `files_rejected` counts files that could not be
+    stored (unreadable, binary), as `sdpo ingest` does; `files_by_reason` also counts the notes on stored
+    files (empty, unknown format, truncated).
     """
     def scalar(sql: str) -> int:
         return int(fetch_scalar(con, sql) or 0)
@@ -175,10 +177,9 @@ def stats(con: duckdb.DuckDBPyConnection) -> dict:
             f"SELECT reason, count(DISTINCT record_id) FROM quarantine WHERE {condition} GROUP BY 1 ORDER BY 2 DESC, 1"
         ).fetchall()}
 
-    from sdpo_platform.file_quarantine import TRUNCATION_REASONS  # notes on stored files, not rejections
+    from sdpo_platform.file_quarantine import IS_REJECTION
 
     record_rows = "stage = 'conversations' AND level = 'record'"
-    notes = ", ".join(f"'{reason}'" for reason in TRUNCATION_REASONS)  # module constants
     return {
         "raw_records": scalar("SELECT count(*) FROM raw_records"),
         "conversations_kept": scalar("SELECT count(*) FROM conversations"),
@@ -188,7 +189,7 @@ def stats(con: duckdb.DuckDBPyConnection) -> dict:
         "quarantined": scalar(f"SELECT count(DISTINCT record_id) FROM quarantine WHERE {record_rows}"),
         "quarantine_by_reason": reasons(record_rows),
         "files": scalar("SELECT count(*) FROM source_files"),
-        "files_rejected": scalar(f"SELECT count(*) FROM quarantine WHERE level = 'file' AND reason NOT IN ({notes})"),
+        "files_rejected": scalar(f"SELECT count(*) FROM quarantine WHERE level = 'file' AND {IS_REJECTION}"),  # not stored, as `sdpo ingest` counts
         "files_by_reason": reasons("level = 'file'"),
         "messages_dropped": scalar("SELECT count(*) FROM quarantine WHERE stage = 'conversations' AND level = 'message'"),
         "conversations_without_interactions": scalar("SELECT count(*) FROM quarantine WHERE stage = 'interactions'"),

@@ -12,7 +12,7 @@ from pathlib import Path
 from sdpo_platform.ingest import JsonArrayReader, ingest_files, ingest_inbox
 from sdpo_platform.paths import inbox_dir
 from sdpo_platform.sharegpt import sharegpt_path, write_sharegpt_slice
-from sdpo_platform.warehouse import connect
+from sdpo_platform.warehouse import connect, stats
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 
@@ -101,12 +101,21 @@ def test_unreadable_and_unknown_files_are_quarantined_not_raised(con, logs):
     assert sorted(reason for reason, _ in rows) == ["unknown_format", "unknown_format", "unknown_format", "unreadable_file"]
     assert any("missing.jsonl" in detail for _, detail in rows)
     assert len(result.errors) == 4 and all(str(logs) in error for error in result.errors)
+    assert stats(con)["files_rejected"] == result.files_rejected  # one meaning of "rejected" in both reports
+
+
+def test_stats_count_as_rejected_what_ingest_rejects_and_only_note_an_empty_or_unknown_file(con, logs):
+    (logs / "empty.jsonl").write_text("")
+    (logs / "other.jsonl").write_text('{"question": "a", "answer": "b"}\n')  # stored, of no known format
+    result = ingest_files(con, sorted(logs.iterdir()))
+    counts = stats(con)
+    assert result.files_rejected == counts["files_rejected"] == 0
+    assert counts["files_by_reason"] == {"empty_file": 1, "unknown_format": 1} and len(result.errors) == 1
 
 
 def test_a_rejection_lasts_only_until_the_path_is_ingested(con, logs):
     """A path's file-level rejection describes its latest attempt: a new rejection replaces it (no pile of rows
     per path) and a successful ingest removes it, so `files_rejected` counts files that are still bad."""
-    from sdpo_platform.warehouse import stats
 
     path = logs / "day.jsonl.gz"
     whole = gzip.compress((json.dumps(CHAT) + "\n").encode())
