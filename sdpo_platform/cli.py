@@ -7,6 +7,7 @@ from dataclasses import asdict
 import datetime
 import errno
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -29,10 +30,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def describe(error: Exception) -> str:
-    """The message a user acts on: an OS error's reason and path, without the errno prefix."""
+    """The message a user acts on, on one line: an OS error's reason and path without the errno prefix; a
+    configuration error's fields and what is wrong with each."""
+    from pydantic import ValidationError
+
     if isinstance(error, OSError) and error.filename is not None:
         return f"{error.strerror}: {error.filename}"
+    if isinstance(error, ValidationError):
+        source = f" in {os.environ['SDPO_CONFIG']}" if error.title == "PlatformConfig" and os.environ.get("SDPO_CONFIG") else ""
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'the whole file'}: {e['msg']}" for e in error.errors())
+        return f"invalid configuration{source}: {problems}"
     return str(error)
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """Usage errors as every other bad input: one line, `sdpo: error: …`, exit status 2 (argparse prints
+    the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"sdpo: error: {message} (see `{self.prog} --help`)\n")
 
 
 def day(text: str) -> str:
@@ -46,7 +62,7 @@ def day(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdpo", description="Self-distillation from user interactions.")
+    parser = OneLineErrors(prog="sdpo", description="Self-distillation from user interactions.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the whole lineage on a slice of real ShareGPT logs")
     demo.add_argument("--records", type=int, default=300, help="ShareGPT records written to the inbox")

@@ -70,13 +70,14 @@ def test_missing_file_is_a_clear_error(sdpo_home, capsys):
 
 @pytest.mark.parametrize("option", [["--format", "chatml"], ["--partition", "2024-13-01"], ["--partition", "20240105"]])
 def test_bad_option_values_are_usage_errors(sdpo_home, capsys, option):
-    """Refused by argparse, before any file is read: usage, the bad value, exit 2, no traceback."""
+    """Refused by argparse, before any file is read: one line naming the bad value, exit 2, no traceback."""
     logs = sdpo_home / "a.jsonl"
     logs.write_text("{}\n")
     with pytest.raises(SystemExit) as exited:
         main(["ingest", str(logs), *option])
     err = capsys.readouterr().err
-    assert exited.value.code == 2 and err.startswith("usage: sdpo ingest") and repr(option[1]) in err
+    assert exited.value.code == 2 and err.startswith("sdpo: error: ") and err.count("\n") == 1 and repr(option[1]) in err
+    assert "`sdpo ingest --help`" in err
     assert not (sdpo_home / "warehouse.duckdb").exists()
 
 
@@ -310,3 +311,21 @@ def test_forget_finds_and_erases_the_heatmap_pages_that_show_the_forgotten_inter
     assert logged_heatmaps([interactions.conversation_id[0]], mlflow_tracking_uri(), "sdpo")[0] == []  # erased pages are not found again
     assert logged_heatmaps(["x"], f"sqlite:///{sdpo_home / 'none' / 'mlflow.db'}", "sdpo") == ([], [])  # no store: nothing, none created
     assert not (sdpo_home / "none").exists()
+
+
+def test_a_missing_command_is_one_line_too(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main([])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.startswith("sdpo: error: ") and err.count("\n") == 1 and "--help" in err, err
+
+
+def test_a_bad_config_file_is_one_line_naming_the_file_and_the_key(sdpo_home, capsys, monkeypatch):
+    config = sdpo_home / "config.json"
+    config.write_text(json.dumps({"training": {"stepz": 64, "steps": "many"}}))
+    monkeypatch.setenv("SDPO_CONFIG", str(config))
+    (sdpo_home / "a.jsonl").write_text("{}\n")
+    assert main(["ingest", str(sdpo_home / "a.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sdpo: error: invalid configuration in {config}: ") and err.count("\n") == 1
+    assert "training.stepz: Extra inputs are not permitted" in err and "training.steps: " in err
