@@ -9,7 +9,7 @@
    `informativeness`, on a deterministic subsample of `--limit` relevant/unrelated rows (half each, by
    md5 of the id), so the default run fits the 10-minute CPU budget; `--limit 0` scores all 357 such
    rows. `--signals all` adds the five hindsight-advantage variants (about 6 long sequences per row
-   instead of 2 short ones). Scores are cached under /tmp (by token ids): reruns only pay for new sequences.
+   instead of 2 short ones). Scores are cached under /tmp (by model revision and token ids): reruns only pay for new sequences.
 Prints one JSON document; docs/INFORMATIVENESS.md quotes it.
 """
 
@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=120, help="relevant+unrelated rows scored by the model (0 = all)")
     parser.add_argument("--signals", default="followup_pmi", help="comma-separated signals, or 'all', or 'none' (taxonomy and safety only)")
     parser.add_argument("--template", default=DEFAULT_HINDSIGHT_TEMPLATE, help="hindsight template for the hindsight signals")
-    parser.add_argument("--cache", default="/tmp/sdpo_informativeness_scores.pkl", help="pickle of scored sequences (reused)")
+    parser.add_argument("--cache", help="pickle of scored sequences, reused for the same model revision only "
+                        "(default /tmp/sdpo_informativeness_scores-<model revision>.pkl)")
     args = parser.parse_args(argv)
 
     cfg = InformativenessConfig()
@@ -121,17 +122,19 @@ def main(argv: list[str] | None = None) -> int:
 
     signals = () if args.signals == "none" else (ALL_SIGNALS if args.signals == "all" else tuple(args.signals.split(",")))
     if signals:
-        from sdpo_platform.models import load_model
+        from sdpo_platform.models import load_model, model_revision
 
         sample = subsample(frame, args.limit)
-        cache_path = Path(args.cache)
-        cache = pickle.loads(cache_path.read_bytes()) if cache_path.exists() else {}
+        revision = model_revision(args.model)  # scores are the model's: another model's are never reused
+        cache_path = Path(args.cache or f"/tmp/sdpo_informativeness_scores-{revision}.pkl")
+        stored = pickle.loads(cache_path.read_bytes()) if cache_path.exists() else {}
+        cache = stored.get("scores", {}) if isinstance(stored, dict) and stored.get("model_revision") == revision else {}
         cached_before = len(cache)
         model, tokenizer = load_model(args.model, device="cpu")
         started = time.perf_counter()
         scores = model_signals(model, tokenizer, sample, cfg, args.template, signals, cache)
         seconds = time.perf_counter() - started
-        cache_path.write_bytes(pickle.dumps(cache))
+        cache_path.write_bytes(pickle.dumps({"model_revision": revision, "scores": cache}))
         labels = (sample["relevance"] == "relevant").to_numpy()
         sample_kinds = kinds.set_index("interaction_id").loc[sample["interaction_id"], "followup_kind"].reset_index(drop=True)
         aucs = {name: round(roc_auc(labels, scores[name].to_numpy()), 3) for name in signals}
@@ -148,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             report["signal_by_relevance"] = scores.assign(relevance=sample["relevance"].to_numpy()).groupby("relevance")[cfg.signal].describe().round(3).to_dict("index")
         report["model_auc"] = {
             "model": args.model,
+            "model_revision": revision,
             "template": args.template,
             "n_relevant": int(labels.sum()),
             "n_unrelated": int((~labels).sum()),
