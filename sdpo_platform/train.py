@@ -267,11 +267,8 @@ def train(run: TrainRun, on_step: Callable[[int, dict], None] | None = None) -> 
                 teacher = frozen_teacher_logprobs(batch, cfg.baseline, device)
                 diagnostics |= advantage_diagnostics([t - s.detach() for t, s in zip(teacher, student)], cfg.skip_tokens, ends_with_eos)
             else:
-                if cfg.kl_coef > 0:  # the whole log-softmax, for the penalty towards the reference as well
-                    student_rows = batch_response_log_softmax(model, prompts, responses, pad_id)
-                    student = sampled_logprobs(student_rows, responses)
-                else:
-                    student = batch_response_logprobs(model, prompts, responses, pad_id)
+                student_rows = batch_response_log_softmax(model, prompts, responses, pad_id)  # autograd keeps them anyway
+                student = sampled_logprobs(student_rows, responses)
                 if cfg.teacher == "live":
                     teacher = live_teacher_logprobs(model, batch, pad_id)
                 else:
