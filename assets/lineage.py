@@ -322,6 +322,7 @@ def registered_model(
         cfg.registry.model_name,
         tags,
         {"gap_before": evaluation["gap_before"], "gap_after": evaluation["gap_after"]},
+        max_new_tokens=cfg.registry.serve_max_new_tokens,
     )
     aliases = promote(version.name, version.version, gate_passed=gate_passed)
     summary = {**asdict(version), "aliases": aliases, "tags": tags, "gate_passed": gate_passed}

@@ -28,6 +28,7 @@ params={"max_new_tokens": 32})` returns one greedy completion (without the promp
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,8 +89,9 @@ def log_checkpoint(
     it score". `max_new_tokens` is the default generation length of the served pyfunc model.
     """
     _ensure_configured()
-    model, tokenizer = _load_base_with_adapter(Path(adapter_dir), Path(base_model_path))
-    max_new_tokens = max_new_tokens or RegistryConfig().serve_max_new_tokens
+    base_model_path = local_base_path(base_model_path)
+    model, tokenizer = _load_base_with_adapter(Path(adapter_dir), base_model_path)
+    max_new_tokens = RegistryConfig().serve_max_new_tokens if max_new_tokens is None else max_new_tokens
 
     active = mlflow.active_run()
     if run_id is not None and active is not None and active.info.run_id == run_id:
@@ -111,6 +113,21 @@ def log_checkpoint(
         client.set_model_version_tag(model_name, str(version), key, str(value))
     client.set_registered_model_alias(model_name, CHALLENGER, str(version))
     return RegisteredVersion(model_name, version, run_id, f"models:/{model_name}/{version}")
+
+
+def local_base_path(base: str | Path) -> Path:
+    """The base model's local folder: MLflow records the base of an adapter-only model as a path, so a hub id
+    (`model: HuggingFaceTB/SmolLM2-135M-Instruct`) is taken to its snapshot in the local cache, where scoring
+    and training loaded it from."""
+    if Path(base).expanduser().is_dir():
+        return Path(base).expanduser().resolve()
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(base), local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError) as error:  # not cached, or not a hub id
+        raise ValueError(f"base model {str(base)!r}: not a folder, nor a hub id in the local cache ({error})") from error
 
 
 def promote(model_name: str, version: int, gate_passed: bool) -> list[str]:
@@ -167,30 +184,74 @@ def round_model(model_name: str, base_spec: str, next_round_from: str = "champio
     return str(champion_model_dir(model_name, version, root)), f"models:/{model_name}/{version}"
 
 
+MERGED_FROM = "merged_from.json"  # in a merged folder: which registered weights it holds
+
+
 def champion_model_dir(model_name: str, version: int, root: Path | None = None) -> Path:
     """Version `version` with its adapter merged into its base, saved once under the data root's models/.
 
-    Written to a temporary folder and renamed, so a folder that exists is complete.
+    Built in a folder of its own and renamed into place, so a folder under the name is complete, and when
+    two processes build it at once (a scheduled round beside a manual one) the first rename wins and the
+    other drops its copy. The folder records which registered weights it holds (`MERGED_FROM`: the
+    version's run and source); a folder built from other weights (the registry was rebuilt, the tracking
+    server changed) or without that record (a build interrupted by an older version of this code) is
+    built again.
     """
+    import json
+    import secrets
     import shutil
 
     target = paths.models_dir(root) / "rounds" / f"{model_name}-v{version}"
-    if (target / "config.json").exists():
+    _ensure_configured()
+    registered = MlflowClient().get_model_version(model_name, str(version))
+    source = {"run_id": registered.run_id, "source": registered.source}
+
+    def holds_it() -> bool:
+        try:
+            return json.loads((target / MERGED_FROM).read_text()) == source and any(target.glob("*.safetensors"))
+        except (OSError, ValueError):
+            return False
+
+    if holds_it():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in [*target.parent.glob(f".{target.name}.*"), target.with_name(f"{target.name}.partial")]:  # builds a crash left
+        if not leftover.exists():  # behind (an hour old: not running), and the single `.partial` of earlier versions
+            continue
+        if time.time() - leftover.stat().st_mtime > 3600:
+            shutil.rmtree(leftover, ignore_errors=True)
     model, tokenizer = load_registered(f"models:/{model_name}/{version}")
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    partial = target.with_name(f".{target.name}.partial-{secrets.token_hex(6)}")
     model.merge_and_unload().save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    partial.rename(target)
+    (partial / MERGED_FROM).write_text(json.dumps(source))
+    for _ in range(3):
+        if holds_it():  # another process finished first
+            break
+        if target.exists():  # other weights, or a folder left incomplete: set aside, then replaced
+            aside = target.with_name(f".{target.name}.stale-{secrets.token_hex(6)}")
+            try:
+                os.rename(target, aside)
+                shutil.rmtree(aside, ignore_errors=True)
+            except FileNotFoundError:
+                pass
+        try:
+            os.rename(partial, target)
+            return target
+        except OSError:  # another process renamed its copy in first: check what it holds
+            continue
+    shutil.rmtree(partial, ignore_errors=True)
+    if not holds_it():
+        raise RuntimeError(f"could not put the merged version {version} in place at {target}")
     return target
 
 
 def load_registered(model_uri: str, base_model_path: str | Path | None = None):
     """(PeftModel in eval mode, tokenizer) for `models:/<name>@<alias>` or any model URI, offline.
 
-    The base weights come from the local directory recorded at logging time; pass
-    `base_model_path` when the data root has moved since.
+    The base weights come from the local directory recorded at logging time; pass `base_model_path`
+    when that folder has moved since. (The data root cannot move under a local store: MLflow records
+    artifact locations as absolute paths.)
     """
     _ensure_configured()
     components = mlflow.transformers.load_model(

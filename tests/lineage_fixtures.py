@@ -90,7 +90,7 @@ def tiny_config(path: Path, model_dir: Path) -> Path:
         "interactions": {"validation_fraction": 0.35},
         "targets": {"max_prompt_tokens": 96, "max_response_tokens": 24, "max_train": 8, "max_validation": 4},
         "training": {"steps": 2, "batch_size": 2, "weighting": "informativeness"},
-        "registry": {"model_name": "sdpo-test"},
+        "registry": {"model_name": "sdpo-test", "serve_max_new_tokens": 12},
     }
     path.write_text(json.dumps(config))
     return path

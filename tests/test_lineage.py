@@ -2,6 +2,7 @@
 a bad partition stops downstream in its run and stays out of later training runs."""
 
 import duckdb
+import mlflow
 import dagster as dg
 
 from assets.definitions import INGEST_JOB, LINEAGE_JOB, TRAIN_JOB, build_definitions
@@ -58,6 +59,8 @@ def test_whole_lineage_materializes_on_fixtures(sdpo_home, tiny_model_dir):
     assert checkpoint["steps"] == 2 and len(checkpoint["losses"]) == 2
     registered = result.output_for_node("registered_model")
     assert registered["version"] == 1
+    served = {p.name: p.default for p in mlflow.models.get_model_info(registered["model_uri"]).signature.params.params}
+    assert served["max_new_tokens"] == 12  # registry.serve_max_new_tokens of the config, not the built-in 64
     assert registered["aliases"] == ["challenger", "champion"]  # first version: no champion yet
     assert registered["tags"]["data_partition"] == FIXTURE_DAY
     assert registered["tags"]["targets_snapshot"] == targets["path"]

@@ -167,3 +167,80 @@ def test_next_round_builds_on_the_merged_champion(sdpo_home, tiny_model_dir, lor
     assert round_model(MODEL_NAME, str(tiny_model_dir), next_round_from="base")[0] == str(tiny_model_dir)
     with pytest.raises(ValueError, match="next_round_from"):
         round_model(MODEL_NAME, str(tiny_model_dir), next_round_from="latest")
+
+
+def test_a_base_named_by_a_hub_id_is_registered_from_its_local_snapshot(sdpo_home, tiny_model_dir, lora_adapter_dir, tmp_path, monkeypatch):
+    """`model: <hub id>` scores and trains from the local hub cache; MLflow records the base as a folder, so
+    registration takes the id to its snapshot there (it used to resolve the id against the working directory)."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    commit = "a" * 40
+    repo = tmp_path / "hub" / "models--audit--tiny"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+
+    configure_mlflow()
+    version = _log(lora_adapter_dir, "audit/tiny")
+    tags = MlflowClient().get_model_version(MODEL_NAME, str(version.version)).tags
+    assert tags["base_model_path"] == str(repo / "snapshots" / commit)
+    model, _ = load_registered(version.model_uri)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+    with pytest.raises(ValueError, match="not a folder, nor a hub id in the local cache"):
+        _log(lora_adapter_dir, "audit/not-cached")
+
+
+def test_two_processes_merging_one_champion_both_get_the_whole_folder(sdpo_home, tiny_model_dir, lora_adapter_dir, tmp_path):
+    """A scheduled round beside a manual one merge the same version at once: each builds its own copy and one
+    rename wins; they used to share one temp folder and delete it under each other (a folder without weights)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    configure_mlflow()
+    _log(lora_adapter_dir, tiny_model_dir)
+    go = tmp_path / "go"
+    script = (
+        "import sys, time\nfrom pathlib import Path\n"
+        f"while not Path({str(go)!r}).exists(): time.sleep(0.01)\n"
+        "from sdpo_platform.registry import champion_model_dir\n"
+        f"print(champion_model_dir({MODEL_NAME!r}, 1))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+    workers = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    time.sleep(1.0)
+    go.touch()
+    outputs = [w.communicate(timeout=300) for w in workers]
+    assert all(w.returncode == 0 for w in workers), [err[-1500:] for _, err in outputs]
+    folders = {out.strip().splitlines()[-1] for out, _ in outputs}
+    assert len(folders) == 1
+    folder = Path(folders.pop())
+    assert (folder / "model.safetensors").exists() and (folder / "merged_from.json").exists()
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no copy or temp folder left
+
+
+def test_a_merged_folder_of_other_weights_is_built_again(sdpo_home, tiny_model_dir, lora_adapter_dir):
+    """The merge is cached by name and version; a folder holding other weights (the registry rebuilt, another
+    tracking server) or an incomplete one must not be served as the champion."""
+    import json
+
+    from sdpo_platform.registry import MERGED_FROM, champion_model_dir
+
+    configure_mlflow()
+    _log(lora_adapter_dir, tiny_model_dir)
+    folder = champion_model_dir(MODEL_NAME, 1)
+    recorded = (folder / MERGED_FROM).read_text()
+    (folder / MERGED_FROM).write_text(json.dumps({"run_id": "another", "source": "elsewhere"}))
+    assert champion_model_dir(MODEL_NAME, 1) == folder and (folder / MERGED_FROM).read_text() == recorded
+    (folder / "model.safetensors").unlink()  # damaged
+    assert champion_model_dir(MODEL_NAME, 1) == folder and (folder / "model.safetensors").exists()
+    (folder / MERGED_FROM).unlink()  # built by an earlier version of this code: not known to be whole
+    assert champion_model_dir(MODEL_NAME, 1) == folder and (folder / MERGED_FROM).read_text() == recorded
