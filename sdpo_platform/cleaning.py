@@ -448,6 +448,10 @@ _STEPS = [
     FROM clean_records r LEFT JOIN clean_units u USING (unit_id)
     """,
     "DELETE FROM conversations WHERE partition_date BETWEEN $first_day::DATE AND $last_day::DATE AND list_contains($parts::DATE[], partition_date)",
+    # What the interactions stage built from the old conversations goes with them: if that stage does not run
+    # next (a failed check blocks it), the day holds no triples rather than triples of conversations now gone.
+    "DELETE FROM interactions WHERE partition_date BETWEEN $first_day::DATE AND $last_day::DATE AND list_contains($parts::DATE[], partition_date)",
+    "DELETE FROM quarantine WHERE stage = 'interactions' AND partition_date BETWEEN $first_day::DATE AND $last_day::DATE AND list_contains($parts::DATE[], partition_date)",
     """
     INSERT INTO conversations (conversation_id, record_id, source_file, line_no, source_id, source_format, language,
                                messages, n_messages, n_chars, content_hash, partition_date, record_ids, user_hash,

@@ -163,3 +163,18 @@ def test_only_the_given_partitions_are_rebuilt(con, tmp_path):
     assert (result.conversations, result.total, result.partitions) == (1, 1, ["2024-02-02"])
     days = con.execute("SELECT partition_date::VARCHAR FROM interactions").fetchall()
     assert days == [("2024-02-02",)]
+
+
+def test_rebuilding_a_days_conversations_takes_its_old_triples_with_them(con, tmp_path):
+    """When a changed file's conversations are rebuilt and a failed check then blocks the interactions stage,
+    the day must not keep triples (and keep verdicts) of conversations that are gone."""
+    cleaning = CleaningConfig(min_messages=2, languages=[])
+    load(con, tmp_path, [[("user", "u1"), ("assistant", "a1"), ("user", "too long")],
+                         [("user", "hello there"), ("assistant", "hi")]], cleaning)  # kept, but no follow-up
+    extract_interactions(con, InteractionConfig())
+    count = "SELECT (SELECT count(*) FROM interactions), (SELECT count(*) FROM quarantine WHERE stage = 'interactions')"
+    assert con.execute(count).fetchone() == (1, 1)
+    build_conversations(con, cleaning)  # the interactions stage does not follow
+    assert con.execute(count).fetchone() == (0, 0)
+    extract_interactions(con, InteractionConfig())
+    assert con.execute(count).fetchone() == (1, 1)
