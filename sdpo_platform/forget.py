@@ -167,12 +167,14 @@ def logged_heatmaps(record_ids: list[str], tracking_uri: str, experiment: str) -
     from mlflow.exceptions import MlflowException
 
     from sdpo_platform.heatmap import SHOWN_TAG
+    from sdpo_platform.registry import check_reachable
 
     forgotten = set(record_ids)
     if not forgotten or not _store_exists(tracking_uri):
         return [], []
     found, unreadable = [], []
     try:
+        check_reachable(tracking_uri)  # a server down costs a report line in seconds, not minutes of retries
         client = MlflowClient(tracking_uri)
         found_experiment = client.get_experiment_by_name(experiment)
         runs, token = [], None

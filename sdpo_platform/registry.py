@@ -59,6 +59,7 @@ def configure_mlflow(tracking_uri: str | None = None, experiment: str | None = N
     deployment lives in one folder; a remote tracking server keeps choosing its own artifact store.
     """
     uri = tracking_uri or paths.mlflow_tracking_uri()
+    check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     name = experiment or RegistryConfig().experiment
     found = MlflowClient().get_experiment_by_name(name)
@@ -70,6 +71,19 @@ def configure_mlflow(tracking_uri: str | None = None, experiment: str | None = N
         experiment_id = found.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
     return uri
+
+
+def check_reachable(uri: str) -> None:
+    """A tracking server that does not answer fails here in seconds, naming it; MLflow's own client retries a
+    refused connection for minutes before it says anything (a mistyped URI stalled a scheduled run)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=10)  # any answer will do: a proxy may want a login
+    except requests.RequestException as error:
+        raise ConnectionError(f"MLflow tracking server {uri} is not reachable: {type(error).__name__}: {error}") from error
 
 
 def log_checkpoint(

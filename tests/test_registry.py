@@ -244,3 +244,9 @@ def test_a_merged_folder_of_other_weights_is_built_again(sdpo_home, tiny_model_d
     assert champion_model_dir(MODEL_NAME, 1) == folder and (folder / "model.safetensors").exists()
     (folder / MERGED_FROM).unlink()  # built by an earlier version of this code: not known to be whole
     assert champion_model_dir(MODEL_NAME, 1) == folder and (folder / MERGED_FROM).read_text() == recorded
+
+
+def test_an_unreachable_tracking_server_fails_fast_naming_it():
+    """MLflow's client retries a refused connection for minutes; a mistyped URI must say so at once."""
+    with pytest.raises(ConnectionError, match="MLflow tracking server http://127.0.0.1:9 is not reachable"):
+        configure_mlflow("http://127.0.0.1:9")

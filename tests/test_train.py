@@ -334,6 +334,7 @@ def test_training_leaves_a_tracking_servers_artifact_store_to_the_server(monkeyp
         name=name, artifact_location=artifact_location) or "7")
     monkeypatch.setattr(mlflow, "set_experiment", lambda **k: None)
     monkeypatch.setattr(mlflow, "start_run", lambda **k: "started")
+    monkeypatch.setattr("sdpo_platform.registry.check_reachable", lambda uri: None)  # no server here
     previous = mlflow.get_tracking_uri()
     try:
         run = TrainRun(base_model_path="b", targets_path="t", output_dir="o", mlflow_tracking_uri="http://tracking.example:5000",
