@@ -29,8 +29,9 @@ def outside_message(days: list[str]) -> str:
     early, late = [d for d in days if d < first], [d for d in days if d > last]
     parts = []
     if early:
-        parts.append(f"{_listed(early)} before the first partition {first}: set SDPO_PARTITION_START to {early[0]} or "
-                     "earlier and reload the code location, or process them with `sdpo ingest FILE`")
+        parts.append(f"{_listed(early)} before the first partition {first}: process them with `sdpo ingest FILE` (it builds "
+                     f"a stored file's days that no run built), or set SDPO_PARTITION_START to {early[0]} or earlier, reload "
+                     "the code location and backfill those days")
     if late:
         parts.append(f"{_listed(late)} after the last partition {last}: a wrong clock (a record's timestamp or a file's "
                      "mtime in the future); fix the source, or force a day with `sdpo ingest FILE --partition DAY`")

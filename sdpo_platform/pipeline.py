@@ -30,14 +30,31 @@ def ingest_and_clean(con: duckdb.DuckDBPyConnection, paths: list[str | Path], cf
     `log` receives progress lines (done/total, rate, ETA) of each stage."""
     progress = None if log is None else stage_logger(log, "ingest")
     ingested = ingest_files(con, paths, partition=partition, format=format, cfg=cfg.ingest, progress=progress)
+    unbuilt = sorted(set(unbuilt_days(con, paths)) - set(ingested.partitions))
     return {
         "files": ingested.files,
         "files_rejected": ingested.files_rejected,
         "records_new": ingested.records_new,
         "partitions": ingested.partitions,
-        **rebuild_days(con, cfg, ingested.partitions, log),
+        "partitions_unbuilt": unbuilt,
+        **rebuild_days(con, cfg, sorted(set(ingested.partitions) | set(unbuilt)), log),
         "errors": ingested.errors,
     }
+
+
+def unbuilt_days(con: duckdb.DuckDBPyConnection, paths: list[str | Path]) -> list[str]:
+    """Days holding records of these files that no run has built (no conversations verdict): a file stored by
+    another day's run whose records fall on a day outside the Dagster partitions (before SDPO_PARTITION_START).
+    `sdpo ingest FILE` builds them, although the file itself is unchanged."""
+    from sdpo_platform.gating import SCHEMA as CHECKS_SCHEMA
+
+    con.execute(CHECKS_SCHEMA).fetchall()
+    files = [str(Path(path).expanduser().resolve()) for path in paths]
+    return [row[0] for row in con.execute(
+        """SELECT DISTINCT strftime(partition_date, '%Y-%m-%d') FROM raw_records r
+           WHERE list_contains($files, source_file) AND partition_date IS NOT NULL
+             AND NOT EXISTS (SELECT 1 FROM partition_checks c WHERE c.stage = 'conversations' AND c.partition_date = r.partition_date)
+           ORDER BY 1""", {"files": files}).fetchall()]
 
 
 def forget_and_rebuild(con: duckdb.DuckDBPyConnection, paths: list[str | Path], cfg: PlatformConfig, inbox: Path | None = None,

@@ -329,3 +329,25 @@ def test_a_bad_config_file_is_one_line_naming_the_file_and_the_key(sdpo_home, ca
     err = capsys.readouterr().err
     assert err.startswith(f"sdpo: error: invalid configuration in {config}: ") and err.count("\n") == 1
     assert "training.stepz: Extra inputs are not permitted" in err and "training.steps: " in err
+
+
+def test_sdpo_ingest_builds_the_days_of_a_stored_file_that_no_run_built(sdpo_home, capsys, no_model):
+    """A run of another day stores a whole file; its records dated outside the Dagster partitions (before
+    SDPO_PARTITION_START) are then built by no run. `sdpo ingest FILE`, the remedy the sensor names, builds them."""
+    from sdpo_platform.ingest import ingest_files
+    from sdpo_platform.warehouse import connect, stats
+
+    old = sdpo_home / "old.jsonl"
+    old.write_text(json.dumps({"created": "2019-12-31T10:00:00Z", "messages": [
+        {"role": "user", "content": "Write a short poem about the sea for my class, please."},
+        {"role": "assistant", "content": "Here is a poem about the sea: it rolls and sings and rises high."},
+        {"role": "user", "content": "Too short, make it longer please."}]}) + "\n")
+    with connect() as con:
+        ingest_files(con, [old])  # stored, not built (as a run of another day leaves it)
+    assert main(["ingest", str(old)]) == 0
+    outcome = json.loads(capsys.readouterr().out)
+    assert outcome["records_new"] == 0 and outcome["partitions_unbuilt"] == ["2019-12-31"]
+    with connect() as con:
+        counts = stats(con)
+    assert counts["raw_records"] == counts["records_kept"] + counts["quarantined"] == 1 and counts["interactions_total"] == 1
+    assert main(["ingest", str(old)]) == 0 and json.loads(capsys.readouterr().out)["partitions_unbuilt"] == []  # built now
