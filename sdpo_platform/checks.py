@@ -39,17 +39,25 @@ def _reconciled_and_valid(totals: pd.DataFrame, rows: pd.DataFrame, row_expectat
 
 
 def check_raw_records(con: duckdb.DuckDBPyConnection) -> QualityReport:
-    frame = con.sql("SELECT record_id, source_file, line_no FROM raw_records").df()
+    """Every record has an id, a source file and a line; ids are unique; the table is not empty. Counted in SQL
+    into one row, so every partition run pays one scan, not a copy of the whole table in pandas (5 s and
+    ~0.9 GB at a million records)."""
+    frame = con.sql(
+        """
+        SELECT count(*) AS records,
+               count(*) - count(record_id) AS records_without_id,
+               count(record_id) - count(DISTINCT record_id) AS repeated_ids,
+               count(*) - count(source_file) AS records_without_source_file,
+               count(*) FILTER (WHERE line_no IS NULL OR line_no < 0) AS records_without_line
+        FROM raw_records
+        """
+    ).df()
     E = expect()
+    none = ("records_without_id", "repeated_ids", "records_without_source_file", "records_without_line")
     return validate(
         frame,
-        [
-            E.ExpectTableRowCountToBeBetween(min_value=1),
-            E.ExpectColumnValuesToNotBeNull(column="record_id"),
-            E.ExpectColumnValuesToBeUnique(column="record_id"),
-            E.ExpectColumnValuesToNotBeNull(column="source_file"),
-            E.ExpectColumnValuesToBeBetween(column="line_no", min_value=0),
-        ],
+        [E.ExpectColumnValuesToBeBetween(column="records", min_value=1)]
+        + [E.ExpectColumnValuesToBeBetween(column=column, min_value=0, max_value=0) for column in none],
         "raw_records",
     )
 

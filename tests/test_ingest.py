@@ -291,3 +291,19 @@ def test_forcing_another_partition_on_an_ingested_file_moves_its_rows(con, logs)
     assert con.execute("SELECT partition_date::VARCHAR, count(*) FROM raw_records GROUP BY 1").fetchall() == [("2024-03-01", 1)]
     for again in (ingest_files(con, [path], partition="2024-03-01"), ingest_files(con, [path])):
         assert (again.files_unchanged, again.records_new, again.partitions) == (1, 0, [])
+
+
+def test_the_raw_records_check_counts_in_sql_and_names_what_is_wrong():
+    import duckdb
+
+    from sdpo_platform.checks import check_raw_records
+
+    con = duckdb.connect()
+    con.execute("CREATE TABLE raw_records (record_id VARCHAR, source_file VARCHAR, line_no BIGINT)")
+    assert not check_raw_records(con).passed  # empty
+    con.execute("INSERT INTO raw_records VALUES ('a', 'f', 1), ('b', 'f', 2)")
+    assert check_raw_records(con).passed
+    con.execute("INSERT INTO raw_records VALUES ('a', 'f', 3), (NULL, 'f', 4), ('c', NULL, -1)")
+    report = check_raw_records(con)
+    assert not report.passed and all(name in report.description for name in (
+        "records_without_id", "repeated_ids", "records_without_source_file", "records_without_line"))
