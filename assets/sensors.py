@@ -24,6 +24,8 @@ def inbox_run_requests(settings: SdpoSettings, warehouse: Warehouse, cursor: str
     The warehouse is opened only for short queries: files are hashed and read (up to
     `ingest.sensor_bytes_per_tick`) with no connection open, so a run starting meanwhile is not locked out."""
     seen = json.loads(cursor) if cursor else {}
+    if not settings.inbox_dir().is_dir() and warn is not None:  # a mistyped path would read as "nothing new" forever
+        warn(f"the inbox {settings.inbox_dir()} does not exist: create it, or fix the settings resource's `inbox`")
     current = stamps(settings.inbox_dir())
     changed = changed_files(current, seen)
     cfg = settings.platform().ingest
@@ -38,6 +40,8 @@ def inbox_run_requests(settings: SdpoSettings, warehouse: Warehouse, cursor: str
             with warehouse.connect() as con:
                 stale = stale_partitions(con)
     except duckdb.IOException:  # the warehouse is locked by a running job: look again next tick
+        if warn is not None:
+            warn(f"the warehouse is busy (a running job holds it): {len(taken)} new or changed file(s) wait for the next tick")
         return [], cursor or "{}"
     outside = outside_partitions(days | set(stale))
     if outside and warn is not None:

@@ -100,3 +100,26 @@ def test_files_are_hashed_and_read_with_no_warehouse_connection_open(sdpo_home, 
     assert sorted(r.partition_key for r in requests) == [DAY, "2026-01-06"]  # stored but never processed, and new
     assert {name for name, _ in calls} == {"file_hash", "record_days"}
     assert all(open_connections == 0 for _, open_connections in calls), calls
+
+
+def test_a_missing_inbox_or_a_busy_warehouse_is_said_not_read_as_nothing_new(sdpo_home, monkeypatch):
+    import duckdb
+
+    notes = []
+    missing = SdpoSettings(inbox=str(sdpo_home / "no-such-inbox"))
+    assert inbox_run_requests(missing, Warehouse(), None, notes.append)[0] == []
+    assert notes and "does not exist" in notes[0]
+
+    inbox = sdpo_home / "inbox"
+    write(inbox / "new.jsonl", [f"{DAY}T10:00:00Z"])
+    with Warehouse().connect():
+        pass  # the warehouse exists
+
+    def locked(self):
+        raise duckdb.IOException("Could not set lock on file")
+
+    monkeypatch.setattr(Warehouse, "connect", locked)
+    notes.clear()
+    requests, cursor = inbox_run_requests(SdpoSettings(inbox=str(inbox)), Warehouse(), None, notes.append)
+    assert requests == [] and cursor == "{}"  # the file stays new for the next tick
+    assert notes and "busy" in notes[0] and "1 new or changed file(s)" in notes[0]
