@@ -102,8 +102,9 @@ def test_failing_blocking_check_stops_downstream(sdpo_home, tiny_model_dir):
 
 
 def test_partition_that_fails_later_is_excluded_from_training(sdpo_home, tiny_model_dir):
-    """Day 2 first passes; its file is then replaced by garbage, so its check fails and its interactions
-    go stale. A later training run (another job) must not train on them."""
+    """Day 2 first passes; its file is then replaced by garbage, so its check fails. Its old interactions go
+    with the conversations they were built from, and the day stays blocked: a later training run (another
+    job) must not train on anything of it."""
     inbox = sdpo_home / "inbox"
     write_inbox(inbox / "day1", FIXTURE_DAY)
     write_inbox(inbox / "day2", OTHER_DAY)
@@ -127,7 +128,7 @@ def test_partition_that_fails_later_is_excluded_from_training(sdpo_home, tiny_mo
         assert trained.success
     con = duckdb.connect(str(sdpo_home / "warehouse.duckdb"), read_only=True)
     stale = con.sql("SELECT count(*) FROM interactions WHERE partition_date = DATE '2026-01-06'").fetchall()[0][0]
-    assert stale > 0  # still in the table ...
+    assert stale == 0  # gone with day 2's old conversations (they used to stay, kept out by the gate alone) ...
     from sdpo_platform.targets import read_targets
 
     scored = read_targets(trained.output_for_node("hindsight_targets")["path"])
