@@ -298,7 +298,9 @@ def registered_model(
     hindsight_targets: dict, distilled_checkpoint: dict, evaluation: dict, settings: SdpoSettings, mlflow_tracking: MlflowTracking
 ) -> dg.Output[dict]:
     """An MLflow model version with alias `challenger`; `champion` when the gate passes (or none exists)."""
-    from sdpo_platform.registry import log_checkpoint, promote
+    from mlflow import MlflowClient
+
+    from sdpo_platform.registry import ROUNDTRIP_TOLERANCE, log_checkpoint, promote, roundtrip_logit_diff
 
     cfg = settings.platform()
     mlflow_tracking.configure()
@@ -313,7 +315,6 @@ def registered_model(
         "gap_after": f"{evaluation['gap_after']:.6f}",
         **({"gap_champion": f"{evaluation['gap_champion']:.6f}"} if evaluation.get("gap_champion") is not None else {}),
         "validation_status": "improved" if gate_passed else "not_improved",
-        "checks": "passed",
     }
     version = log_checkpoint(
         distilled_checkpoint["adapter_dir"],
@@ -324,8 +325,13 @@ def registered_model(
         {"gap_before": evaluation["gap_before"], "gap_after": evaluation["gap_after"]},
         max_new_tokens=cfg.registry.serve_max_new_tokens,
     )
-    aliases = promote(version.name, version.version, gate_passed=gate_passed)
-    summary = {**asdict(version), "aliases": aliases, "tags": tags, "gate_passed": gate_passed}
+    # before any alias moves: a version that does not reload as its checkpoint never becomes champion
+    reload_diff = roundtrip_logit_diff(version.model_uri, distilled_checkpoint["adapter_dir"], hindsight_targets["base_model_path"])
+    reloads = reload_diff <= ROUNDTRIP_TOLERANCE
+    tags["checks"] = "passed" if reloads else f"failed: reloads {reload_diff:.2e} away from its checkpoint"
+    MlflowClient().set_model_version_tag(version.name, str(version.version), "checks", tags["checks"])
+    aliases = promote(version.name, version.version, gate_passed=gate_passed, reloads=reloads)
+    summary = {**asdict(version), "aliases": aliases, "tags": tags, "gate_passed": gate_passed, "max_logit_diff": reload_diff}
     return dg.Output(
         summary,
         metadata={

@@ -144,15 +144,19 @@ def local_base_path(base: str | Path) -> Path:
         raise ValueError(f"base model {str(base)!r}: not a folder, nor a hub id in the local cache ({error})") from error
 
 
-def promote(model_name: str, version: int, gate_passed: bool) -> list[str]:
-    """Make `version` the champion if the gate passed or nothing is champion yet; returns its aliases sorted.
+ROUNDTRIP_TOLERANCE = 1e-4  # max |logit difference| between a registered version and its checkpoint
+
+
+def promote(model_name: str, version: int, gate_passed: bool, reloads: bool = True) -> list[str]:
+    """Make `version` the champion if the gate passed or nothing is champion yet, never if it does not reload
+    as its checkpoint (`roundtrip_logit_diff`); returns its aliases sorted.
 
     The gate outcome is kept as a version tag, so a challenger that was not promoted says why.
     """
     _ensure_configured()
     client = MlflowClient()
     client.set_model_version_tag(model_name, str(version), "gate_passed", str(gate_passed).lower())
-    if gate_passed or current_champion(model_name) is None:
+    if reloads and (gate_passed or current_champion(model_name) is None):
         client.set_registered_model_alias(model_name, CHAMPION, str(version))
     return sorted(client.get_model_version(model_name, str(version)).aliases)
 
@@ -279,12 +283,12 @@ def load_registered(model_uri: str, base_model_path: str | Path | None = None):
 def roundtrip_logit_diff(model_uri: str, adapter_dir: str | Path, base_model_path: str | Path, prompt: str = "Hello! How are you?") -> float:
     """Max |logit difference| between the registered model and base+adapter loaded directly.
 
-    The registry check runs this after every registration: a silently mis-loaded base (the
-    transformers flavor's trap above) shows up as a large difference, not as an error.
+    The registry runs this after every registration, before any promotion: a silently mis-loaded base
+    (the transformers flavor's trap above) shows up as a large difference, not as an error.
     """
     import torch
 
-    expected_model, tokenizer = _load_base_with_adapter(Path(adapter_dir), Path(base_model_path))
+    expected_model, tokenizer = _load_base_with_adapter(Path(adapter_dir), local_base_path(base_model_path))
     loaded_model, _ = load_registered(model_uri)
     ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt")
     ids = ids["input_ids"] if not torch.is_tensor(ids) else ids

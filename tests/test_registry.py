@@ -250,3 +250,11 @@ def test_an_unreachable_tracking_server_fails_fast_naming_it():
     """MLflow's client retries a refused connection for minutes; a mistyped URI must say so at once."""
     with pytest.raises(ConnectionError, match="MLflow tracking server http://127.0.0.1:9 is not reachable"):
         configure_mlflow("http://127.0.0.1:9")
+
+
+def test_a_version_that_does_not_reload_as_its_checkpoint_is_never_champion(sdpo_home, tiny_model_dir, lora_adapter_dir):
+    """Not even the first one, which becomes champion whatever its gate says."""
+    configure_mlflow()
+    first = _log(lora_adapter_dir, tiny_model_dir)
+    assert promote(MODEL_NAME, first.version, gate_passed=True, reloads=False) == ["challenger"]
+    assert current_champion(MODEL_NAME) is None
