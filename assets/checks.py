@@ -99,11 +99,11 @@ def registered_model_tagged(registered_model: dict) -> dg.AssetCheckResult:
 def registered_model_reloads_exactly(registered_model: dict) -> dg.AssetCheckResult:
     """The registered version, loaded offline from the registry, gives the checkpoint's logits (measured by the
     asset before it moved any alias: a version that fails here was never made champion)."""
-    from sdpo_platform.registry import ROUNDTRIP_TOLERANCE
+    from sdpo_platform.registry import ROUNDTRIP_TOLERANCE, reloads_exactly
 
     diff = registered_model["max_logit_diff"]
     return dg.AssetCheckResult(
-        passed=diff <= ROUNDTRIP_TOLERANCE,
+        passed=reloads_exactly(diff),
         severity=dg.AssetCheckSeverity.ERROR,
         description=f"max |logit difference| registry vs checkpoint = {diff:.2e} (tolerance {ROUNDTRIP_TOLERANCE:g})",
         metadata={"max_logit_diff": dg.MetadataValue.float(diff), "model_uri": registered_model["model_uri"]},

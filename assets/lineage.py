@@ -264,13 +264,11 @@ def evaluation(
     import mlflow
 
     from sdpo_platform.evaluate import evaluate_checkpoint, record_evaluation
-    from sdpo_platform.registry import champion_model_dir, current_champion
+    from sdpo_platform.registry import champion_to_beat
 
     cfg = settings.platform()
     mlflow_tracking.configure()
-    champion_path = None
-    if cfg.registry.next_round_from == "base" and (version := current_champion(cfg.registry.model_name)) is not None:
-        champion_path = str(champion_model_dir(cfg.registry.model_name, version))  # not this round's base: measured too
+    champion_path = champion_to_beat(cfg.registry.model_name, cfg.registry.next_round_from)
     result = evaluate_checkpoint(hindsight_targets["base_model_path"], distilled_checkpoint["adapter_dir"], hindsight_targets["path"],
                                  champion_path)
     with warehouse.connect() as con:
@@ -298,9 +296,7 @@ def registered_model(
     hindsight_targets: dict, distilled_checkpoint: dict, evaluation: dict, settings: SdpoSettings, mlflow_tracking: MlflowTracking
 ) -> dg.Output[dict]:
     """An MLflow model version with alias `challenger`; `champion` when the gate passes (or none exists)."""
-    from mlflow import MlflowClient
-
-    from sdpo_platform.registry import ROUNDTRIP_TOLERANCE, log_checkpoint, promote, roundtrip_logit_diff
+    from sdpo_platform.registry import log_checkpoint, promote, record_reload, reloads_exactly
 
     cfg = settings.platform()
     mlflow_tracking.configure()
@@ -326,11 +322,8 @@ def registered_model(
         max_new_tokens=cfg.registry.serve_max_new_tokens,
     )
     # before any alias moves: a version that does not reload as its checkpoint never becomes champion
-    reload_diff = roundtrip_logit_diff(version.model_uri, distilled_checkpoint["adapter_dir"], hindsight_targets["base_model_path"])
-    reloads = reload_diff <= ROUNDTRIP_TOLERANCE
-    tags["checks"] = "passed" if reloads else f"failed: reloads {reload_diff:.2e} away from its checkpoint"
-    MlflowClient().set_model_version_tag(version.name, str(version.version), "checks", tags["checks"])
-    aliases = promote(version.name, version.version, gate_passed=gate_passed, reloads=reloads)
+    reload_diff = record_reload(version.name, version.version, distilled_checkpoint["adapter_dir"], hindsight_targets["base_model_path"])
+    aliases = promote(version.name, version.version, gate_passed=gate_passed, reloads=reloads_exactly(reload_diff))
     summary = {**asdict(version), "aliases": aliases, "tags": tags, "gate_passed": gate_passed, "max_logit_diff": reload_diff}
     return dg.Output(
         summary,

@@ -280,6 +280,26 @@ def load_registered(model_uri: str, base_model_path: str | Path | None = None):
     return components["model"].eval(), components["tokenizer"]
 
 
+def record_reload(model_name: str, version: int, adapter_dir: str | Path, base_model_path: str | Path) -> float:
+    """`roundtrip_logit_diff` of a just-registered version, kept as its `checks` tag; run it before `promote`,
+    which it tells through `reloads_exactly`."""
+    diff = roundtrip_logit_diff(f"models:/{model_name}/{version}", adapter_dir, base_model_path)
+    verdict = "passed" if reloads_exactly(diff) else f"failed: reloads {diff:.2e} away from its checkpoint"
+    MlflowClient().set_model_version_tag(model_name, str(version), "checks", verdict)
+    return diff
+
+
+def reloads_exactly(diff: float) -> bool:
+    return diff <= ROUNDTRIP_TOLERANCE
+
+
+def champion_to_beat(model_name: str, next_round_from: str) -> str | None:
+    """The current champion as a plain model folder when it is not the round's base (rounds start from the base
+    model, `next_round_from: base`), so evaluation measures it too; else None (the round's base is the champion)."""
+    version = current_champion(model_name) if next_round_from == "base" else None
+    return None if version is None else str(champion_model_dir(model_name, version))
+
+
 def roundtrip_logit_diff(model_uri: str, adapter_dir: str | Path, base_model_path: str | Path, prompt: str = "Hello! How are you?") -> float:
     """Max |logit difference| between the registered model and base+adapter loaded directly.
 

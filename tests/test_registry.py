@@ -254,7 +254,11 @@ def test_an_unreachable_tracking_server_fails_fast_naming_it():
 
 def test_a_version_that_does_not_reload_as_its_checkpoint_is_never_champion(sdpo_home, tiny_model_dir, lora_adapter_dir):
     """Not even the first one, which becomes champion whatever its gate says."""
+    from sdpo_platform.registry import record_reload, reloads_exactly
+
     configure_mlflow()
     first = _log(lora_adapter_dir, tiny_model_dir)
     assert promote(MODEL_NAME, first.version, gate_passed=True, reloads=False) == ["challenger"]
     assert current_champion(MODEL_NAME) is None
+    assert reloads_exactly(record_reload(MODEL_NAME, first.version, lora_adapter_dir, tiny_model_dir))  # this one does, and says so
+    assert MlflowClient().get_model_version(MODEL_NAME, str(first.version)).tags["checks"] == "passed"
