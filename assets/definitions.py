@@ -8,6 +8,7 @@ from assets.checks import lineage_checks
 from assets.lineage import chat_log_inbox, lineage_assets
 from assets.partitions import daily_partitions
 from assets.resources import MlflowTracking, SdpoSettings, Warehouse
+from assets.schedules import build_nightly_retrain
 from assets.sensors import build_inbox_sensor
 
 LINEAGE_JOB = "sdpo_lineage"
@@ -35,13 +36,7 @@ train_and_register = dg.define_asset_job(
     executor_def=dg.in_process_executor,
 )
 
-nightly_retrain = dg.ScheduleDefinition(
-    name="nightly_retrain",
-    job=train_and_register,
-    cron_schedule="0 3 * * *",
-    default_status=dg.DefaultScheduleStatus.STOPPED,
-    description="Retrain on every day whose checks passed, every night at 03:00 (off until turned on in the UI).",
-)
+nightly_retrain = build_nightly_retrain(train_and_register)
 
 
 def build_definitions(

@@ -13,6 +13,7 @@ import dagster as dg
 
 from assets.metadata import examples_table, heatmap_preview, histogram_chart
 from assets.partitions import daily_partitions
+from assets.schedules import ROUND_TAG
 from assets.resources import MlflowTracking, SdpoSettings, Warehouse
 from sdpo_platform import paths
 from sdpo_platform.assessments import hindsight_template, kept_interactions
@@ -137,8 +138,9 @@ def hindsight_targets(
 
     from sdpo_platform.heatmap import publish_extremes
     from sdpo_platform.models import resolve_model
-    from sdpo_platform.registry import round_model
     from sdpo_platform.progress import progress_logger
+    from sdpo_platform.registry import round_model
+    from sdpo_platform.rounds import round_inputs
     from sdpo_platform.target_workers import materialize_targets
     from sdpo_platform.targets import read_targets, select_for_scoring
 
@@ -148,6 +150,9 @@ def hindsight_targets(
     with warehouse.connect() as con:
         blocked = blocked_partitions(con)  # days whose blocking checks failed in an earlier run
         frame = kept_interactions(con, blocked)  # `informative` = the informativeness keep verdict
+        inputs = round_inputs(con, cfg, teacher)
+    # what this round read: once the run succeeds, `nightly_retrain` skips rounds with the same inputs
+    context.instance.add_run_tags(context.run_id, {ROUND_TAG: inputs.digest})
     if blocked:
         context.log.warning(f"excluding interactions of {len(blocked)} blocked partition(s): {', '.join(blocked)}")
     selected = select_for_scoring(frame, cfg.targets)
@@ -171,6 +176,7 @@ def hindsight_targets(
         "target_set": result.target_set,
         "model_revision": result.model_revision,
         "teacher": teacher,
+        "round_inputs": inputs.digest,
         "base_model_path": base_model_path,
         "eos_token_id": int(tokenizer.eos_token_id),
         "partitions": sorted({str(day)[:10] for day in selected["partition_date"]}),

@@ -194,12 +194,23 @@ def round_model(model_name: str, base_spec: str, next_round_from: str = "champio
     new targets → new champion); its files differ from the base's, so it gets its own target set.
     Otherwise the configured base model. The label says which, for tags and logs.
     """
+    version = round_champion(model_name, next_round_from)
+    if version is None:
+        return base_spec, round_label(model_name, base_spec, None)
+    return str(champion_model_dir(model_name, version, root)), round_label(model_name, base_spec, version)
+
+
+def round_champion(model_name: str, next_round_from: str = "champion") -> int | None:
+    """The champion version a round starts from, or None when it starts from the base (a cheap registry
+    lookup: the schedule asks it on every tick, without merging anything)."""
     if next_round_from not in ("champion", "base"):
         raise ValueError(f"next_round_from must be 'champion' or 'base', not {next_round_from!r}")
-    version = current_champion(model_name) if next_round_from == "champion" else None
-    if version is None:
-        return base_spec, f"base:{base_spec}"
-    return str(champion_model_dir(model_name, version, root)), f"models:/{model_name}/{version}"
+    return current_champion(model_name) if next_round_from == "champion" else None
+
+
+def round_label(model_name: str, base_spec: str, version: int | None) -> str:
+    """`models:/name/N` for a champion, `base:spec` for the base: how tags and logs name a round's model."""
+    return f"base:{base_spec}" if version is None else f"models:/{model_name}/{version}"
 
 
 MERGED_FROM = "merged_from.json"  # in a merged folder: which registered weights it holds

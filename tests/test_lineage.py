@@ -7,6 +7,7 @@ import dagster as dg
 
 from assets.definitions import INGEST_JOB, LINEAGE_JOB, TRAIN_JOB, build_definitions
 from assets.resources import MlflowTracking, SdpoSettings, Warehouse
+from assets.schedules import ROUND_TAG
 from assets.sensors import inbox_run_requests
 from tests.lineage_fixtures import FIXTURE_DAY, tiny_config, write_garbage_inbox, write_inbox
 
@@ -142,11 +143,16 @@ def test_partition_that_fails_later_is_excluded_from_training(sdpo_home, tiny_mo
 def test_second_round_scores_and_trains_on_the_champion(sdpo_home, tiny_model_dir):
     """DESIGN's frozen teacher moves forward: champion → new targets → new champion."""
     write_inbox(sdpo_home / "inbox")
-    defs = _defs(sdpo_home, tiny_model_dir)
-    with dg.DagsterInstance.ephemeral() as instance:
+    settings, warehouse = _resources(sdpo_home, tiny_model_dir)
+    defs = build_definitions(settings=settings, warehouse=warehouse, mlflow_tracking=MlflowTracking())
+    with dg.instance_for_test() as instance:
         first = defs.resolve_job_def(LINEAGE_JOB).execute_in_process(instance=instance, partition_key=FIXTURE_DAY)
         second = defs.resolve_job_def(TRAIN_JOB).execute_in_process(instance=instance)
-    assert first.success and second.success
+        assert first.success and second.success
+        read = {run.run_id: instance.get_run_by_id(run.run_id).tags.get(ROUND_TAG) for run in (first, second)}
+        with dg.build_schedule_context(instance=instance, resources={"settings": settings, "warehouse": warehouse,
+                                                                     "mlflow_tracking": MlflowTracking()}) as context:
+            tonight = defs.resolve_schedule_def("nightly_retrain").evaluate_tick(context)
     checks = second.get_asset_check_evaluations()
     assert checks and all(c.passed for c in checks), [c.description for c in checks if not c.passed]  # incl. the registry round trip
 
@@ -157,3 +163,11 @@ def test_second_round_scores_and_trains_on_the_champion(sdpo_home, tiny_model_di
     assert after["base_model_path"] != before["base_model_path"]  # and carries the new LoRA
     registered = second.output_for_node("registered_model")
     assert registered["version"] == 2 and registered["tags"]["teacher"] == "models:/sdpo-test/1"
+
+    # each run is tagged with what its round read; the champion moved between them, so the inputs differ
+    assert read == {first.run_id: before["round_inputs"], second.run_id: after["round_inputs"]}
+    assert before["round_inputs"] != after["round_inputs"]
+    if "champion" in registered["aliases"]:  # v2 is the new base: a third round has something new to start from
+        assert tonight.run_requests[0].tags[ROUND_TAG] not in read.values()
+    else:  # v1 stays: the same rows, model and settings would train the same candidate again
+        assert tonight.skip_message.startswith(f"nothing changed since run {second.run_id[:8]}"), tonight.skip_message
