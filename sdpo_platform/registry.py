@@ -22,7 +22,9 @@ With those two settings the flavor holds: it logs, reloads offline from `models:
 the tokenizer's own chat template). A hand-written `PythonModel` was therefore not needed.
 
 Serving: `mlflow.pyfunc.load_model("models:/<name>@champion").predict(pd.DataFrame({"prompt": [...]}),
-params={"max_new_tokens": 32})` returns one greedy completion (without the prompt) per row.
+params={"max_new_tokens": 32})` returns one greedy completion (without the prompt) per row. A prompt that
+does not fit the model's positions with its answer keeps its newest tokens (the pipeline's `hole`, reading the
+window from the tokenizer, which we set from the model's `max_position_embeddings`).
 """
 
 from __future__ import annotations
@@ -356,6 +358,11 @@ def _log_model(model, tokenizer, base_model_path: Path, max_new_tokens: int):
 
     generation = {"max_new_tokens": max_new_tokens, "do_sample": False}
     signature = infer_signature(pd.DataFrame({"prompt": ["Hello"]}), ["Hi!"], params=generation)
+    # a served prompt that does not fit the model's positions with its answer keeps its newest tokens (the
+    # pipeline's "hole"), as scoring cuts prompts; it reads the window from the tokenizer, which often has none
+    window = getattr(model.config, "max_position_embeddings", None)
+    if window and tokenizer.model_max_length > window:
+        tokenizer.model_max_length = window
     return mlflow.transformers.log_model(
         {"model": model, "tokenizer": tokenizer},
         name="model",
@@ -364,7 +371,7 @@ def _log_model(model, tokenizer, base_model_path: Path, max_new_tokens: int):
         pip_requirements=_pip_requirements(),
         torch_dtype=torch.float32,
         prompt_template=_chat_prompt_template(tokenizer),
-        model_config={**generation, "return_full_text": False},
+        model_config={**generation, "return_full_text": False, "handle_long_generation": "hole"},
         signature=signature,
     )
 

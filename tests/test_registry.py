@@ -141,6 +141,19 @@ def test_pyfunc_serves_greedy_text(sdpo_home, tiny_model_dir, lora_adapter_dir):
     assert "peft==" in requirements and "torchvision" not in requirements
 
 
+def test_a_prompt_longer_than_the_window_is_cut_from_the_left(sdpo_home, tiny_model_dir, lora_adapter_dir):
+    """The served model keeps the newest tokens of a prompt that does not fit its 2,048 positions with the answer
+    (as scoring cuts a prompt): two prompts that differ only before the window answer the same. Uncut, they ran past
+    the positions the model was trained on (transformers only warns) and answered differently."""
+    configure_mlflow()
+    registered = _log(lora_adapter_dir, tiny_model_dir)
+    served = mlflow.pyfunc.load_model(registered.model_uri)
+    shared = " ".join(f"item {i % 97}" for i in range(1200))  # ~2,400 tokens: fills the window on its own
+    prompts = pd.DataFrame({"prompt": ["alpha beta gamma " * 400 + shared, "zeta eta theta " * 400 + shared]})
+    first, second = served.predict(prompts, params={"max_new_tokens": 6})
+    assert first == second
+
+
 def test_next_round_builds_on_the_merged_champion(sdpo_home, tiny_model_dir, lora_adapter_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
