@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS interaction_assessments (
     model_signal      DOUBLE,             -- NULL when the model signal is off
     informativeness   DOUBLE NOT NULL,    -- [0, 1]
     keep              BOOLEAN NOT NULL,
-    exclusion_reason  VARCHAR             -- unsafe | below_threshold | user_cap | conversation_cap
+    exclusion_reason  VARCHAR             -- too_short | unsafe | below_threshold | user_cap | conversation_cap
 );
 """
 
@@ -57,7 +57,8 @@ def assess_partition(con: duckdb.DuckDBPyConnection, partition: str, cfg: Platfo
                      progress=None) -> tuple[pd.DataFrame, dict]:
     """Judge a day's triples, replace that day's verdicts, and return them with an exclusion summary."""
     triples = partition_triples(con, partition)
-    assessed = assess_interactions(triples, cfg.informativeness, model, tokenizer, hindsight_template(cfg), progress=progress)
+    assessed = assess_interactions(triples, cfg.informativeness, model, tokenizer, hindsight_template(cfg), progress=progress,
+                                   min_followup_chars=cfg.interactions.min_followup_chars)
     rows = assessed[COLUMNS].assign(partition_date=partition)
     con.execute(SCHEMA).fetchall()
     con.begin()

@@ -68,7 +68,7 @@ class InteractionConfig(Section):
         "the later ones (3.56x less CPU than naive scoring, against 1.49x at the defaults: docs/BENCHMARKS.md).",
     )
     validation_fraction: float = Field(0.2, description="Share of conversations in the validation split, by a hash of their near-duplicate key (near-duplicates share a side).")
-    min_followup_chars: int = Field(2, description="Follow-ups shorter than this are flagged uninformative.")
+    min_followup_chars: int = Field(2, description="Follow-ups shorter than this (characters, trimmed) are never trained on: flagged uninformative and judged `too_short`.")
     batch_conversations: int = Field(
         100_000, description="Conversations turned into triples per transaction (whole partitions at a time): bounds memory."
     )

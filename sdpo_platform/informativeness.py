@@ -186,6 +186,7 @@ def assess_interactions(
     template: str = DEFAULT_HINDSIGHT_TEMPLATE,
     cache: ScoreCache | None = None,
     progress: Callable | None = None,
+    min_followup_chars: int = 0,
 ) -> pd.DataFrame:
     """Per interaction: kind, features, safety flag, model signal, informativeness, keep, and why not kept.
 
@@ -193,8 +194,9 @@ def assess_interactions(
     `conversation_id` and `user_id` for the caps. Output (same order): `interaction_id, conversation_id,
     user_id, followup_kind,
     followup_features, topic_overlap, safety_flag, safety_reasons, model_signal, informativeness,
-    keep, exclusion_reason` (`exclusion_reason` ∈ {None, 'unsafe', 'below_threshold', 'user_cap',
+    keep, exclusion_reason` (`exclusion_reason` ∈ {None, 'too_short', 'unsafe', 'below_threshold', 'user_cap',
     'conversation_cap'}). Without a model (or `cfg.use_model=False`) the score is the kind prior alone.
+    A follow-up shorter than `min_followup_chars` once trimmed (`interactions.min_followup_chars`) is never kept.
     """
     kinds = classify_followups(interactions, cfg.min_topic_overlap)
     safety = flag_unsafe(interactions)
@@ -214,6 +216,8 @@ def assess_interactions(
     result = result.merge(keys, on="interaction_id", how="left")
     result["exclusion_reason"] = None
     result.loc[result["informativeness"] < cfg.keep_threshold, "exclusion_reason"] = "below_threshold"
+    too_short = interactions["followup"].astype("string").fillna("").str.strip().str.len().to_numpy() < min_followup_chars
+    result.loc[too_short, "exclusion_reason"] = "too_short"
     if cfg.exclude_unsafe:
         result.loc[result["safety_flag"], "exclusion_reason"] = "unsafe"
     result = apply_caps(result, cfg)
@@ -273,7 +277,8 @@ def run_jsonl(input_path: str, out_path: str, model_spec: str | None = None, con
         model, tokenizer = load_model(config.model if model_spec is None else model_spec)
     if needs_generation:
         frame["response"] = generate_missing_responses(model, tokenizer, list(frame["context"]), list(frame["response"]), cfg.max_response_tokens)
-    assessed = assess_interactions(frame, cfg, model, tokenizer, hindsight_template(config))
+    assessed = assess_interactions(frame, cfg, model, tokenizer, hindsight_template(config),
+                                   min_followup_chars=config.interactions.min_followup_chars)
     labelled = []
     for row, response, result in zip(rows, frame["response"], assessed.to_dict("records")):
         row = dict(row, response=response)

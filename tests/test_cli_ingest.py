@@ -136,6 +136,32 @@ def test_shell_ingest_judges_triples_so_the_safety_guardrail_holds(sdpo_home, ca
         assert len(kept_interactions(con, [])) == 3 and not kept_interactions(con, [])["informative"].any()
 
 
+def test_a_followup_shorter_than_min_followup_chars_is_never_trained_on(sdpo_home, capsys, monkeypatch):
+    """`interactions.min_followup_chars` used to set a flag the judge ignored: "Ok." stayed in training at 10."""
+    from sdpo_platform.assessments import kept_interactions
+    from sdpo_platform.warehouse import connect
+
+    config = sdpo_home / "config.json"
+    config.write_text(json.dumps({"informativeness": {"use_model": False}, "interactions": {"min_followup_chars": 10}}))
+    chat = lambda i, followup: {"created": "2026-01-05T10:00:00Z", "messages": [  # noqa: E731
+        {"role": "user", "content": f"Write a short poem about the sea, number {i}, for my class."},
+        {"role": "assistant", "content": "Waves roll in, the wind sings low, the gulls ride high."},
+        {"role": "user", "content": followup}]}
+    logs = sdpo_home / "short.jsonl"
+    logs.write_text("".join(json.dumps(chat(i, followup)) + "\n" for i, followup in
+                            enumerate(["Too short, make it longer please.", "  Longer.  ", "Make it rhyme."])))
+    monkeypatch.setenv("SDPO_CONFIG", str(config))
+    assert main(["ingest", str(logs)]) == 0
+    capsys.readouterr()
+    with connect() as con:
+        verdicts = con.execute("SELECT i.followup, a.keep, a.exclusion_reason FROM interaction_assessments a "
+                               "JOIN interactions i USING (interaction_id) ORDER BY i.followup").fetchall()
+        assert verdicts == [("  Longer.  ", False, "too_short"), ("Make it rhyme.", True, None),
+                            ("Too short, make it longer please.", True, None)]
+        kept = kept_interactions(con, [])
+        assert sorted(kept.loc[kept["informative"], "followup"]) == ["Make it rhyme.", "Too short, make it longer please."]
+
+
 def test_forget_erases_a_file_and_everything_built_from_it(sdpo_home, capsys, no_model):
     """Removing a file from the inbox keeps its data; `sdpo forget` erases it: raw rows, conversations,
     triples, verdicts, quarantine rows, and a duplicate of it elsewhere becomes the kept copy."""
