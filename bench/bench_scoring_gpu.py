@@ -54,7 +54,8 @@ CONFIGS = {
                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
                      tie_word_embeddings=True, rope_theta=1000000.0, max_position_embeddings=40960),
 }
-DATASHEET_BF16_DENSE = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# dense bf16 peaks; the PCIe/NVL parts first, since "H100" is also a substring of their names
+DATASHEET_BF16_DENSE = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 MIN_TRANSFORMERS = (5, 24)  # pyproject's pin
 
 
@@ -136,7 +137,7 @@ KERNEL_FAMILIES = (
     ("attention", ("flash", "fmha", "attention", "attn")),
     ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul", "gemv")),
     ("top-k/sort", ("topk", "sort", "radix")),
-    ("copy/gather/cat", ("copy", "cat", "index", "gather", "scatter", "fill")),
+    ("copy/gather/cat", ("copy", "cat", "index", "gather", "scatter", "fill", "memcpy", "memset")),  # memcpy: host → device
     ("reduction/softmax", ("reduce", "softmax", "norm", "logsumexp")),
     ("elementwise", ("elementwise",)),
 )
@@ -212,11 +213,6 @@ def main() -> None:
     datasheet = next((v for k, v in DATASHEET_BF16_DENSE.items() if k in gpu_name), None)
     measured = measured_matmul_peak(device) if on_gpu else None
     tflops = lambda v: f"{v / 1e12:.0f}" if v else "n/a"  # noqa: E731
-    print(f"device {gpu_name}; torch {torch.__version__}; bf16 dense peak: datasheet {tflops(datasheet)} TFLOP/s, "
-          f"measured 8192^3 matmul {tflops(measured)} TFLOP/s", flush=True)
-    print(f"{len(jobs)} interactions from {args.jobs}: {sequence_tokens} sequence tokens (teacher + student), "
-          f"{sum(j.shared_prefix_length() for j in jobs) / len(jobs):.0f} shared prefix tokens/interaction, "
-          f"{sum(len(j.response_ids) for j in jobs) / len(jobs):.0f} response tokens/interaction", flush=True)
 
     def emit(record: dict) -> None:
         print(json.dumps(record), flush=True)
@@ -224,7 +220,26 @@ def main() -> None:
             with open(args.out, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    if args.exact_model:
+    # the run's identity goes to the results too: only the tail of stdout comes back from the device
+    emit({"run": "setup", "device": gpu_name, "torch": torch.__version__, "transformers": transformers.__version__,
+          "datasheet_bf16_dense_flops": datasheet, "measured_matmul_flops": measured, "jobs": args.jobs,
+          "interactions": len(jobs), "sequence_tokens": sequence_tokens,
+          "shared_prefix_tokens_per_interaction": sum(j.shared_prefix_length() for j in jobs) / len(jobs),
+          "response_tokens_per_interaction": sum(len(j.response_ids) for j in jobs) / len(jobs)})
+    print(f"bf16 dense peak: datasheet {tflops(datasheet)} TFLOP/s, measured 8192^3 matmul {tflops(measured)} TFLOP/s", flush=True)
+
+    def guarded(what: dict, step) -> None:
+        """Any error of one step is a result line, never the end of the run: the device is lent once."""
+        try:
+            step()
+        except torch.OutOfMemoryError as error:
+            emit({**what, "error": f"out of memory: {str(error).splitlines()[0]}"})
+        except Exception as error:  # noqa: BLE001
+            emit({**what, "error": repr(error)[:500]})
+        if on_gpu:
+            torch.cuda.empty_cache()
+
+    def exactness() -> None:
         model = build_model(args.exact_model, device, torch.float32)
         subset = jobs[: args.exact_n]
         naive = naive_scores(model, subset, device)
@@ -233,17 +248,12 @@ def main() -> None:
             worst, mean = max_diff(engine, naive)
             emit({"check": "float32 exactness", "model": args.exact_model, "budget": budget, "interactions": len(subset),
                   "max_abs_diff": worst, "mean_abs_diff": mean})
-        del model
-        if on_gpu:
-            torch.cuda.empty_cache()
 
-    for name in args.models:
-        try:  # one model running out of memory must not cost the others' figures
-            measure_model(name, jobs, pad_id, device, args.budgets, sequence_tokens, datasheet, measured, sync, emit)
-        except torch.OutOfMemoryError as error:
-            emit({"model": name, "error": f"out of memory: {str(error).splitlines()[0]}"})
-        if on_gpu:
-            torch.cuda.empty_cache()
+    if args.exact_model:
+        guarded({"check": "float32 exactness", "model": args.exact_model}, exactness)
+    for name in args.models:  # one model's failure must not cost the others' figures
+        guarded({"model": name},
+                lambda: measure_model(name, jobs, pad_id, device, args.budgets, sequence_tokens, datasheet, measured, sync, emit))
 
     for spec in args.profile:  # last: a profiler problem costs no timing
         name, budget = spec.split(":")
@@ -275,18 +285,34 @@ def measure_model(name, jobs, pad_id, device, budgets, sequence_tokens, datashee
           "mfu_datasheet": datasheet and naive_flops / naive_s / datasheet,
           "mfu_measured_peak": measured and naive_flops / naive_s / measured})
     for budget in budgets:
-        score_jobs(model, jobs[:32], pad_id, token_budget=budget, top_k=20)  # warm-up
-        if on_gpu:
-            torch.cuda.reset_peak_memory_stats()
-        engine, engine_s = timed(lambda: score_jobs(model, jobs, pad_id, token_budget=budget, top_k=20), sync)
-        worst, mean = max_diff(engine, naive)
-        engine_flops = flops.engine(jobs, budget)
-        emit({"model": name, "method": "engine", "budget": budget, "wall_s": engine_s,
-              "tokens_per_s": sequence_tokens / engine_s, "speedup_vs_naive": naive_s / engine_s, "flops": engine_flops,
-              "mfu_datasheet": datasheet and engine_flops / engine_s / datasheet,
-              "mfu_measured_peak": measured and engine_flops / engine_s / measured,
-              "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None,
-              "bf16_max_abs_diff_vs_naive": worst, "bf16_mean_abs_diff_vs_naive": mean})
+        try:  # a budget that runs out of memory leaves the other budgets their figures
+            emit({"model": name, "method": "engine", "budget": budget,
+                  **measure_engine(model, budget, jobs, naive, naive_s, flops, (datasheet, measured), pad_id, device, sync)})
+        except torch.OutOfMemoryError as error:
+            emit({"model": name, "method": "engine", "budget": budget, "error": f"out of memory: {str(error).splitlines()[0]}"})
+            if on_gpu:
+                torch.cuda.empty_cache()
+
+
+def measure_engine(model, budget, jobs, naive, naive_s, flops, peaks, pad_id, device, sync) -> dict:
+    """One engine run at one token budget against the naive run's time and scores; `peaks`: (datasheet, measured)."""
+    import torch
+
+    datasheet, measured = peaks
+    on_gpu = device.type == "cuda"
+    score_jobs(model, jobs[:32], pad_id, token_budget=budget, top_k=20)  # warm-up
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    engine, engine_s = timed(lambda: score_jobs(model, jobs, pad_id, token_budget=budget, top_k=20), sync)
+    worst, mean = max_diff(engine, naive)
+    engine_flops = flops.engine(jobs, budget)
+    sequence_tokens = sum(j.sequence_tokens() for j in jobs)
+    return {"wall_s": engine_s, "tokens_per_s": sequence_tokens / engine_s, "speedup_vs_naive": naive_s / engine_s,
+            "flops": engine_flops, "mfu_datasheet": datasheet and engine_flops / engine_s / datasheet,
+            "mfu_measured_peak": measured and engine_flops / engine_s / measured,
+            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None,
+            "bf16_max_abs_diff_vs_naive": worst, "bf16_mean_abs_diff_vs_naive": mean}
+
 
 if __name__ == "__main__":
     main()
