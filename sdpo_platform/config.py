@@ -154,7 +154,7 @@ class InformativenessConfig(Section):
         ["OK.", "Thanks!", "What's the weather like today?"], description="Control follow-ups scored under the same template for control_contrast."
     )
     max_prompt_tokens: int = Field(256, description="Prompt tokens kept when scoring the signal (oldest turns dropped first).")
-    max_response_tokens: int = Field(64, description="Response tokens scored for the signal (a prefix is enough to rank).")
+    max_response_tokens: int = Field(64, description="Response tokens scored by the hindsight signals (a prefix is enough to rank); `followup_pmi` (the default) reads the response as context, cut with the prompt by `max_prompt_tokens`. Also the length `sdpo informativeness` generates for rows without a response.")
     max_followup_tokens: int = Field(48, description="Follow-up tokens scored by followup_pmi.")
     batch_token_budget: int = Field(2048, description="Padded tokens per scoring forward pass.")
     signal_center: float = Field(0.2, description="Signal value mapped to 0.5 by the logistic calibration (followup_pmi, nats/token; measured midway between relevant and unrelated medians).")
@@ -178,7 +178,7 @@ class InformativenessConfig(Section):
     kept_fraction_min_triples: int = Field(
         20, description="Partitions with fewer triples skip the kept-fraction bounds: that a handful were all kept (or none) says nothing."
     )
-    principles_preamble: bool = Field(False, description="Prefix the hindsight block with PRINCIPLES (use safety.principled_template for TargetsConfig.template).")
+    principles_preamble: bool = Field(False, description="Insert PRINCIPLES before the follow-up in every hindsight prompt: the targets, the informativeness signal, `sdpo advantages` and `sdpo informativeness` (a new template hash, so a new target set). Do not also set `targets.template` to a principled one, or PRINCIPLES appears twice.")
 
 
 class PlatformConfig(Section):
