@@ -15,11 +15,14 @@ from sdpo_platform.stale import stale_partitions
 
 
 def inbox_run_requests(settings: SdpoSettings, warehouse: Warehouse, cursor: str | None,
-                       warn: Callable[[str], None] | None = None) -> tuple[list[dg.RunRequest], str]:
+                       warn: Callable[[str], None] | None = None,
+                       waiting: frozenset[str] = frozenset()) -> tuple[list[dg.RunRequest], str]:
     """(one run request per day to build, the new cursor); shared by the sensor and `make demo`. The days:
     those new or changed inbox files touch (`inbox.pending_partitions`), and the stale ones (`stale.py`:
     their rows point at conversations or raw records a changed file took away). Days outside the partitions
-    get no request (one would fail the whole tick) but a `warn` line saying how to include them.
+    get no request (one would fail the whole tick) but a `warn` line saying how to include them. Days in
+    `waiting` (a run of the day is queued, not started) get none either: that run ingests every inbox file
+    there when it starts and rebuilds its day whole, so a drop read over several ticks builds a day once.
 
     The warehouse is opened only for short queries: files are hashed and read (up to
     `ingest.sensor_bytes_per_tick`) with no connection open, so a run starting meanwhile is not locked out."""
@@ -46,12 +49,12 @@ def inbox_run_requests(settings: SdpoSettings, warehouse: Warehouse, cursor: str
     outside = outside_partitions(days | set(stale))
     if outside and warn is not None:
         warn(outside_message(outside))
-    days = sorted(days - set(outside))
+    days = sorted(days - set(outside) - waiting)
     batch = hashlib.sha256("|".join(f"{p}@{current[p]}" for p in taken).encode()).hexdigest()[:12]
     requests = [dg.RunRequest(partition_key=day, run_key=f"{day}:{batch}", tags={"sdpo/files": str(len(taken))}) for day in days]
     requests += [  # keyed by what vanished: asked once per stale set, whatever the run's outcome
         dg.RunRequest(partition_key=day, run_key=f"{day}:stale:{digest}", tags={"sdpo/stale": digest})
-        for day, digest in stale.items() if day not in days and day not in outside
+        for day, digest in stale.items() if day not in days and day not in outside and day not in waiting
     ]
     return requests, json.dumps(remembered(seen, current, changed, taken))
 
@@ -81,6 +84,13 @@ def drain_inbox(settings: SdpoSettings, warehouse: Warehouse, run_partition: Cal
         cursor = next_cursor
 
 
+def waiting_days(instance: dg.DagsterInstance, job_name: str) -> frozenset[str]:
+    """Days with a run of `job_name` queued and not started yet."""
+    runs = instance.get_runs(filters=dg.RunsFilter(job_name=job_name, statuses=[dg.DagsterRunStatus.QUEUED,
+                                                                                   dg.DagsterRunStatus.NOT_STARTED]))
+    return frozenset(run.tags["dagster/partition"] for run in runs if "dagster/partition" in run.tags)
+
+
 def build_inbox_sensor(job) -> dg.SensorDefinition:
     @dg.sensor(job=job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
     def inbox_sensor(context: dg.SensorEvaluationContext, settings: SdpoSettings, warehouse: Warehouse):
@@ -92,7 +102,7 @@ def build_inbox_sensor(job) -> dg.SensorDefinition:
             notes.append(message)
             context.log.warning(message)
 
-        requests, cursor = inbox_run_requests(settings, warehouse, context.cursor, warn)
+        requests, cursor = inbox_run_requests(settings, warehouse, context.cursor, warn, waiting_days(context.instance, job.name))
         context.update_cursor(cursor)
         if not requests:
             return dg.SkipReason(" | ".join(notes) or "no new or changed files in the inbox, no stale day")

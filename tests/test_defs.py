@@ -46,10 +46,10 @@ def test_inbox_sensor_requests_new_days_once(sdpo_home, tiny_model_dir):
     assert sensor.job_name == INGEST_JOB
     repository = defs.get_repository_def()
     resources = {"settings": settings, "warehouse": Warehouse()}
-    with dg.build_sensor_context(resources=resources, repository_def=repository) as context:
+    with dg.instance_for_test() as instance, dg.build_sensor_context(instance=instance, resources=resources, repository_def=repository) as context:
         result = sensor.evaluate_tick(context)
         assert [r.partition_key for r in result.run_requests] == [FIXTURE_DAY]
-        with dg.build_sensor_context(cursor=result.cursor, resources=resources, repository_def=repository) as again:
+        with dg.build_sensor_context(instance=instance, cursor=result.cursor, resources=resources, repository_def=repository) as again:
             assert sensor.evaluate_tick(again).run_requests == []  # nothing changed since
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import dagster as dg
 
@@ -26,10 +26,12 @@ def write(path, stamps: list[str]) -> None:
     path.write_text("".join(json.dumps(openai_chat(i, ts)) + "\n" for i, ts in enumerate(stamps)))
 
 
-def tick(defs, settings, warehouse, cursor=None):
+def tick(defs, settings, warehouse, cursor=None, instance=None):
     resources = {"settings": settings, "warehouse": warehouse}
-    with dg.build_sensor_context(cursor=cursor, resources=resources, repository_def=defs.get_repository_def()) as context:
-        return defs.resolve_sensor_def("inbox_sensor").evaluate_tick(context)
+    with (dg.instance_for_test() if instance is None else nullcontext(instance)) as instance:
+        with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources,
+                                     repository_def=defs.get_repository_def()) as context:
+            return defs.resolve_sensor_def("inbox_sensor").evaluate_tick(context)
 
 
 def test_days_outside_the_partitions_are_reported_not_requested(sdpo_home):
@@ -123,3 +125,30 @@ def test_a_missing_inbox_or_a_busy_warehouse_is_said_not_read_as_nothing_new(sdp
     requests, cursor = inbox_run_requests(SdpoSettings(inbox=str(inbox)), Warehouse(), None, notes.append)
     assert requests == [] and cursor == "{}"  # the file stays new for the next tick
     assert notes and "busy" in notes[0] and "1 new or changed file(s)" in notes[0]
+
+
+def test_a_day_whose_run_waits_in_the_queue_is_not_requested_again(sdpo_home):
+    """A drop larger than a tick's share is read over several ticks; runs queue one at a time (dagster.yaml), and a
+    queued run ingests every inbox file when it starts. A second request for its day would only rebuild the day
+    again, once per tick; a day whose run has started may have ingested already, so it is requested."""
+    from dagster._core.test_utils import create_run_for_test
+
+    from assets.definitions import INGEST_JOB
+
+    inbox = sdpo_home / "inbox"
+    write(inbox / "a.jsonl", [f"{DAY}T10:00:00Z"])
+    write(inbox / "b.jsonl", [f"{DAY}T11:00:00Z", "2026-01-06T09:00:00Z"])
+    settings, warehouse = SdpoSettings(inbox=str(inbox)), Warehouse()
+    defs = build_definitions(settings=settings, warehouse=warehouse)
+    with dg.instance_for_test() as instance:
+        first = tick(defs, settings, warehouse, instance=instance)
+        assert [r.partition_key for r in first.run_requests] == [DAY, "2026-01-06"]
+        queued = create_run_for_test(instance, job_name=INGEST_JOB, tags={"dagster/partition": DAY},  # waiting like QUEUED
+                                     status=dg.DagsterRunStatus.NOT_STARTED)  # (a test run cannot be QUEUED: no origin)
+        write(inbox / "c.jsonl", [f"{DAY}T12:00:00Z", "2026-01-07T09:00:00Z"])  # the next tick's share
+        second = tick(defs, settings, warehouse, first.cursor, instance=instance)
+        assert [r.partition_key for r in second.run_requests] == ["2026-01-07"]
+
+        instance.report_run_canceled(queued)  # no longer waiting: its day is asked for again
+        write(inbox / "d.jsonl", [f"{DAY}T13:00:00Z"])
+        assert [r.partition_key for r in tick(defs, settings, warehouse, second.cursor, instance=instance).run_requests] == [DAY]
