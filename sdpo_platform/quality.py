@@ -62,7 +62,9 @@ def validate(frame: pd.DataFrame, expectations: list, suite: str) -> QualityRepo
             continue
         config = item.expectation_config
         kwargs = {k: v for k, v in config.kwargs.items() if k != "batch_id"}
-        observed = {k: item.result.get(k) for k in ("observed_value", "unexpected_count", "partial_unexpected_list") if k in item.result}
+        # what was seen: the set expectations of GX 1.x say what is missing in `partial_missing_list`, with no observed value
+        observed = {k: item.result[k] for k in ("observed_value", "unexpected_count", "partial_unexpected_list",
+                                                "missing_count", "partial_missing_list") if item.result.get(k) is not None}
         failures.append({"expectation": f"{config.type}({kwargs})", **observed})
     return QualityReport(suite=suite, passed=bool(result.success), evaluated=len(result.results), failures=failures)
 

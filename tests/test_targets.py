@@ -636,6 +636,10 @@ def test_the_targets_check_wants_eos_last_unless_the_response_was_cut(tiny, tmp_
     report = check_targets(targets, tok.eos_token_id)
     assert not report.passed and "eos_last_unless_truncated" in report.description
 
+    one_split = check_targets(targets.assign(split="train"), tok.eos_token_id)
+    (missing,) = [f for f in one_split.failures if "split" in f["expectation"]]
+    assert missing["partial_missing_list"] == ["validation"]  # said in the check's metadata (was observed_value: None)
+
     legacy = tmp_path / "legacy.parquet"  # sets encoded before the flag gave every response an EOS
     targets.drop(columns=["truncated"]).to_parquet(legacy, index=False)
     assert read_targets(legacy)["truncated"].tolist() == [False] * len(targets)
