@@ -7,11 +7,12 @@ its conversations are rebuilt as stale (`stale.py`).
 
 Outside the warehouse, earlier rounds wrote copies of its interactions: target sets hold their text
 (`inputs.parquet`) and token ids (shards, replaced shards kept for snapshots included), and their
-heatmaps may show them. `derived_copies` finds every such set, and the checkpoints trained on it, so an
+heatmaps may show them. `derived_copies` finds every such set, and the checkpoints trained on it, and
+`registered_versions` the model versions registered from them (the champion among them), so an
 erasure says what still holds the data; `purge_target_sets` deletes those sets whole (the next round
 plans and scores again without the forgotten rows). The heatmap pages runs logged to MLflow are found by
 `logged_heatmaps` and deleted by `erase_logged_heatmaps`. Checkpoints cannot be un-trained: they are
-listed, for the operator to retire. Dagster's event log keeps each run's metadata (a heatmap's strongest
+listed, versions and checkpoints alike, for the operator to retire. Dagster's event log keeps each run's metadata (a heatmap's strongest
 tokens among it); nothing here edits it.
 """
 
@@ -198,6 +199,34 @@ def logged_heatmaps(record_ids: list[str], tracking_uri: str, experiment: str) -
     except (MlflowException, OSError, ValueError) as error:  # a store that cannot be reached, a damaged tag
         unreadable.append({"path": tracking_uri, "error": f"{type(error).__name__}: {error}"})
     return found, unreadable
+
+
+def registered_versions(target_sets: list[str], tracking_uri: str, model_name: str) -> tuple[list[dict], list[dict]]:
+    """(per registered version of `model_name` trained on one of `target_sets` (its `target_set` tag): version,
+    aliases and set, the `champion` among them being what serves; what could not be checked, with why).
+    Nothing here retires a version: moving the aliases is the operator's decision."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from sdpo_platform.registry import check_reachable
+
+    wanted = set(target_sets)
+    if not wanted or not _store_exists(tracking_uri):
+        return [], []
+    try:
+        check_reachable(tracking_uri)
+        client = MlflowClient(tracking_uri)
+        versions = client.search_model_versions(f"name = '{model_name}'")
+        aliases: dict[str, list[str]] = {}
+        if versions:
+            for alias, version in client.get_registered_model(model_name).aliases.items():
+                aliases.setdefault(str(version), []).append(alias)
+        found = [{"model": model_name, "version": int(v.version), "aliases": sorted(aliases.get(str(v.version), [])),
+                  "target_set": v.tags["target_set"]}
+                 for v in versions if v.tags.get("target_set") in wanted]
+    except (MlflowException, OSError) as error:
+        return [], [{"path": tracking_uri, "error": f"{type(error).__name__}: {error}"}]
+    return sorted(found, key=lambda v: v["version"]), []
 
 
 def erase_logged_heatmaps(found: list[dict], tracking_uri: str) -> tuple[list[str], list[dict]]:

@@ -63,26 +63,34 @@ def forget_and_rebuild(con: duckdb.DuckDBPyConnection, paths: list[str | Path], 
     them is left in the warehouse; returns the forgotten files, their days, what the rebuild did, and the
     copies outside the warehouse that hold their interactions: target sets (`forget.derived_copies`) and
     heatmap pages logged to MLflow (`forget.logged_heatmaps`, in `tracking_uri`, default the platform's),
+    and the model versions registered from those sets (`forget.registered_versions`, listed, never retired),
     looked for before the erasure, so a damaged set costs its report line, never the erasure's. With
     `purge_targets` both are deleted. Whatever could not be read or deleted is listed under `unreadable`."""
     from sdpo_platform.forget import (derived_copies, erase_logged_heatmaps, forget_files, forgettable, logged_heatmaps,
-                                      purge_target_sets, record_ids_of)
+                                      purge_target_sets, record_ids_of, registered_versions)
     from sdpo_platform.paths import mlflow_tracking_uri
 
     record_ids = record_ids_of(con, forgettable(con, paths, inbox, already_forgotten_ok=purge_targets))
     tracking_uri = tracking_uri or mlflow_tracking_uri()
     copies, unreadable = derived_copies(record_ids)
     pages, unchecked = logged_heatmaps(record_ids, tracking_uri, cfg.registry.experiment)
+    versions, unlisted = registered_versions([c["target_set"] for c in copies], tracking_uri, cfg.registry.model_name)
     files, days = forget_files(con, paths, inbox, already_forgotten_ok=purge_targets)
     outcome = {"forgotten": files, "partitions": days, **rebuild_days(con, cfg, days, log)}
     purged, unreadable = purge_target_sets(copies, unreadable) if purge_targets else ([], unreadable)
     erased, not_erased = erase_logged_heatmaps(pages, tracking_uri) if purge_targets else ([], [])
     outcome |= {"target_sets_holding_them": copies, "target_sets_purged": purged, "heatmaps_showing_them": pages,
-                "heatmaps_erased": erased, "unreadable": unreadable + unchecked + not_erased}
+                "heatmaps_erased": erased, "model_versions_trained_on_them": versions,
+                "unreadable": unreadable + unchecked + unlisted + not_erased}
     if log is not None and copies:
         action = f"{len(purged)} were deleted" if purge_targets else "still hold them (`sdpo forget --purge-targets` deletes those sets)"
         log(f"{sum(c['interactions'] for c in copies)} interaction(s) of the forgotten files are in {len(copies)} target set(s): "
             f"{action}; checkpoints trained on them: {sum(len(c['checkpoints']) for c in copies)} (retire them by hand)")
+    if log is not None and versions:
+        serving = [v["version"] for v in versions if "champion" in v["aliases"]]
+        log(f"registered versions of {cfg.registry.model_name} trained on them: {', '.join(str(v['version']) for v in versions)}"
+            + (f" (version {serving[0]} is the champion that serves)" if serving else "")
+            + "; retire them by moving the aliases (nothing here does)")
     if log is not None and pages:
         action = f"{len(erased)} were deleted" if purge_targets else "still show them (`--purge-targets` deletes those pages)"
         log(f"{len(pages)} heatmap page(s) logged to MLflow show interactions of the forgotten files: {action}")

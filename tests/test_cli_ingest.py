@@ -246,6 +246,17 @@ def test_forget_lists_and_purges_the_target_sets_that_hold_the_forgotten_interac
     checkpoint = models_dir() / "checkpoints" / f"{both.name}-run1"
     checkpoint.mkdir(parents=True)
     (checkpoint / "train_state.json").write_text(json.dumps({"target_set": both.name}))
+    from mlflow import MlflowClient
+
+    from sdpo_platform.registry import configure_mlflow
+
+    configure_mlflow()  # versions registered from these sets: the champion that serves among them
+    client, name = MlflowClient(), "sdpo-default"
+    client.create_registered_model(name)
+    for target_set in (both.name, kept_only.name, "rev3-old"):
+        client.create_model_version(name, source=str(sdpo_home), tags={"target_set": target_set})
+    client.set_registered_model_alias(name, "champion", "1")
+    client.set_registered_model_alias(name, "challenger", "3")
     # first's conversation becomes a duplicate of third's (same day, its path sorts first): the warehouse no
     # longer holds first's interaction, the sets planned before still do
     third.write_text(json.dumps(chat("2026-01-05", "the sea")) + "\n")
@@ -256,11 +267,16 @@ def test_forget_lists_and_purges_the_target_sets_that_hold_the_forgotten_interac
     capsys.readouterr()
 
     assert main(["forget", "--purge-targets", str(first)]) == 1  # the damaged file could not be checked
-    outcome = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    outcome, captured_err = json.loads(captured.out), captured.err
     holding = {c["target_set"]: (c["names"], c["interactions"], c["checkpoints"]) for c in outcome["target_sets_holding_them"]}
     assert holding == {both.name: ([both.name, "zz-alias"], 1, [str(checkpoint)]), "rev3-old": (["rev3-old"], 1, []),
                        "rev4-moved": (["rev4-moved"], 1, [])}
     assert sorted(u["path"] for u in outcome["unreadable"]) == [str(targets_dir() / "all"), str(kept_only / "shard-cut.parquet")]
+    assert outcome["model_versions_trained_on_them"] == [  # listed, never retired: the aliases stay
+        {"model": name, "version": 1, "aliases": ["champion"], "target_set": both.name},
+        {"model": name, "version": 3, "aliases": ["challenger"], "target_set": "rev3-old"}]
+    assert "1 is the champion that serves" in captured_err
     assert sorted(outcome["target_sets_purged"]) == sorted([str(both), str(old_shard.parent), str(targets_dir() / "rev4-moved")])
     assert not both.exists() and not old_shard.parent.exists() and not elsewhere.exists() and kept_only.exists()
     assert not (targets_dir() / "zz-alias").is_symlink() and (targets_dir() / "all").is_symlink()
