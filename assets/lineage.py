@@ -150,9 +150,7 @@ def hindsight_targets(
     with warehouse.connect() as con:
         blocked = blocked_partitions(con)  # days whose blocking checks failed in an earlier run
         frame = kept_interactions(con, blocked)  # `informative` = the informativeness keep verdict
-        inputs = round_inputs(con, cfg, teacher)
-    # what this round read: once the run succeeds, `nightly_retrain` skips rounds with the same inputs
-    context.instance.add_run_tags(context.run_id, {ROUND_TAG: inputs.digest})
+        inputs = round_inputs(con, cfg)  # what this round reads: `registered_model` tags its run with it
     if blocked:
         context.log.warning(f"excluding interactions of {len(blocked)} blocked partition(s): {', '.join(blocked)}")
     selected = select_for_scoring(frame, cfg.targets)
@@ -299,7 +297,8 @@ def evaluation(
 
 @dg.asset(group_name="registry", kinds={"mlflow"})
 def registered_model(
-    hindsight_targets: dict, distilled_checkpoint: dict, evaluation: dict, settings: SdpoSettings, mlflow_tracking: MlflowTracking
+    context: dg.AssetExecutionContext, hindsight_targets: dict, distilled_checkpoint: dict, evaluation: dict,
+    settings: SdpoSettings, mlflow_tracking: MlflowTracking,
 ) -> dg.Output[dict]:
     """An MLflow model version with alias `challenger`; `champion` when the gate passes (or none exists)."""
     from sdpo_platform.registry import log_checkpoint, promote, record_reload, reloads_exactly
@@ -331,6 +330,8 @@ def registered_model(
     reload_diff = record_reload(version.name, version.version, distilled_checkpoint["adapter_dir"], hindsight_targets["base_model_path"])
     aliases = promote(version.name, version.version, gate_passed=gate_passed, reloads=reloads_exactly(reload_diff))
     summary = {**asdict(version), "aliases": aliases, "tags": tags, "gate_passed": gate_passed, "max_logit_diff": reload_diff}
+    if "round_inputs" in hindsight_targets:  # the round is done: `nightly_retrain` skips another on the same inputs
+        context.instance.add_run_tags(context.run_id, {ROUND_TAG: hindsight_targets["round_inputs"]})
     return dg.Output(
         summary,
         metadata={

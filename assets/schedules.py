@@ -6,13 +6,20 @@ import dagster as dg
 from assets.resources import MlflowTracking, SdpoSettings, Warehouse
 from sdpo_platform.rounds import round_inputs
 
-ROUND_TAG = "sdpo/round_inputs"  # set by `hindsight_targets` on its run: the digest of what the round read
+ROUND_TAG = "sdpo/round_inputs"  # set by `registered_model` on its run: the digest of what the finished round read
+REQUESTED_TAG = "sdpo/round_requested"  # set by the schedule on the run it asks for: the digest it computed
+IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
 
 
-def finished_round(instance: dg.DagsterInstance, digest: str) -> dg.DagsterRun | None:
-    """The latest run that succeeded after reading exactly these round inputs, whichever job ran it."""
-    runs = instance.get_runs(filters=dg.RunsFilter(tags={ROUND_TAG: digest}, statuses=[dg.DagsterRunStatus.SUCCESS]), limit=1)
-    return runs[0] if runs else None
+def same_round(instance: dg.DagsterInstance, digest: str) -> tuple[str, dg.DagsterRun] | None:
+    """('finished', run) for the latest run that registered a version from exactly these round inputs, whichever
+    job ran it; ('in flight', run) for a run the schedule asked for with them that has not ended; else None."""
+    for state, tags, statuses in (("finished", {ROUND_TAG: digest}, [dg.DagsterRunStatus.SUCCESS]),
+                                  ("in flight", {REQUESTED_TAG: digest}, IN_FLIGHT)):
+        runs = instance.get_runs(filters=dg.RunsFilter(tags=tags, statuses=statuses), limit=1)
+        if runs:
+            return state, runs[0]
+    return None
 
 
 def build_nightly_retrain(job) -> dg.ScheduleDefinition:
@@ -20,28 +27,25 @@ def build_nightly_retrain(job) -> dg.ScheduleDefinition:
     def nightly_retrain(context: dg.ScheduleEvaluationContext, settings: SdpoSettings, warehouse: Warehouse,
                         mlflow_tracking: MlflowTracking):
         """Retrain on every day whose checks passed, every night at 03:00 (off until turned on in the UI), unless a
-        run already finished on the same kept interactions, from the same round model, with the same settings."""
+        round on the same kept interactions, start, champion and settings finished or is still running."""
         from mlflow.exceptions import MlflowException
-
-        from sdpo_platform.registry import round_champion, round_label
 
         if not warehouse.exists():
             return dg.SkipReason("no warehouse yet: nothing has been ingested")
         cfg = settings.platform()
         try:
             mlflow_tracking.configure()
-            champion = round_champion(cfg.registry.model_name, cfg.registry.next_round_from)
-            model_label = round_label(cfg.registry.model_name, cfg.model, champion)
             with warehouse.connect() as con:
-                inputs = round_inputs(con, cfg, model_label)
+                inputs = round_inputs(con, cfg)
         except (duckdb.IOException, OSError, MlflowException) as error:  # warehouse busy, tracking server down: let the run say
             context.log.warning(f"could not tell whether anything changed since the last round ({error}); running it")
             return dg.RunRequest()
         if inputs.interactions == 0:
             return dg.SkipReason(f"nothing to train on: {inputs.describe()}")
-        done = finished_round(context.instance, inputs.digest)
-        if done is not None:
-            return dg.SkipReason(f"nothing changed since run {done.run_id[:8]} ({inputs.describe()}, same settings)")
-        return dg.RunRequest(tags={ROUND_TAG: inputs.digest})
+        found = same_round(context.instance, inputs.digest)
+        if found is not None:
+            state, run = found
+            return dg.SkipReason(f"nothing changed since run {run.run_id[:8]} ({state}; {inputs.describe()}, same settings)")
+        return dg.RunRequest(tags={REQUESTED_TAG: inputs.digest})
 
     return nightly_retrain

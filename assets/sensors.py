@@ -22,7 +22,9 @@ def inbox_run_requests(settings: SdpoSettings, warehouse: Warehouse, cursor: str
     their rows point at conversations or raw records a changed file took away). Days outside the partitions
     get no request (one would fail the whole tick) but a `warn` line saying how to include them. Days in
     `waiting` (a run of the day is queued, not started) get none either: that run ingests every inbox file
-    there when it starts and rebuilds its day whole, so a drop read over several ticks builds a day once.
+    there when it starts and rebuilds its day whole, so a drop read over several ticks builds a day once. The
+    files of such a tick stay unseen in the cursor, so a later tick asks again if that run never ingests them
+    (requests for the other days repeat their run keys, which Dagster runs once).
 
     The warehouse is opened only for short queries: files are hashed and read (up to
     `ingest.sensor_bytes_per_tick`) with no connection open, so a run starting meanwhile is not locked out."""
@@ -49,6 +51,10 @@ def inbox_run_requests(settings: SdpoSettings, warehouse: Warehouse, cursor: str
     outside = outside_partitions(days | set(stale))
     if outside and warn is not None:
         warn(outside_message(outside))
+    held = sorted((days - set(outside)) & waiting)
+    if held and warn is not None:
+        warn(f"day(s) {', '.join(held)} wait for their queued run, which ingests every inbox file when it starts; "
+             f"the {len(taken)} file(s) read now are read again next tick, in case that run never starts")
     days = sorted(days - set(outside) - waiting)
     batch = hashlib.sha256("|".join(f"{p}@{current[p]}" for p in taken).encode()).hexdigest()[:12]
     requests = [dg.RunRequest(partition_key=day, run_key=f"{day}:{batch}", tags={"sdpo/files": str(len(taken))}) for day in days]
@@ -56,7 +62,8 @@ def inbox_run_requests(settings: SdpoSettings, warehouse: Warehouse, cursor: str
         dg.RunRequest(partition_key=day, run_key=f"{day}:stale:{digest}", tags={"sdpo/stale": digest})
         for day, digest in stale.items() if day not in days and day not in outside and day not in waiting
     ]
-    return requests, json.dumps(remembered(seen, current, changed, taken))
+    # files of a held day stay unseen: a queued run that is cancelled (or fails before ingesting) must not lose them
+    return requests, json.dumps(remembered(seen, current, changed, [] if held else taken))
 
 
 def drain_inbox(settings: SdpoSettings, warehouse: Warehouse, run_partition: Callable[[str], object],

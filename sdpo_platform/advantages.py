@@ -204,7 +204,10 @@ def run(input_path: str, out_path: str, html_path: str | None = None, model_spec
             if Path(html_path).resolve() == Path(other).resolve():
                 raise ValueError(f"--html {html_path}: is the same file as {name}; give the page its own file")
     rows = [row for _, row in located]
-    model, tokenizer = load_model(cfg.model if model_spec is None else model_spec)
+    import torch
+
+    dtype = None if cfg.targets.dtype == "auto" else getattr(torch, cfg.targets.dtype)  # as the targets are scored
+    model, tokenizer = load_model(cfg.model if model_spec is None else model_spec, dtype=dtype)
     scoring = cfg.targets.model_copy(update={"template": hindsight_template(cfg)})  # as the targets asset scores
     scored = score_rows(rows, model, tokenizer, scoring, seed, show_progress=True)
     page = render_html(heatmap_rows(scored), heading=f"Per-token advantages: {Path(input_path).name}") if html_path else None

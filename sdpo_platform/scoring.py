@@ -15,7 +15,8 @@ tensor ever exists.
 Each level is batched under a token budget (rows × (longest cached prefix + longest chain)) and sorted by
 chain length, so little compute goes to padding: chains are right-padded (a real token never sees the
 padding after it), their cached prefixes padded to a common width and masked, position ids
-continuing from each chain's own start. Every row is exact, whatever its batch neighbours. On a CPU
+continuing from each chain's own start. Every row is exact, whatever its batch neighbours (in float32;
+in bf16 another batch shape rounds differently: mean |Δ| 0.009 between budgets, docs/BENCHMARKS.md). On a CPU
 (budget 0: batching does not pay there, padding does cost) every chain runs alone, with no padding.
 Models with windowed attention (Mistral, Gemma 2/3, Phi-3, Qwen2 sliding, Llama 4 chunked) keep only
 the window in their cache and count padded cache slots as positions, so a group with a sequence that

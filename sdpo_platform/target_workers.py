@@ -244,8 +244,8 @@ def materialize_targets(
 
     Workers (`python -m sdpo_platform.target_workers SET_DIR`) may score shards of the same set meanwhile: each
     shard is claimed before it is scored, and shards other workers hold are waited for (`score_pending`).
-    `dtype` is the precision the set is scored in: `model`'s when given, else what `load_model` picks
-    here (bf16 on CUDA, float32 on CPU). The model is loaded only when this process wins a shard. `log`
+    `dtype` is the precision the set is scored in: else `cfg.dtype` unless 'auto', else `model`'s when given,
+    else what `load_model` picks here (bf16 on CUDA, float32 on CPU). The model is loaded only when this process wins a shard. `log`
     gets the set's folder once planned (for starting workers) and the waits. With `snapshot_label` the
     plan is pinned as `snapshots/<label>.json` when planned and again as completed (`result.snapshot`),
     for readers that must see exactly these rows while other runs grow (and prune) the set.
@@ -255,7 +255,8 @@ def materialize_targets(
     from sdpo_platform.models import load_model, model_revision, resolve_model
 
     revision, model_path = model_revision(model_spec, root), resolve_model(model_spec, root)
-    dtype = dtype or (_dtype_name(model) if model is not None else "bfloat16" if torch.cuda.is_available() else "float32")
+    configured = None if cfg.dtype == "auto" else cfg.dtype
+    dtype = dtype or configured or (_dtype_name(model) if model is not None else "bfloat16" if torch.cuda.is_available() else "float32")
     set_dir = plan_target_set(interactions, cfg, model_path, revision, root, dtype=dtype)
     manifest = read_manifest(set_dir)
     log = log or (lambda message: None)

@@ -149,6 +149,7 @@ def test_a_day_whose_run_waits_in_the_queue_is_not_requested_again(sdpo_home):
         second = tick(defs, settings, warehouse, first.cursor, instance=instance)
         assert [r.partition_key for r in second.run_requests] == ["2026-01-07"]
 
-        instance.report_run_canceled(queued)  # no longer waiting: its day is asked for again
-        write(inbox / "d.jsonl", [f"{DAY}T13:00:00Z"])
-        assert [r.partition_key for r in tick(defs, settings, warehouse, second.cursor, instance=instance).run_requests] == [DAY]
+        instance.report_run_canceled(queued)  # it never ran: its day is asked for again, with no new file
+        third = tick(defs, settings, warehouse, second.cursor, instance=instance)
+        assert [r.partition_key for r in third.run_requests] == [DAY, "2026-01-07"]
+        assert third.run_requests[1].run_key == second.run_requests[0].run_key  # the same request again: Dagster runs it once

@@ -7,7 +7,7 @@ import dagster as dg
 
 from assets.definitions import INGEST_JOB, LINEAGE_JOB, TRAIN_JOB, build_definitions
 from assets.resources import MlflowTracking, SdpoSettings, Warehouse
-from assets.schedules import ROUND_TAG
+from assets.schedules import REQUESTED_TAG, ROUND_TAG
 from assets.sensors import inbox_run_requests
 from tests.lineage_fixtures import FIXTURE_DAY, tiny_config, write_garbage_inbox, write_inbox
 
@@ -164,10 +164,10 @@ def test_second_round_scores_and_trains_on_the_champion(sdpo_home, tiny_model_di
     registered = second.output_for_node("registered_model")
     assert registered["version"] == 2 and registered["tags"]["teacher"] == "models:/sdpo-test/1"
 
-    # each run is tagged with what its round read; the champion moved between them, so the inputs differ
+    # each run that registered a version is tagged with what its round read; the champion moved between them
     assert read == {first.run_id: before["round_inputs"], second.run_id: after["round_inputs"]}
     assert before["round_inputs"] != after["round_inputs"]
     if "champion" in registered["aliases"]:  # v2 is the new base: a third round has something new to start from
-        assert tonight.run_requests[0].tags[ROUND_TAG] not in read.values()
+        assert tonight.run_requests[0].tags[REQUESTED_TAG] not in read.values()
     else:  # v1 stays: the same rows, model and settings would train the same candidate again
         assert tonight.skip_message.startswith(f"nothing changed since run {second.run_id[:8]}"), tonight.skip_message

@@ -773,3 +773,20 @@ def test_the_targets_check_wants_a_well_formed_top_k_where_one_was_stored(tiny):
         damaged.at[0, column] = damage(damaged.at[0, column])
         report = check_targets(damaged, tok.eos_token_id)
         assert not report.passed and "topk_consistent" in report.description, column
+
+
+def test_the_configured_dtype_scores_a_set_of_its_own_in_that_precision(tiny_model_dir, sdpo_home):
+    """`targets.dtype` pins the precision whatever the device picks: a float32 set and a bfloat16 set of the same rows
+    live side by side, and the bf16 one differs by rounding only (what training in float32 then reads as noise)."""
+
+    rows = select_for_scoring(logged_day("2026-01-05", 4), TargetsConfig(top_k=0, max_response_tokens=8))
+    sets = {dtype: materialize_targets(rows, TargetsConfig(top_k=0, max_response_tokens=8, dtype=dtype), str(tiny_model_dir),
+                                       show_bar=False)
+            for dtype in ("float32", "bfloat16")}
+    assert sets["float32"].path != sets["bfloat16"].path
+    assert {read_manifest(Path(s.path))["dtype"] for s in sets.values()} == {"float32", "bfloat16"}
+    exact, rounded = (read_targets(sets[d].path).set_index("interaction_id").sort_index() for d in ("float32", "bfloat16"))
+    differences = np.concatenate([np.asarray(a) - np.asarray(b) for a, b in zip(exact.teacher_logprobs, rounded.teacher_logprobs)])
+    assert 0 < np.abs(differences).max() < 0.5
+    with pytest.raises(ValueError, match="Input should be 'auto', 'float32' or 'bfloat16'"):
+        TargetsConfig(dtype="float16")
