@@ -176,6 +176,44 @@ def start_mlflow_run(run: TrainRun, resume_run_id: str | None = None):
     return mlflow.start_run(run_name=run.mlflow_run_name)
 
 
+def step_loss(model, batch: pd.DataFrame, cfg: TrainingConfig, run: TrainRun, pad_id: int) -> tuple[torch.Tensor, dict]:
+    """One batch's loss and its diagnostics. The student's log-probs carry the gradient; the advantage (or the
+    teacher's top-k) never does. Its own function so that every activation but the loss's graph is freed on
+    return: the [|y|, vocab] rows, the step's largest, are gone before the next step's forward."""
+    prompts, responses = list(batch.student_prompt_ids), list(batch.response_ids)
+    ends_with_eos = [not cut for cut in batch.truncated]  # a response cut at the limit has no EOS
+    device = torch.device(cfg.device)
+    weights = None
+    if cfg.weighting == "informativeness":
+        weights = torch.tensor([run.interaction_weights[i] for i in batch.interaction_id], device=device)
+    if cfg.loss == "topk_kl":
+        topk_ids = [torch.tensor(np.asarray(ids, dtype=np.int64)) for ids in batch.teacher_topk_ids]
+        student, student_topk, student_tail = batch_response_logprobs_at(model, prompts, responses, topk_ids, pad_id)
+        teacher_topk = [torch.tensor(np.asarray(lp, dtype=np.float32), device=device) for lp in batch.teacher_topk_logprobs]
+        tails = [torch.tensor(np.asarray(m, dtype=np.float32), device=device) for m in batch.teacher_tail_mass]
+        loss, diagnostics = topk_forward_kl(student_topk, student_tail, teacher_topk, tails, skip=cfg.skip_tokens, weights=weights)
+        teacher = frozen_teacher_logprobs(batch, cfg.baseline, device)
+        diagnostics |= advantage_diagnostics([t - s.detach() for t, s in zip(teacher, student)], cfg.skip_tokens, ends_with_eos)
+    else:
+        student_rows = batch_response_log_softmax(model, prompts, responses, pad_id)  # autograd keeps them anyway
+        student = sampled_logprobs(student_rows, responses)
+        if cfg.teacher == "live":
+            teacher = live_teacher_logprobs(model, batch, pad_id)
+        else:
+            teacher = frozen_teacher_logprobs(batch, cfg.baseline, device)
+        advantages = [t - s.detach() for t, s in zip(teacher, student)]
+        centring = "sequence_mean" if cfg.baseline == "sequence_mean" else "none"
+        loss, diagnostics = sdpo_loss(student, advantages, skip=cfg.skip_tokens, baseline=centring, weights=weights,
+                                      ends_with_eos=ends_with_eos)
+        if cfg.kl_coef > 0:
+            penalty, diagnostics["reference_kl"] = reference_kl(
+                student_rows, reference_log_softmax(model, prompts, responses, pad_id), skip=cfg.skip_tokens, weights=weights)
+            diagnostics["sdpo_loss"] = loss.item()
+            loss = loss + cfg.kl_coef * penalty
+
+    return loss, diagnostics
+
+
 def train(run: TrainRun, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Train a LoRA adapter with the SDPO loss (or the top-k forward KL, `training.loss`); `on_step(step,
     metrics)` sees every step's logged metrics."""
@@ -251,37 +289,7 @@ def train(run: TrainRun, on_step: Callable[[int, dict], None] | None = None) -> 
                 group["lr"] = lr
             batch = rows.iloc[next(batches)]
             prompts, responses = list(batch.student_prompt_ids), list(batch.response_ids)
-            ends_with_eos = [not cut for cut in batch.truncated]  # a response cut at the limit has no EOS
-
-            # forward: student log-probs carry the gradient; the advantage (or the teacher's top-k) never does
-            device = torch.device(cfg.device)
-            weights = None
-            if cfg.weighting == "informativeness":
-                weights = torch.tensor([run.interaction_weights[i] for i in batch.interaction_id], device=device)
-            if cfg.loss == "topk_kl":
-                topk_ids = [torch.tensor(np.asarray(ids, dtype=np.int64)) for ids in batch.teacher_topk_ids]
-                student, student_topk, student_tail = batch_response_logprobs_at(model, prompts, responses, topk_ids, pad_id)
-                teacher_topk = [torch.tensor(np.asarray(lp, dtype=np.float32), device=device) for lp in batch.teacher_topk_logprobs]
-                tails = [torch.tensor(np.asarray(m, dtype=np.float32), device=device) for m in batch.teacher_tail_mass]
-                loss, diagnostics = topk_forward_kl(student_topk, student_tail, teacher_topk, tails, skip=cfg.skip_tokens, weights=weights)
-                teacher = frozen_teacher_logprobs(batch, cfg.baseline, device)
-                diagnostics |= advantage_diagnostics([t - s.detach() for t, s in zip(teacher, student)], cfg.skip_tokens, ends_with_eos)
-            else:
-                student_rows = batch_response_log_softmax(model, prompts, responses, pad_id)  # autograd keeps them anyway
-                student = sampled_logprobs(student_rows, responses)
-                if cfg.teacher == "live":
-                    teacher = live_teacher_logprobs(model, batch, pad_id)
-                else:
-                    teacher = frozen_teacher_logprobs(batch, cfg.baseline, device)
-                advantages = [t - s.detach() for t, s in zip(teacher, student)]
-                centring = "sequence_mean" if cfg.baseline == "sequence_mean" else "none"
-                loss, diagnostics = sdpo_loss(student, advantages, skip=cfg.skip_tokens, baseline=centring, weights=weights,
-                                              ends_with_eos=ends_with_eos)
-                if cfg.kl_coef > 0:
-                    penalty, diagnostics["reference_kl"] = reference_kl(
-                        student_rows, reference_log_softmax(model, prompts, responses, pad_id), skip=cfg.skip_tokens, weights=weights)
-                    diagnostics["sdpo_loss"] = loss.item()
-                    loss = loss + cfg.kl_coef * penalty
+            loss, diagnostics = step_loss(model, batch, cfg, run, pad_id)
 
             # backward, clip, step
             optimizer.zero_grad(set_to_none=True)
