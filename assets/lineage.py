@@ -91,7 +91,7 @@ def interactions(context: dg.AssetExecutionContext, conversations: dict, setting
     """(x, y, o) triples, each judged: follow-up kind, model-based informativeness, safety, caps, keep."""
     from sdpo_platform.assessments import assess_partition
     from sdpo_platform.interactions import extract_interactions
-    from sdpo_platform.models import load_model
+    from sdpo_platform.models import load_model, release_device_memory
 
     cfg, day = settings.platform(), context.partition_key
     with warehouse.connect() as con:
@@ -105,6 +105,8 @@ def interactions(context: dg.AssetExecutionContext, conversations: dict, setting
         assessed, excluded = assess_partition(
             con, day, cfg, model, tokenizer, progress=stage_logger(context.log.info, "informativeness")
         )
+    del model
+    release_device_memory()  # the run's later steps (training runs as its own process) get the GPU memory back
     kept = assessed.sort_values("informativeness", ascending=False)
     return dg.Output(
         {**asdict(result), "kept": excluded["n_kept"]},
@@ -274,7 +276,7 @@ def evaluation(
     mlflow_tracking.configure()
     champion_path = champion_to_beat(cfg.registry.model_name, cfg.registry.next_round_from)
     result = evaluate_checkpoint(hindsight_targets["base_model_path"], distilled_checkpoint["adapter_dir"], hindsight_targets["path"],
-                                 champion_path)
+                                 champion_path, device=cfg.training.device)
     with warehouse.connect() as con:
         record_evaluation(con, result, hindsight_targets["target_set"], distilled_checkpoint["adapter_dir"], distilled_checkpoint["mlflow_run_id"])
     values = asdict(result)

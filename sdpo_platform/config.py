@@ -129,11 +129,12 @@ class TrainingConfig(Section):
     save_every: int = Field(
         10, ge=0,
         description="Write a resume point (LoRA weights, optimizer, RNG, step) every N steps: the same run started again in "
-        "the same output folder goes on from there, in the same MLflow run, to the adapter an uninterrupted run ends with; 0 = never.",
+        "the same output folder goes on from there, in the same MLflow run, to the adapter an uninterrupted run ends with (bit for bit on "
+        "a CPU; on a GPU up to its non-deterministic kernels); 0 = never.",
     )
     seed: int = Field(0, description="Seeds LoRA init and batch sampling.")
     warmup_fraction: float = Field(0.05, ge=0, le=1, description="Share of steps with linear warm-up before the cosine decay.")
-    device: str = Field("cpu", description="Torch device for training ('cpu', 'cuda', 'cuda:1', ...); weights stay float32.")
+    device: str = Field("cpu", description="Torch device for training and the evaluation's forwards ('cpu', 'cuda', 'cuda:1', ...); weights stay float32.")
 
 
 class RegistryConfig(Section):

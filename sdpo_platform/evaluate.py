@@ -71,18 +71,22 @@ def hindsight_gap(model, targets_df: pd.DataFrame, skip: int = 0) -> GapResult:
     )
 
 
-def evaluate_checkpoint(base_model_path: str, adapter_dir: str, targets_path: str, champion_model_path: str | None = None) -> EvaluationResult:
+def evaluate_checkpoint(base_model_path: str, adapter_dir: str, targets_path: str, champion_model_path: str | None = None,
+                        device: str = "cpu") -> EvaluationResult:
     """Hindsight gap on the validation split for the base model (before) and base + adapter (after), and for
-    `champion_model_path` (a plain model directory) when the champion is not the round's base."""
+    `champion_model_path` (a plain model directory) when the champion is not the round's base. In float32, as
+    training runs, on `device` (the asset passes `training.device`: a GPU node evaluates on its GPU)."""
     validation = read_split(targets_path, "validation")
     if validation.empty:
         raise ValueError(f"no validation rows in {targets_path}")
-    base = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=torch.float32).to(device)
     before = hindsight_gap(base, validation)
-    after = hindsight_gap(PeftModel.from_pretrained(base, adapter_dir), validation)
+    after = hindsight_gap(PeftModel.from_pretrained(base, adapter_dir).to(device), validation)
+    del base
     champion = None
     if champion_model_path is not None:
-        champion = hindsight_gap(AutoModelForCausalLM.from_pretrained(champion_model_path, dtype=torch.float32), validation).mean_abs_advantage
+        model = AutoModelForCausalLM.from_pretrained(champion_model_path, dtype=torch.float32).to(device)
+        champion = hindsight_gap(model, validation).mean_abs_advantage
     return EvaluationResult(
         gap_before=before.mean_abs_advantage,
         gap_after=after.mean_abs_advantage,

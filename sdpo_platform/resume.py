@@ -4,7 +4,8 @@ A point is one file, `resume.pt` in the run's output folder, written atomically 
 steps: the step, the losses so far, the trainable (LoRA) weights, the optimizer's state, the random
 number generators and the MLflow run id. With them the rest of the run is the run that was killed:
 batches are drawn from a seeded generator (skipped ahead to the step), so a resumed run ends with the
-adapter an uninterrupted one ends with, and it logs to the same MLflow run.
+adapter an uninterrupted one ends with (bit for bit on a CPU; on a GPU up to its non-deterministic kernels,
+e.g. attention's backward, which differ between any two runs), and it logs to the same MLflow run.
 
 A point belongs to one run: the fingerprint of everything that changes the numbers (base model,
 targets, training settings, weights) must match, so a folder reused with other settings starts over.
@@ -38,7 +39,7 @@ def save_point(output_dir: str | Path, run, step: int, losses: list[float], mode
         "trainable": {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad},
         "optimizer": optimizer.state_dict(),
         "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "cuda_rng": _device_rng_state(model),
         "mlflow_run_id": mlflow_run_id,
     }
     Path(output_dir).mkdir(parents=True, exist_ok=True)
@@ -65,8 +66,19 @@ def restore(point: dict, model, optimizer) -> None:
     model.load_state_dict(point["trainable"], strict=False)
     optimizer.load_state_dict(point["optimizer"])
     torch.set_rng_state(point["torch_rng"])
-    if point["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(point["cuda_rng"])
+    device = next(model.parameters()).device
+    state = point["cuda_rng"]
+    if isinstance(state, list):  # points written before: every visible GPU's state, by index
+        state = state[device.index or 0] if device.type == "cuda" and len(state) > (device.index or 0) else None
+    if state is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+
+
+def _device_rng_state(model) -> torch.Tensor | None:
+    """The random state of the GPU the model trains on (dropout draws from it); only that one, so a run resumes
+    on a node that sees fewer GPUs (restoring every visible GPU's state failed there)."""
+    device = next(model.parameters()).device
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
 def clear_point(output_dir: str | Path) -> None:

@@ -252,7 +252,7 @@ def materialize_targets(
     """
     import torch
 
-    from sdpo_platform.models import load_model, model_revision, resolve_model
+    from sdpo_platform.models import load_model, model_revision, release_device_memory, resolve_model
 
     revision, model_path = model_revision(model_spec, root), resolve_model(model_spec, root)
     configured = None if cfg.dtype == "auto" else cfg.dtype
@@ -268,6 +268,7 @@ def materialize_targets(
         return (model, tokenizer) if model is not None and tokenizer is not None else load_model(model_spec, root, dtype=getattr(torch, dtype))
 
     run = score_pending(set_dir, load, wait=True, progress=progress, show_bar=show_bar, log=log, poll_s=poll_s, claim_timeout_s=claim_timeout_s)
+    release_device_memory()  # the model this call loaded is gone: its GPU memory goes back for training
     found = leftovers(set_dir, registered=lambda: None)  # no registry lookup here: expired snapshots count as kept
     if found.removable or found.young:
         log(f"{len(found.removable) + found.young} file(s) in {set_dir} belong to earlier plans or stopped workers: "
