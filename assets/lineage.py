@@ -16,7 +16,7 @@ from assets.partitions import daily_partitions
 from assets.schedules import ROUND_TAG
 from assets.resources import MlflowTracking, SdpoSettings, Warehouse
 from sdpo_platform import paths
-from sdpo_platform.assessments import hindsight_template, kept_interactions
+from sdpo_platform.assessments import hindsight_template
 from sdpo_platform.gating import blocked_partitions
 from sdpo_platform.progress import stage_logger
 
@@ -144,19 +144,19 @@ def hindsight_targets(
     from sdpo_platform.registry import round_model
     from sdpo_platform.rounds import round_inputs
     from sdpo_platform.target_workers import materialize_targets
-    from sdpo_platform.targets import read_targets, select_for_scoring
+    from sdpo_platform.selection import select_from_warehouse
+    from sdpo_platform.targets import read_targets
 
     cfg = settings.platform()
     mlflow_tracking.configure()
     model_spec, teacher = round_model(cfg.registry.model_name, cfg.model, cfg.registry.next_round_from)
     with warehouse.connect() as con:
         blocked = blocked_partitions(con)  # days whose blocking checks failed in an earlier run
-        frame = kept_interactions(con, blocked)  # `informative` = the informativeness keep verdict
+        selected, available = select_from_warehouse(con, cfg.targets, blocked)  # kept (judged) rows only, capped per split
         inputs = round_inputs(con, cfg)  # what this round reads: `registered_model` tags its run with it
     if blocked:
         context.log.warning(f"excluding interactions of {len(blocked)} blocked partition(s): {', '.join(blocked)}")
-    selected = select_for_scoring(frame, cfg.targets)
-    context.log.info(f"scoring {len(selected)} of {len(frame)} interactions with {teacher} (the round's base and teacher)")
+    context.log.info(f"scoring {len(selected)} of {available} interactions with {teacher} (the round's base and teacher)")
     targets_cfg = cfg.targets.model_copy(update={"template": hindsight_template(cfg)})  # principles preamble, if on
     result = materialize_targets(selected, targets_cfg, model_spec, progress=progress_logger(context.log.info), show_bar=False,
                                  log=context.log.info,  # logs the set's folder first: workers may join (docs/SCALE_OUT.md)

@@ -40,7 +40,7 @@ def real_interactions(n: int, records: int, max_context_messages: int | None = N
     from sdpo_platform.ingest import ingest_inbox
     from sdpo_platform.interactions import extract_interactions
     from sdpo_platform.sharegpt import write_sharegpt_slice
-    from sdpo_platform.targets import select_for_scoring
+    from sdpo_platform.selection import select_for_scoring
 
     # Record ids (hence conversation and interaction ids, and which interactions are chosen) hash the source
     # file's path: a fixed path keeps the chosen interactions the same from run to run.

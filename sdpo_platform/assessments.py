@@ -77,18 +77,20 @@ def assess_partition(con: duckdb.DuckDBPyConnection, partition: str, cfg: Platfo
     return assessed, exclusion_summary(assessed)
 
 
-def kept_interactions(con: duckdb.DuckDBPyConnection, blocked: list[str]) -> pd.DataFrame:
-    """Triples of unblocked days, `informative` set by the stored keep verdict. A triple never judged is not
-    kept: the verdict carries the safety guardrail, and the SQL's own flag knows nothing of it."""
+def kept_interactions(con: duckdb.DuckDBPyConnection, blocked: list[str], only: list[str] | None = None) -> pd.DataFrame:
+    """Triples of unblocked days (those of `only` when given), `informative` set by the stored keep verdict. A
+    triple never judged is not kept: the verdict carries the safety guardrail, and the SQL's own flag knows
+    nothing of it."""
     con.execute(SCHEMA).fetchall()
     return con.execute(
         """
         SELECT i.* REPLACE (coalesce(a.keep, false) AS informative), a.informativeness, a.followup_kind
         FROM interactions i LEFT JOIN interaction_assessments a USING (interaction_id)
         WHERE NOT list_contains($blocked::DATE[], i.partition_date)
+          AND ($only IS NULL OR list_contains($only::VARCHAR[], i.interaction_id))
         ORDER BY i.interaction_id
         """,
-        {"blocked": blocked},
+        {"blocked": blocked, "only": only},
     ).df()
 
 

@@ -26,7 +26,6 @@ import json
 import time
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pandas as pd
 
@@ -123,54 +122,6 @@ def compute_targets(
         },
         columns=list(TARGET_COLUMNS),
     )
-
-
-def select_for_scoring(interactions_df: pd.DataFrame, cfg: TargetsConfig) -> pd.DataFrame:
-    """Informative rows, at most `cfg.max_train` train and `cfg.max_validation` validation rows.
-
-    Rows are chosen by an md5 of their content (context, response, follow-up; the id where a frame has
-    none), so the choice is deterministic, does not depend on input order or on where the log files
-    lived (ids hash the source path), and a grown table keeps most of an earlier selection. The chosen
-    rows come back grouped by conversation, turns ascending, so a conversation's turns land in the same
-    shard, where the scoring engine runs the tokens they share once; conversations come by the day they
-    start (`partition_date`, where the frame has one), then by conversation hash, so a new day's
-    conversations follow the shards of the days before instead of landing in all of them. The order
-    only decides the shards' composition; `bench/bench_scoring.py` takes its fixed set of interactions
-    from it.
-    """
-    missing = [c for c in ("interaction_id", "split", "informative") if c not in interactions_df.columns]
-    if missing:
-        raise ValueError(f"interactions lack columns {missing}")
-    keys = interactions_df[["interaction_id", "split", "informative"]].copy()
-    keys["conversation_id"] = interactions_df.get("conversation_id", interactions_df["interaction_id"])
-    keys["turn_index"] = interactions_df.get("turn_index", 0)
-    keys["day"] = interactions_df.get("partition_date")
-    content = [c for c in ("context", "response", "followup") if c in interactions_df.columns]
-    for column in content:
-        keys[column] = interactions_df[column]
-    content_sql = (
-        "concat_ws(chr(0), " + ", ".join(f"coalesce(to_json({c})::VARCHAR, '')" for c in content) + ")" if content else "interaction_id"
-    )
-    con = duckdb.connect()
-    try:
-        con.register("interaction_keys", keys)
-        chosen = con.execute(
-            f"""
-            WITH keyed AS (
-                SELECT *, md5({content_sql}) AS content_key, min(day) OVER (PARTITION BY conversation_id) AS first_day
-                FROM interaction_keys WHERE informative
-            )
-            SELECT interaction_id
-            FROM keyed
-            QUALIFY row_number() OVER (PARTITION BY split ORDER BY content_key, interaction_id)
-                    <= CASE split WHEN 'train' THEN $max_train WHEN 'validation' THEN $max_validation ELSE 0 END
-            ORDER BY split, first_day NULLS FIRST, md5(conversation_id), conversation_id, turn_index, interaction_id
-            """,
-            {"max_train": cfg.max_train, "max_validation": cfg.max_validation},
-        ).df()
-    finally:
-        con.close()
-    return chosen.merge(interactions_df, on="interaction_id", how="left")
 
 
 def scoring_settings(cfg: TargetsConfig, dtype: str) -> dict:

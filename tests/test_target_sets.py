@@ -16,7 +16,8 @@ from sdpo_platform.cli import main as sdpo
 from sdpo_platform.config import TargetsConfig
 from sdpo_platform.target_sets import leftovers, prune_set, summarize
 from sdpo_platform.target_workers import materialize_targets
-from sdpo_platform.targets import read_manifest, read_targets, select_for_scoring
+from sdpo_platform.selection import select_for_scoring
+from sdpo_platform.targets import read_manifest, read_targets
 from tests.test_targets import logged_day, tiny  # noqa: F401  (fixture)
 
 

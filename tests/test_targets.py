@@ -19,6 +19,7 @@ from sdpo_platform.config import TargetsConfig
 from sdpo_platform.hindsight import encode_interaction, template_hash
 from sdpo_platform.logprobs import response_logprobs
 from sdpo_platform.target_workers import main as targets_worker, materialize_targets, score_pending, score_shard
+from sdpo_platform.selection import select_for_scoring
 from sdpo_platform.targets import (
     TARGET_COLUMNS,
     compute_targets,
@@ -28,7 +29,6 @@ from sdpo_platform.targets import (
     read_manifest,
     read_targets,
     scoring_key,
-    select_for_scoring,
     target_set_dir,
     target_set_id,
 )
@@ -790,3 +790,37 @@ def test_the_configured_dtype_scores_a_set_of_its_own_in_that_precision(tiny_mod
     assert 0 < np.abs(differences).max() < 0.5
     with pytest.raises(ValueError, match="Input should be 'auto', 'float32' or 'bfloat16'"):
         TargetsConfig(dtype="float16")
+
+
+def test_choosing_in_the_warehouse_picks_what_the_frame_path_picks(sdpo_home):
+    """The training asset chooses in the warehouse and reads only the chosen rows; the choice and its order must be
+    the frame path's exactly (same shards, same target sets reused), blocked days and unjudged triples included."""
+    from sdpo_platform.assessments import SCHEMA as ASSESSMENTS_SCHEMA, kept_interactions
+    from sdpo_platform.gating import SCHEMA as GATING_SCHEMA, blocked_partitions
+    from sdpo_platform.selection import select_from_warehouse
+    from sdpo_platform.warehouse import connect
+
+    with connect() as con:
+        con.execute(ASSESSMENTS_SCHEMA).fetchall()
+        con.execute(GATING_SCHEMA).fetchall()
+        for n in range(40):
+            for turn in (1, 3):
+                interaction = f"conv{n}:{turn}"
+                con.execute(
+                    "INSERT INTO interactions VALUES (?, ?, ?, [{'role': 'user', 'content': ?}, {'role': 'assistant', 'content': 'é ✓'}],"
+                    " ?, ?, true, '', ?, ?::DATE)",
+                    [interaction, f"conv{n}", turn, f"Question {n} «{turn}»?", f"Answer {n * turn}.", f"Shorter {n % 7}, please.",
+                     "validation" if n % 4 == 0 else "train", f"2026-01-{5 + n % 3:02d}"],
+                ).fetchall()
+                if n % 9 != 5:  # some triples were never judged: never kept
+                    con.execute("INSERT INTO interaction_assessments VALUES (?, NULL, 'refinement', [], 0.5, false, [], NULL, ?, ?, NULL)",
+                                [interaction, (n % 10) / 10, n % 5 != 1]).fetchall()
+        con.execute("INSERT INTO partition_checks VALUES ('interactions', '2026-01-07', false, 'bad', now())").fetchall()
+        blocked = blocked_partitions(con)
+        cfg = TargetsConfig(max_train=12, max_validation=3)
+        from_frame = select_for_scoring(kept_interactions(con, blocked), cfg)
+        in_warehouse, available = select_from_warehouse(con, cfg, blocked)
+
+    assert blocked == ["2026-01-07"] and available == 54  # 27 conversations × 2 turns outside the blocked day
+    assert len(in_warehouse) == 15 and in_warehouse["informative"].all()
+    pd.testing.assert_frame_equal(in_warehouse.reset_index(drop=True), from_frame.reset_index(drop=True))
