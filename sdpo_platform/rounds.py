@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import duckdb
 
@@ -56,8 +57,6 @@ def round_start(cfg: PlatformConfig) -> dict:
     champion = starts_from if cfg.registry.next_round_from == "champion" else current_champion(cfg.registry.model_name)
     start = {"round_model": round_label(cfg.registry.model_name, cfg.model, starts_from), "champion": champion}
     if starts_from is None:
-        from pathlib import Path
-
         location = Path(resolve_model(cfg.model))
         files = sorted(p for p in location.iterdir() if p.is_file()) if location.is_dir() else []
         start["base_files"] = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files] or str(location)
