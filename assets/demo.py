@@ -48,7 +48,7 @@ def run_demo(records: int = 300) -> dict:
     from assets.definitions import INGEST_JOB, TRAIN_JOB, defs
     from assets.sensors import drain_inbox
     from sdpo_platform.sharegpt import write_sharegpt_slice
-    from sdpo_platform.assessments import kept_interactions
+    from sdpo_platform.assessments import kept_count
     from sdpo_platform.gating import blocked_partitions
     from sdpo_platform.warehouse import connect, stats
 
@@ -70,7 +70,7 @@ def run_demo(records: int = 300) -> dict:
     evaluation, registered = result.output_for_node("evaluation"), result.output_for_node("registered_model")
     with connect() as con:
         counts = stats(con)
-        kept = int(kept_interactions(con, blocked_partitions(con))["informative"].sum())
+        kept = kept_count(con, blocked_partitions(con))
     summary = {
         "raw_records": counts["raw_records"],
         "conversations_kept": counts["conversations_kept"],

@@ -239,7 +239,7 @@ def distilled_checkpoint(
         mlflow_experiment=cfg.registry.experiment,
         mlflow_run_name=f"distill-{context.run_id[:8]}",
         target_set=hindsight_targets["target_set"],
-        interaction_weights=_weights(warehouse) if cfg.training.weighting == "informativeness" else None,
+        interaction_weights=_weights(warehouse, hindsight_targets["path"]) if cfg.training.weighting == "informativeness" else None,
     )
     run_file = output_dir / "run.json"
     run_file.write_text(run.model_dump_json(indent=2))
@@ -346,11 +346,14 @@ def registered_model(
     )
 
 
-def _weights(warehouse: Warehouse) -> dict[str, float]:
+def _weights(warehouse: Warehouse, targets_path: str) -> dict[str, float]:
+    """The informativeness of the rows the round trained on (its targets snapshot), the loss weights."""
     from sdpo_platform.assessments import informativeness_weights
+    from sdpo_platform.targets import read_targets
 
+    ids = list(read_targets(targets_path)["interaction_id"])
     with warehouse.connect() as con:
-        return informativeness_weights(con)
+        return informativeness_weights(con, ids)
 
 
 lineage_assets = [

@@ -119,7 +119,17 @@ def check_judged(con: duckdb.DuckDBPyConnection, partition: str, cfg: PlatformCo
     return check_informativeness(judged, cfg.informativeness, n_triples, partition_column="partition_date")
 
 
-def informativeness_weights(con: duckdb.DuckDBPyConnection) -> dict[str, float]:
-    """interaction_id → informativeness, the per-triple loss weights of `training.weighting='informativeness'`."""
+def informativeness_weights(con: duckdb.DuckDBPyConnection, ids: list[str]) -> dict[str, float]:
+    """interaction_id → informativeness for `ids` (a round's rows), the per-triple loss weights of
+    `training.weighting='informativeness'`; only those travel to the trainer (all 1M of them made a 76 MB run file)."""
     con.execute(SCHEMA).fetchall()
-    return dict(con.execute("SELECT interaction_id, informativeness FROM interaction_assessments").fetchall())
+    return dict(con.execute("SELECT interaction_id, informativeness FROM interaction_assessments "
+                            "WHERE list_contains($ids::VARCHAR[], interaction_id)", {"ids": list(ids)}).fetchall())
+
+
+def kept_count(con: duckdb.DuckDBPyConnection, blocked: list[str]) -> int:
+    """How many triples of the unblocked days the verdicts keep (counted in the warehouse)."""
+    con.execute(SCHEMA).fetchall()
+    return int(con.execute("SELECT count(*) FROM interactions JOIN interaction_assessments USING (interaction_id) "
+                           "WHERE keep AND NOT list_contains($blocked::DATE[], interactions.partition_date)",
+                           {"blocked": blocked}).fetchone()[0])

@@ -795,7 +795,7 @@ def test_the_configured_dtype_scores_a_set_of_its_own_in_that_precision(tiny_mod
 def test_choosing_in_the_warehouse_picks_what_the_frame_path_picks(sdpo_home):
     """The training asset chooses in the warehouse and reads only the chosen rows; the choice and its order must be
     the frame path's exactly (same shards, same target sets reused), blocked days and unjudged triples included."""
-    from sdpo_platform.assessments import SCHEMA as ASSESSMENTS_SCHEMA, kept_interactions
+    from sdpo_platform.assessments import SCHEMA as ASSESSMENTS_SCHEMA, informativeness_weights, kept_count, kept_interactions
     from sdpo_platform.gating import SCHEMA as GATING_SCHEMA, blocked_partitions
     from sdpo_platform.selection import select_from_warehouse
     from sdpo_platform.warehouse import connect
@@ -820,6 +820,10 @@ def test_choosing_in_the_warehouse_picks_what_the_frame_path_picks(sdpo_home):
         cfg = TargetsConfig(max_train=12, max_validation=3)
         from_frame = select_for_scoring(kept_interactions(con, blocked), cfg)
         in_warehouse, available = select_from_warehouse(con, cfg, blocked)
+        kept = kept_count(con, blocked)  # counted in SQL (the demo's summary): what the frame's flag sums to
+        assert kept == int(kept_interactions(con, blocked)["informative"].sum())
+        weights = informativeness_weights(con, list(in_warehouse.interaction_id))  # the round's rows only
+        assert set(weights) == set(in_warehouse.interaction_id)
 
     assert blocked == ["2026-01-07"] and available == 54  # 27 conversations × 2 turns outside the blocked day
     assert len(in_warehouse) == 15 and in_warehouse["informative"].all()
