@@ -8,11 +8,13 @@ score. Kept apart from `interactions` so the two stages can be rebuilt independe
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import duckdb
 import pandas as pd
 
 from sdpo_platform.config import PlatformConfig
-from sdpo_platform.informativeness import assess_interactions
+from sdpo_platform.informativeness import judge_rows, with_caps
 from sdpo_platform.safety import exclusion_summary, principled_template
 
 SCHEMA = """
@@ -41,24 +43,55 @@ def hindsight_template(cfg: PlatformConfig) -> str:
     return principled_template(template) if cfg.informativeness.principles_preamble else template
 
 
-def partition_triples(con: duckdb.DuckDBPyConnection, partition: str) -> pd.DataFrame:
-    """A day's triples with the (hashed) user id of their conversation, for the per-user cap."""
-    return con.execute(
+JUDGE_SLICE_ROWS = 20_000  # triples whose text is in memory at once while a day is judged (~0.5 GB of real contexts)
+
+
+def partition_triples(con: duckdb.DuckDBPyConnection, partition: str, slice_rows: int) -> Iterator[pd.DataFrame]:
+    """A day's triples with the (hashed) user id of their conversation (for the per-user cap), `slice_rows` at
+    a time. Streamed in no particular order: a sort would hold the whole day's text in DuckDB's memory."""
+    cursor = con.execute(
         """
         SELECT i.interaction_id, i.conversation_id, i.context, i.response, i.followup, c.user_hash AS user_id
         FROM interactions i JOIN conversations c USING (conversation_id)
-        WHERE i.partition_date = ?::DATE ORDER BY i.interaction_id
+        WHERE i.partition_date = ?::DATE
         """,
         [partition],
-    ).df()
+    )
+    columns = [column[0] for column in cursor.description]
+    first = True
+    while True:
+        rows = cursor.fetchmany(slice_rows)
+        if rows or first:  # an empty day is one empty slice
+            yield pd.DataFrame.from_records(rows, columns=columns)
+        first = False
+        if len(rows) < slice_rows:
+            return
 
 
 def assess_partition(con: duckdb.DuckDBPyConnection, partition: str, cfg: PlatformConfig, model=None, tokenizer=None,
-                     progress=None) -> tuple[pd.DataFrame, dict]:
-    """Judge a day's triples, replace that day's verdicts, and return them with an exclusion summary."""
-    triples = partition_triples(con, partition)
-    assessed = assess_interactions(triples, cfg.informativeness, model, tokenizer, hindsight_template(cfg), progress=progress,
-                                   min_followup_chars=cfg.interactions.min_followup_chars)
+                     progress=None, slice_rows: int = JUDGE_SLICE_ROWS) -> tuple[pd.DataFrame, dict]:
+    """Judge a day's triples, replace that day's verdicts, and return them (by interaction id) with an exclusion
+    summary.
+
+    The text is read `slice_rows` triples at a time and judged row by row (`judge_rows`); only the verdicts
+    (no text) of the whole day meet for the caps. A day has no size limit (a million records of a file without
+    timestamps share its arrival day): judged whole, 300k triples of 5 KB contexts peaked at 7.3 GB.
+    `progress(done, total)` counts triples."""
+    n = int(con.execute("SELECT count(*) FROM interactions WHERE partition_date = ?::DATE", [partition]).fetchone()[0])
+    judged, done = [], 0
+    for triples in partition_triples(con, partition, slice_rows):
+
+        def within(part: int, total: int, before=done, rows=len(triples)) -> None:  # the model signal's progress, in triples
+            progress(before + rows * part // max(total, 1), n)
+
+        judged.append(judge_rows(triples, cfg.informativeness, model, tokenizer, hindsight_template(cfg),
+                                 progress=within if progress is not None else None,
+                                 min_followup_chars=cfg.interactions.min_followup_chars))
+        done += len(triples)
+        if progress is not None and len(triples):
+            progress(done, n)
+    day = pd.concat(judged, ignore_index=True) if len(judged) > 1 else judged[0]
+    assessed = with_caps(day.sort_values("interaction_id", ignore_index=True), cfg.informativeness)
     rows = assessed[COLUMNS].assign(partition_date=partition)
     con.execute(SCHEMA).fetchall()
     con.begin()

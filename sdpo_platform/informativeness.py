@@ -198,6 +198,25 @@ def assess_interactions(
     'conversation_cap'}). Without a model (or `cfg.use_model=False`) the score is the kind prior alone.
     A follow-up shorter than `min_followup_chars` once trimmed (`interactions.min_followup_chars`) is never kept.
     """
+    return with_caps(judge_rows(interactions, cfg, model, tokenizer, template, cache, progress, min_followup_chars), cfg)
+
+
+ASSESSED_COLUMNS = ["interaction_id", "conversation_id", "user_id", "followup_kind", "followup_features", "topic_overlap",
+                    "safety_flag", "safety_reasons", "model_signal", "informativeness", "keep", "exclusion_reason"]
+
+
+def judge_rows(
+    interactions: pd.DataFrame,
+    cfg: InformativenessConfig,
+    model=None,
+    tokenizer=None,
+    template: str = DEFAULT_HINDSIGHT_TEMPLATE,
+    cache: ScoreCache | None = None,
+    progress: Callable | None = None,
+    min_followup_chars: int = 0,
+) -> pd.DataFrame:
+    """What `assess_interactions` decides about each row on its own, before the caps (which weigh rows of one
+    conversation or user against each other): so a large day can be judged a slice at a time."""
     kinds = classify_followups(interactions, cfg.min_topic_overlap)
     safety = flag_unsafe(interactions)
     result = kinds.merge(safety, on="interaction_id", how="left")
@@ -220,12 +239,14 @@ def assess_interactions(
     result.loc[too_short, "exclusion_reason"] = "too_short"
     if cfg.exclude_unsafe:
         result.loc[result["safety_flag"], "exclusion_reason"] = "unsafe"
-    result = apply_caps(result, cfg)
+    return result
+
+
+def with_caps(judged: pd.DataFrame, cfg: InformativenessConfig) -> pd.DataFrame:
+    """`judge_rows`' verdicts of a whole day (or file) with the per-conversation and per-user caps, and `keep`."""
+    result = apply_caps(judged, cfg)
     result["keep"] = result["exclusion_reason"].isna()
-    return result[
-        ["interaction_id", "conversation_id", "user_id", "followup_kind", "followup_features", "topic_overlap",
-         "safety_flag", "safety_reasons", "model_signal", "informativeness", "keep", "exclusion_reason"]
-    ]  # fmt: skip
+    return result[ASSESSED_COLUMNS]
 
 
 def generate_missing_responses(model, tokenizer, contexts: list[list[Message]], responses: list, max_new_tokens: int) -> list[str]:

@@ -31,7 +31,7 @@ def fraction_logger(log: Callable[[str], None], label: str, unit: str = "", scal
 
 # What each data stage counts its progress in (unit, divisor), so the shell and the Dagster assets say the same.
 STAGE_UNITS = {"ingest": ("MB", 1e6), "conversations": ("records", 1.0), "interactions": ("conversations", 1.0),
-               "informativeness": ("batches", 1.0)}
+               "informativeness": ("triples", 1.0)}
 
 
 def stage_logger(log: Callable[[str], None], stage: str) -> Progress:

@@ -162,6 +162,37 @@ def test_a_followup_shorter_than_min_followup_chars_is_never_trained_on(sdpo_hom
         assert sorted(kept.loc[kept["informative"], "followup"]) == ["Make it rhyme.", "Too short, make it longer please."]
 
 
+def test_a_day_judged_a_slice_at_a_time_gets_the_verdicts_of_a_day_judged_whole(sdpo_home, capsys, no_model):
+    """A day's text is read `slice_rows` triples at a time (a day has no size limit); the caps weigh one user's
+    triples across slices, so slicing must not change a single verdict."""
+    import pandas as pd
+
+    from sdpo_platform.assessments import assess_partition
+    from sdpo_platform.config import PlatformConfig
+    from sdpo_platform.warehouse import connect
+
+    def chat(i: int, user: str) -> dict:
+        return {"created": "2026-01-05T10:00:00Z", "user": user, "messages": [
+            {"role": "user", "content": f"Write a short poem about the sea, number {i}, for my class."},
+            {"role": "assistant", "content": f"Waves roll in, the wind sings low, poem {i}."},
+            {"role": "user", "content": "Too short, make it longer please." if i % 3 else "Thanks!"},
+            {"role": "assistant", "content": f"Here is a longer one, poem {i}, with more verses."},
+            {"role": "user", "content": "Make it rhyme, please."}]}
+
+    logs = sdpo_home / "users.jsonl"
+    logs.write_text("".join(json.dumps(chat(i, "heavy-user" if i < 30 else f"user-{i}")) + "\n" for i in range(40)))
+    assert main(["ingest", str(logs)]) == 0
+    capsys.readouterr()
+    seen = []
+    with connect() as con:
+        whole, _ = assess_partition(con, "2026-01-05", PlatformConfig.load())
+        sliced, _ = assess_partition(con, "2026-01-05", PlatformConfig.load(), slice_rows=7,
+                                     progress=lambda done, total: seen.append((done, total)))
+    assert len(whole) == 80 and "user_cap" in set(whole.exclusion_reason)  # the heavy user's triples span every slice
+    pd.testing.assert_frame_equal(sliced, whole)
+    assert seen == [(min(done, 80), 80) for done in range(7, 87, 7)]
+
+
 def test_forget_erases_a_file_and_everything_built_from_it(sdpo_home, capsys, no_model):
     """Removing a file from the inbox keeps its data; `sdpo forget` erases it: raw rows, conversations,
     triples, verdicts, quarantine rows, and a duplicate of it elsewhere becomes the kept copy."""
