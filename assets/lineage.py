@@ -351,7 +351,7 @@ def _weights(warehouse: Warehouse, targets_path: str) -> dict[str, float]:
     from sdpo_platform.assessments import informativeness_weights
     from sdpo_platform.targets import read_targets
 
-    ids = list(read_targets(targets_path)["interaction_id"])
+    ids = list(read_targets(targets_path, columns=["interaction_id"])["interaction_id"])
     with warehouse.connect() as con:
         return informativeness_weights(con, ids)
 

@@ -48,24 +48,17 @@ JUDGE_SLICE_ROWS = 20_000  # triples whose text is in memory at once while a day
 
 def partition_triples(con: duckdb.DuckDBPyConnection, partition: str, slice_rows: int) -> Iterator[pd.DataFrame]:
     """A day's triples with the (hashed) user id of their conversation (for the per-user cap), `slice_rows` at
-    a time. Streamed in no particular order: a sort would hold the whole day's text in DuckDB's memory."""
-    cursor = con.execute(
-        """
-        SELECT i.interaction_id, i.conversation_id, i.context, i.response, i.followup, c.user_hash AS user_id
-        FROM interactions i JOIN conversations c USING (conversation_id)
-        WHERE i.partition_date = ?::DATE
-        """,
-        [partition],
-    )
-    columns = [column[0] for column in cursor.description]
-    first = True
-    while True:
-        rows = cursor.fetchmany(slice_rows)
-        if rows or first:  # an empty day is one empty slice
-            yield pd.DataFrame.from_records(rows, columns=columns)
-        first = False
-        if len(rows) < slice_rows:
-            return
+    a time, by interaction id: only the ids are sorted (a sort of the text would hold the whole day's text in
+    DuckDB's memory), then each slice's text is read by its id range. The same day always gives the same
+    slices, and the model signal batches a slice's rows together, so re-judging a day gives the same bits;
+    a conversation's turns are neighbours in id order and mostly share a slice (and its scored prefixes)."""
+    day_rows = "FROM interactions i JOIN conversations c USING (conversation_id) WHERE i.partition_date = $day::DATE"
+    ids = [row[0] for row in con.execute(f"SELECT i.interaction_id {day_rows} ORDER BY 1", {"day": partition}).fetchall()]
+    query = (f"SELECT i.interaction_id, i.conversation_id, i.context, i.response, i.followup, c.user_hash AS user_id {day_rows} "
+             "AND i.interaction_id BETWEEN $first AND $last ORDER BY i.interaction_id")
+    for start in range(0, max(len(ids), 1), slice_rows):
+        part = ids[start : start + slice_rows] or [""]  # an empty day is one empty slice
+        yield con.execute(query, {"day": partition, "first": part[0], "last": part[-1] if ids else ""}).df()
 
 
 def assess_partition(con: duckdb.DuckDBPyConnection, partition: str, cfg: PlatformConfig, model=None, tokenizer=None,
@@ -73,11 +66,13 @@ def assess_partition(con: duckdb.DuckDBPyConnection, partition: str, cfg: Platfo
     """Judge a day's triples, replace that day's verdicts, and return them (by interaction id) with an exclusion
     summary.
 
-    The text is read `slice_rows` triples at a time and judged row by row (`judge_rows`); only the verdicts
-    (no text) of the whole day meet for the caps. A day has no size limit (a million records of a file without
-    timestamps share its arrival day): judged whole, 300k triples of 5 KB contexts peaked at 7.3 GB.
-    `progress(done, total)` counts triples."""
-    n = int(con.execute("SELECT count(*) FROM interactions WHERE partition_date = ?::DATE", [partition]).fetchone()[0])
+    The text is read `slice_rows` triples at a time (`partition_triples`) and judged row by row (`judge_rows`);
+    only the verdicts (no text) of the whole day meet for the caps. A day has no size limit (a million records of
+    a file without timestamps share its arrival day): judged whole, 300k triples of 5 KB contexts peaked at
+    7.3 GB. `progress(done, total)` counts triples."""
+    n = int(con.execute("SELECT count(*) FROM interactions i JOIN conversations c USING (conversation_id) "
+                        "WHERE i.partition_date = ?::DATE", [partition]).fetchone()[0])
+    signal = cfg.informativeness.use_model and model is not None  # it reports its own progress within a slice
     judged, done = [], 0
     for triples in partition_triples(con, partition, slice_rows):
 
@@ -88,10 +83,10 @@ def assess_partition(con: duckdb.DuckDBPyConnection, partition: str, cfg: Platfo
                                  progress=within if progress is not None else None,
                                  min_followup_chars=cfg.interactions.min_followup_chars))
         done += len(triples)
-        if progress is not None and len(triples):
+        if progress is not None and len(triples) and not signal:
             progress(done, n)
     day = pd.concat(judged, ignore_index=True) if len(judged) > 1 else judged[0]
-    assessed = with_caps(day.sort_values("interaction_id", ignore_index=True), cfg.informativeness)
+    assessed = with_caps(day, cfg.informativeness)
     rows = assessed[COLUMNS].assign(partition_date=partition)
     con.execute(SCHEMA).fetchall()
     con.begin()
@@ -119,7 +114,7 @@ def kept_interactions(con: duckdb.DuckDBPyConnection, blocked: list[str], only: 
         """
         SELECT i.* REPLACE (coalesce(a.keep, false) AS informative), a.informativeness, a.followup_kind
         FROM interactions i LEFT JOIN interaction_assessments a USING (interaction_id)
-        WHERE NOT list_contains($blocked::DATE[], i.partition_date)
+        WHERE NOT coalesce(list_contains($blocked::DATE[], i.partition_date), false)
           AND ($only IS NULL OR list_contains($only::VARCHAR[], i.interaction_id))
         ORDER BY i.interaction_id
         """,
@@ -164,5 +159,5 @@ def kept_count(con: duckdb.DuckDBPyConnection, blocked: list[str]) -> int:
     """How many triples of the unblocked days the verdicts keep (counted in the warehouse)."""
     con.execute(SCHEMA).fetchall()
     return int(con.execute("SELECT count(*) FROM interactions JOIN interaction_assessments USING (interaction_id) "
-                           "WHERE keep AND NOT list_contains($blocked::DATE[], interactions.partition_date)",
+                           "WHERE keep AND NOT coalesce(list_contains($blocked::DATE[], interactions.partition_date), false)",
                            {"blocked": blocked}).fetchone()[0])

@@ -17,7 +17,8 @@ kept for measurement (`bench/eval_informativeness.py`):
 - `control_z`:        the same divided by the controls' per-token spread (+0.1)
 - `sign_flip_share`:  share of tokens whose A changes sign between o and the mean control
 
-`assess_interactions` is what the interactions asset and `sdpo informativeness` both run.
+`sdpo informativeness` runs `assess_interactions`; the interactions asset runs its two halves, `judge_rows`
+a slice of a day at a time and `with_caps` over the day's verdicts (`assessments.assess_partition`).
 """
 
 from __future__ import annotations

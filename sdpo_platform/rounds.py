@@ -85,9 +85,9 @@ def round_inputs(con: duckdb.DuckDBPyConnection, cfg: PlatformConfig) -> RoundIn
         WITH kept AS (
             SELECT md5(concat_ws(chr(0), i.interaction_id, i.conversation_id, i.turn_index::VARCHAR, i.split,
                        coalesce(i.partition_date::VARCHAR, ''), to_json(i.context)::VARCHAR, i.response, i.followup,
-                       coalesce(a.informativeness::VARCHAR, ''))) AS row_md5, i.partition_date
+                       coalesce(round(a.informativeness, 6)::VARCHAR, ''))) AS row_md5, i.partition_date
             FROM interactions i JOIN interaction_assessments a USING (interaction_id)
-            WHERE a.keep AND NOT list_contains($blocked::DATE[], i.partition_date)
+            WHERE a.keep AND NOT coalesce(list_contains($blocked::DATE[], i.partition_date), false)
         )
         SELECT count(*), count(DISTINCT partition_date),
                coalesce(sum(md5_number_lower(row_md5)::HUGEINT), 0)::VARCHAR, coalesce(sum(md5_number_upper(row_md5)::HUGEINT), 0)::VARCHAR

@@ -318,40 +318,41 @@ def snapshot_plan(set_dir: str | Path, label: str, manifest: dict | None = None,
     return path
 
 
-def read_targets(path: str | Path) -> pd.DataFrame:
-    """A target set (its folder, a snapshot of it, or a single Parquet file) with list columns as Python lists.
+def read_targets(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """A target set (its folder, a snapshot of it, or a single Parquet file) with list columns as Python lists;
+    only `columns` when given (the ids of a large set, without its log-probs).
 
     A folder is read through its manifest, a snapshot through the manifest it pinned, shards in plan
     order; an incomplete set is an error, never a silently smaller one.
     """
     path = Path(path)
     if path.is_dir() and (path / MANIFEST_FILE).exists():
-        df = _read_shards(path, read_manifest(path), str(path))
+        df = _read_shards(path, read_manifest(path), str(path), columns)
     elif path.suffix == ".json" and path.parent.name == SNAPSHOTS_DIR:
-        df = _read_shards(path.parent.parent, json.loads(path.read_text()), f"snapshot {path}")
+        df = _read_shards(path.parent.parent, json.loads(path.read_text()), f"snapshot {path}", columns)
     else:
-        df = _read_frame(path / LEGACY_TARGETS_FILE if path.is_dir() else path)
+        df = _read_frame(path / LEGACY_TARGETS_FILE if path.is_dir() else path, columns)
     for column in LIST_COLUMNS:
         if column in df.columns:
             df[column] = df[column].map(_as_lists)
     return df
 
 
-def _read_frame(path: Path) -> pd.DataFrame:
+def _read_frame(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
     """One shard or file; files encoded before version 3 have no `truncated` (every response ended with EOS)."""
-    df = pd.read_parquet(path)
-    if "truncated" not in df.columns:
+    df = pd.read_parquet(path, columns=columns)
+    if "truncated" not in df.columns and columns is None:
         df["truncated"] = False
     return df
 
 
-def _read_shards(set_dir: Path, manifest: dict, what: str) -> pd.DataFrame:
+def _read_shards(set_dir: Path, manifest: dict, what: str, columns: list[str] | None = None) -> pd.DataFrame:
     missing = [s["file"] for s in manifest["shards"] if not shard_done(set_dir, s)]
     if missing:
         raise FileNotFoundError(f"target set {what} is incomplete: {len(missing)} shard(s) not on disk whole "
                                 "(not scored yet, pruned, or damaged: scoring the set again replaces a damaged one)")
-    frames = [_read_frame(set_dir / s["file"]) for s in manifest["shards"]]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(TARGET_COLUMNS))
+    frames = [_read_frame(set_dir / s["file"], columns) for s in manifest["shards"]]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns or list(TARGET_COLUMNS))
 
 
 def _shard(manifest: dict, index: int) -> dict:

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sdpo_platform.cli import main
@@ -162,7 +163,7 @@ def test_a_followup_shorter_than_min_followup_chars_is_never_trained_on(sdpo_hom
         assert sorted(kept.loc[kept["informative"], "followup"]) == ["Make it rhyme.", "Too short, make it longer please."]
 
 
-def test_a_day_judged_a_slice_at_a_time_gets_the_verdicts_of_a_day_judged_whole(sdpo_home, capsys, no_model):
+def test_a_day_judged_a_slice_at_a_time_gets_the_verdicts_of_a_day_judged_whole(sdpo_home, capsys, no_model, tiny_model_dir):
     """A day's text is read `slice_rows` triples at a time (a day has no size limit); the caps weigh one user's
     triples across slices, so slicing must not change a single verdict."""
     import pandas as pd
@@ -191,6 +192,23 @@ def test_a_day_judged_a_slice_at_a_time_gets_the_verdicts_of_a_day_judged_whole(
     assert len(whole) == 80 and "user_cap" in set(whole.exclusion_reason)  # the heavy user's triples span every slice
     pd.testing.assert_frame_equal(sliced, whole)
     assert seen == [(min(done, 80), 80) for done in range(7, 87, 7)]
+
+    from sdpo_platform.assessments import partition_triples
+    from sdpo_platform.models import load_model
+
+    with connect() as con:  # slices are id ranges: the same day always gives the same slices
+        slices = [list(frame.interaction_id) for frame in partition_triples(con, "2026-01-05", 7)]
+        assert [len(ids) for ids in slices] == [7] * 11 + [3] and sum(slices, []) == sorted(whole.interaction_id)
+        # the model signal batches a slice's rows together: judged twice, the same bits; against the whole day,
+        # float rounding only
+        cfg = PlatformConfig.load().model_copy(update={"informativeness": PlatformConfig.load().informativeness.model_copy(
+            update={"use_model": True})})
+        model, tokenizer = load_model(str(tiny_model_dir))
+        first, again, at_once = (assess_partition(con, "2026-01-05", cfg, model, tokenizer, slice_rows=rows)[0]
+                                 for rows in (7, 7, 10**6))
+    pd.testing.assert_frame_equal(first, again, check_exact=True)
+    assert first.model_signal.notna().all()
+    np.testing.assert_allclose(first.model_signal, at_once.model_signal, rtol=0, atol=1e-5)
 
 
 def test_forget_erases_a_file_and_everything_built_from_it(sdpo_home, capsys, no_model):

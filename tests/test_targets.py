@@ -815,6 +815,10 @@ def test_choosing_in_the_warehouse_picks_what_the_frame_path_picks(sdpo_home):
                 if n % 9 != 5:  # some triples were never judged: never kept
                     con.execute("INSERT INTO interaction_assessments VALUES (?, NULL, 'refinement', [], 0.5, false, [], NULL, ?, ?, NULL)",
                                 [interaction, (n % 10) / 10, n % 5 != 1]).fetchall()
+        con.execute("INSERT INTO interactions VALUES ('undated:1', 'undated', 1, [{'role': 'user', 'content': 'Hi?'}], 'Hello.',"
+                    " 'Shorter, please.', true, '', 'train', NULL)").fetchall()  # a triple stored without a day
+        con.execute("INSERT INTO interaction_assessments VALUES ('undated:1', NULL, 'refinement', [], 0.5, false, [], NULL, 0.9, true, NULL)").fetchall()
+        assert kept_count(con, []) - kept_count(con, ["2026-01-07"]) == 14  # that day's kept triples: the undated one stays in
         con.execute("INSERT INTO partition_checks VALUES ('interactions', '2026-01-07', false, 'bad', now())").fetchall()
         blocked = blocked_partitions(con)
         cfg = TargetsConfig(max_train=12, max_validation=3)
@@ -825,6 +829,6 @@ def test_choosing_in_the_warehouse_picks_what_the_frame_path_picks(sdpo_home):
         weights = informativeness_weights(con, list(in_warehouse.interaction_id))  # the round's rows only
         assert set(weights) == set(in_warehouse.interaction_id)
 
-    assert blocked == ["2026-01-07"] and available == 54  # 27 conversations × 2 turns outside the blocked day
+    assert blocked == ["2026-01-07"] and available == 55  # 27 conversations × 2 turns outside the blocked day, and the undated one
     assert len(in_warehouse) == 15 and in_warehouse["informative"].all()
     pd.testing.assert_frame_equal(in_warehouse.reset_index(drop=True), from_frame.reset_index(drop=True))
