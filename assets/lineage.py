@@ -75,7 +75,8 @@ def conversations(context: dg.AssetExecutionContext, raw_interaction_logs: dict,
         asdict(result),
         metadata={
             "raw_records": result.raw_records,
-            "kept": dg.MetadataValue.int(result.kept),
+            "kept": dg.MetadataValue.int(result.kept),  # conversations (a ShareGPT conversation may span records)
+            "records_kept": dg.MetadataValue.int(result.records_kept),  # raw_records = records_kept + quarantined
             "quarantined": result.quarantined,
             "kept_fraction": dg.MetadataValue.float(result.records_kept / max(result.raw_records, 1)),
             "quarantine_by_reason": dg.MetadataValue.json(result.by_reason),
@@ -117,8 +118,8 @@ def interactions(context: dg.AssetExecutionContext, conversations: dict, setting
             "excluded_by_reason": dg.MetadataValue.json(excluded["excluded_by_reason"]),
             "safety_rules_fired": dg.MetadataValue.json(excluded["safety_rules_fired"]),
             "kept_by_kind": dg.MetadataValue.json(excluded["kept_by_kind"]),
-            "train": result.train,
-            "validation": result.validation,
+            "extracted_train": result.train,  # every triple, before the judge (`kept` is after it)
+            "extracted_validation": result.validation,
             "most_informative": examples_table(
                 kept.head(3)[["interaction_id", "followup_kind", "informativeness", "keep"]].to_dict("records")
             ),
@@ -188,12 +189,13 @@ def hindsight_targets(
         "validation_rows": int((targets["split"] == "validation").sum()),
     }
     ranked = targets.sort_values("mean_abs_advantage", ascending=False)
+    half = max(1, min(3, len(ranked) // 2))  # the two tables never show the same row
     columns = ["interaction_id", "n_tokens", "mean_advantage", "mean_abs_advantage"]
     return dg.Output(
         summary,
         metadata={
             **{k: v for k, v in summary.items() if k not in ("path", "set_dir", "base_model_path")},
-            "path": dg.MetadataValue.path(result.snapshot),
+            "targets_snapshot": dg.MetadataValue.path(result.snapshot),  # the rows trained on (`path` is the IO manager's)
             "set_dir": dg.MetadataValue.path(result.path),
             "shards": result.shards,
             "shards_scored": result.shards_scored,
@@ -201,8 +203,8 @@ def hindsight_targets(
             "shards_reused": result.shards_reused,
             "mean_advantage": dg.MetadataValue.float(float(targets["mean_advantage"].mean())),
             "mean_abs_advantage": dg.MetadataValue.float(float(targets["mean_abs_advantage"].mean())),
-            "strongest_signal": examples_table(ranked.head(3)[columns].to_dict("records")),
-            "weakest_signal": examples_table(ranked.tail(3)[columns].to_dict("records")),
+            "strongest_signal": examples_table(ranked.head(half)[columns].to_dict("records")),
+            "weakest_signal": examples_table(ranked.tail(len(ranked) - half).tail(half)[columns].to_dict("records")),
             "heatmap": dg.MetadataValue.path(str(heatmap.path)),
             "heatmap_preview": heatmap_preview(heatmap.rows),
             "heatmap_mlflow_run": heatmap.mlflow_run_id,
@@ -266,7 +268,8 @@ def evaluation(
     hindsight_targets: dict, distilled_checkpoint: dict, settings: SdpoSettings, warehouse: Warehouse, mlflow_tracking: MlflowTracking
 ) -> dg.Output[dict]:
     """Held-out hindsight gap, base vs checkpoint (and vs the champion, when rounds start from the base
-    model): how far the student is from the teacher."""
+    model): how far the student is from the teacher, as mean |teacher − student| log-prob per response token
+    (nats) over the validation split."""
     import mlflow
 
     from sdpo_platform.evaluate import evaluate_checkpoint, record_evaluation
@@ -291,6 +294,7 @@ def evaluation(
             "gap_after": dg.MetadataValue.float(result.gap_after),
             "gap_change": dg.MetadataValue.float(result.gap_after - result.gap_before),
             "n_validation": result.n_validation,
+            "gap_unit": "mean |teacher − student| log-prob per response token (nats), validation split",
             **({"gap_champion": dg.MetadataValue.float(result.gap_champion)} if result.gap_champion is not None else {}),
             "improved": result.improved,
         },
@@ -342,6 +346,7 @@ def registered_model(
             "model_uri": version.model_uri,
             "aliases": dg.MetadataValue.json(aliases),
             "gate_passed": gate_passed,
+            "tags": dg.MetadataValue.json(tags),  # what it was trained and judged on, as the registry holds it
         },
     )
 

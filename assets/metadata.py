@@ -14,7 +14,12 @@ def examples_table(rows: list[dict], max_chars: int = 160) -> dg.MetadataValue:
     columns = list(rows[0])
 
     def cell(value: Any) -> str:
-        text = str(value).replace("\n", " ").replace("|", "\\|")
+        if value is None:
+            return ""
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        # one line whatever the text holds (\r and U+2028 split a markdown row too), and no raw HTML from user logs
+        text = " ".join(str(value).split()).replace("|", "\\|").replace("<", "&lt;")
         return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
 
     lines = ["| " + " | ".join(cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]

@@ -198,11 +198,16 @@ def check_pii(con: duckdb.DuckDBPyConnection, partitions: list[str] | None = Non
         _scope(partitions),
     ).df()
     E = expect()
-    return validate(
+    report = validate(
         frame[["partition_date", "texts", "texts_with_pii"]],
         [E.ExpectColumnValuesToBeBetween(column="texts_with_pii", min_value=0, max_value=0)],
         "pii_redacted",
     )
+    found = [f"PII left on {row.partition_date}: {sorted(row.kinds_found)} in {row.texts_with_pii} text(s), e.g. {list(row.example_ids)}"
+             for row in frame[frame["texts_with_pii"] > 0].itertuples()]
+    if found and report.failures:  # where and what, for the person who must fix it
+        report.failures[0]["expectation"] += " — " + "; ".join(found)
+    return report
 
 
 def _all_finite(values) -> bool:
@@ -239,7 +244,8 @@ def check_targets(targets: pd.DataFrame, eos_token_id: int) -> QualityReport:
                 for r, cut in zip(targets["response_ids"], targets["truncated"])
             ],
             "logprobs_nonpositive": [
-                max(list(t) + list(s)) <= 1e-6 for t, s in zip(targets["teacher_logprobs"], targets["student_logprobs"])
+                max((v for v in [*t, *s] if v == v), default=0.0) <= 1e-6  # NaN is `finite`'s failure, not this one
+                for t, s in zip(targets["teacher_logprobs"], targets["student_logprobs"])
             ],
             "topk_consistent": [  # where a top-k was stored: what the top-k loss reads
                 topk_consistent(i, lp, m, len(r)) if stored(i) else True
@@ -307,7 +313,7 @@ def check_registration(version: int, aliases: list[str], tags: dict[str, str], r
         [{"version": version, "has_challenger": "challenger" in aliases, "missing_tags": len(set(required_tags) - set(tags))}]
     )
     E = expect()
-    return validate(
+    report = validate(
         frame,
         [
             E.ExpectColumnValuesToBeBetween(column="version", min_value=1),
@@ -316,3 +322,8 @@ def check_registration(version: int, aliases: list[str], tags: dict[str, str], r
         ],
         "registered_model",
     )
+    missing = sorted(set(required_tags) - set(tags))
+    for failure in report.failures:  # which tags, not how many
+        if "missing_tags" in failure["expectation"]:
+            failure["expectation"] += f" — missing: {missing}"
+    return report

@@ -579,7 +579,8 @@ def _summarize(con: duckdb.DuckDBPyConnection, params: dict) -> CleaningResult:
     examples = con.execute(
         f"""
         SELECT coalesce(v.reason, 'kept') AS status, v.record_id, v.source_file, v.line_no, v.source_format,
-               coalesce(v.language, l.language), v.n_messages, sdpo_redact_pii(v.detail), left(v.messages[1].content, 160) AS preview
+               coalesce(v.language, l.language), v.n_messages, sdpo_redact_pii(v.detail),
+               left(list_filter(v.messages, lambda m: m.role <> 'system')[1].content, 160) AS preview  -- the opening, not a system prompt
         FROM clean_examples v LEFT JOIN ({language.language_sql("clean_example_samples")}) l ON l.key = v.unit_id
         ORDER BY v.reason NULLS FIRST, v.source_file, v.line_no
         """, {"min_stopword_share": params["min_stopword_share"]}

@@ -41,8 +41,12 @@ def _context():
     return context
 
 
+ID_COLUMNS = ("interaction_id", "conversation_id", "record_id")  # what a failure names its rows by, when the frame has one
+
+
 def validate(frame: pd.DataFrame, expectations: list, suite: str) -> QualityReport:
-    """Run `expectations` (GX expectation objects) against `frame`; never raises on failing data."""
+    """Run `expectations` (GX expectation objects) against `frame`; never raises on failing data. A failing
+    row-level expectation names up to 20 of its rows (`unexpected_ids`) by the frame's first `ID_COLUMNS`."""
     import great_expectations as gx
 
     context = _context()
@@ -55,7 +59,11 @@ def validate(frame: pd.DataFrame, expectations: list, suite: str) -> QualityRepo
     gx_suite = gx.ExpectationSuite(name=suite)
     for expectation in expectations:
         gx_suite.add_expectation(expectation)
-    result = batch.validate(gx_suite)
+    id_column = next((c for c in ID_COLUMNS if c in frame.columns), None)
+    result_format = {"result_format": "SUMMARY", "partial_unexpected_count": 20}
+    if id_column is not None:
+        result_format["unexpected_index_column_names"] = [id_column]
+    result = batch.validate(gx_suite, result_format=result_format)
     failures = []
     for item in result.results:
         if item.success:
@@ -65,6 +73,9 @@ def validate(frame: pd.DataFrame, expectations: list, suite: str) -> QualityRepo
         # what was seen: the set expectations of GX 1.x say what is missing in `partial_missing_list`, with no observed value
         observed = {k: item.result[k] for k in ("observed_value", "unexpected_count", "partial_unexpected_list",
                                                 "missing_count", "partial_missing_list") if item.result.get(k) is not None}
+        rows = item.result.get("partial_unexpected_index_list") or []
+        if id_column is not None and rows and isinstance(rows[0], dict):
+            observed["unexpected_ids"] = [str(row.get(id_column)) for row in rows]
         failures.append({"expectation": f"{config.type}({kwargs})", **observed})
     return QualityReport(suite=suite, passed=bool(result.success), evaluated=len(result.results), failures=failures)
 

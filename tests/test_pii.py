@@ -111,6 +111,8 @@ def test_check_fails_only_the_partition_where_a_pattern_survives(con, tmp_path):
                    WHERE partition_date = DATE '2024-05-02'""")
     report = check_pii(con)
     assert not report.passed
+    leaked_id = con.execute("SELECT conversation_id FROM conversations WHERE partition_date = DATE '2024-05-02'").fetchone()[0]
+    assert report.description.endswith(f"PII left on 2024-05-02: ['email'] in 1 text(s), e.g. ['{leaked_id}']")  # where and what
     assert check_pii(con, ["2024-05-01"]).passed and not check_pii(con, ["2024-05-02"]).passed
 
 

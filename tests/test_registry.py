@@ -275,3 +275,12 @@ def test_a_version_that_does_not_reload_as_its_checkpoint_is_never_champion(sdpo
     assert current_champion(MODEL_NAME) is None
     assert reloads_exactly(record_reload(MODEL_NAME, first.version, lora_adapter_dir, tiny_model_dir))  # this one does, and says so
     assert MlflowClient().get_model_version(MODEL_NAME, str(first.version)).tags["checks"] == "passed"
+
+
+def test_the_registration_check_names_the_missing_tags():
+    from sdpo_platform.checks import check_registration
+
+    required = ["data_partition", "target_set", "model_revision", "validation_status"]
+    assert check_registration(3, ["challenger"], dict.fromkeys(required, "x"), required).passed
+    report = check_registration(3, ["challenger"], {"target_set": "s", "model_revision": "r"}, required)
+    assert not report.passed and report.description.endswith("missing: ['data_partition', 'validation_status']")

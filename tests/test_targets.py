@@ -635,6 +635,13 @@ def test_the_targets_check_wants_eos_last_unless_the_response_was_cut(tiny, tmp_
     targets.at[complete, "response_ids"] = targets.at[complete, "response_ids"][:-1] + [tok.eos_token_id + 1]
     report = check_targets(targets, tok.eos_token_id)
     assert not report.passed and "eos_last_unless_truncated" in report.description
+    (eos,) = report.failures  # the failure names its row, for the person who must find it
+    assert eos["unexpected_ids"] == [targets.at[complete, "interaction_id"]]
+    targets.at[complete, "response_ids"] = targets.at[complete, "response_ids"][:-1] + [tok.eos_token_id]
+    nan_row = targets.index[1]
+    targets.at[nan_row, "teacher_logprobs"] = [float("nan")] + list(targets.at[nan_row, "teacher_logprobs"])[1:]
+    (nan,) = check_targets(targets, tok.eos_token_id).failures  # `finite` only: a NaN is not also a positive log-prob
+    assert "'finite'" in nan["expectation"] and nan["unexpected_ids"] == [targets.at[nan_row, "interaction_id"]]
 
     one_split = check_targets(targets.assign(split="train"), tok.eos_token_id)
     (missing,) = [f for f in one_split.failures if "split" in f["expectation"]]
