@@ -179,17 +179,9 @@ def combine(kinds: pd.Series, calibrated_signal: np.ndarray | None, cfg: Informa
     return np.clip(np.power(prior, 1.0 - weight) * np.power(np.clip(calibrated_signal, 0.0, 1.0), weight), 0.0, 1.0)
 
 
-def assess_interactions(
-    interactions: pd.DataFrame,
-    cfg: InformativenessConfig,
-    model=None,
-    tokenizer=None,
-    template: str = DEFAULT_HINDSIGHT_TEMPLATE,
-    cache: ScoreCache | None = None,
-    progress: Callable | None = None,
-    min_followup_chars: int = 0,
-) -> pd.DataFrame:
-    """Per interaction: kind, features, safety flag, model signal, informativeness, keep, and why not kept.
+def assess_interactions(interactions: pd.DataFrame, cfg: InformativenessConfig, *judging, **options) -> pd.DataFrame:
+    """Per interaction: kind, features, safety flag, model signal, informativeness, keep, and why not kept
+    (`judge_rows`, which takes the same arguments, then the caps over all the rows: `with_caps`).
 
     Input columns: `interaction_id`, `context` (or `prompt`), `response`, `followup`, optionally
     `conversation_id` and `user_id` for the caps. Output (same order): `interaction_id, conversation_id,
@@ -199,7 +191,7 @@ def assess_interactions(
     'conversation_cap'}). Without a model (or `cfg.use_model=False`) the score is the kind prior alone.
     A follow-up shorter than `min_followup_chars` once trimmed (`interactions.min_followup_chars`) is never kept.
     """
-    return with_caps(judge_rows(interactions, cfg, model, tokenizer, template, cache, progress, min_followup_chars), cfg)
+    return with_caps(judge_rows(interactions, cfg, *judging, **options), cfg)
 
 
 ASSESSED_COLUMNS = ["interaction_id", "conversation_id", "user_id", "followup_kind", "followup_features", "topic_overlap",
