@@ -135,6 +135,13 @@ class TrainingConfig(Section):
     seed: int = Field(0, description="Seeds LoRA init and batch sampling.")
     warmup_fraction: float = Field(0.05, ge=0, le=1, description="Share of steps with linear warm-up before the cosine decay.")
     device: str = Field("cpu", description="Torch device for training and the evaluation's forwards ('cpu', 'cuda', 'cuda:1', ...); weights stay float32.")
+    autocast_bf16: bool = Field(
+        False,
+        description="Run the training forwards' matrix products in bfloat16 (torch.autocast): what GPU tensor cores are fast at. "
+        "Weights, optimizer state, gradients and the loss's log-softmax stay float32; the step's log-probs then carry bf16 "
+        "rounding, like a bf16 target set's (docs/BENCHMARKS.md). Off = exact float32. Evaluation stays float32. Its speed-up is "
+        "not measured yet (no GPU so far).",
+    )
 
 
 class RegistryConfig(Section):

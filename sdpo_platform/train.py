@@ -289,7 +289,8 @@ def train(run: TrainRun, on_step: Callable[[int, dict], None] | None = None) -> 
                 group["lr"] = lr
             batch = rows.iloc[next(batches)]
             prompts, responses = list(batch.student_prompt_ids), list(batch.response_ids)
-            loss, diagnostics = step_loss(model, batch, cfg, run, pad_id)
+            with torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
+                loss, diagnostics = step_loss(model, batch, cfg, run, pad_id)  # backward below, outside autocast
 
             # backward, clip, step
             optimizer.zero_grad(set_to_none=True)

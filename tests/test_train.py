@@ -498,3 +498,27 @@ def test_a_reexecution_trains_in_the_folder_its_killed_try_left(tmp_path):
     assert output_folder(fresh, [parent, root]) == root
     (parent / RESUME_FILE).write_bytes(b"x")
     assert output_folder(fresh, [parent, root]) == parent  # the latest try first
+
+
+def test_bf16_autocast_trains_float32_weights_on_bf16_products(tmp_path, sdpo_home, tiny_model_dir, monkeypatch):
+    """`training.autocast_bf16` runs the forwards' matrix products in bfloat16 (GPU tensor cores) while the
+    weights and the loss's log-softmax stay float32: the losses follow the float32 run's to bf16 rounding."""
+    import sdpo_platform.train as train_module
+
+    dtypes = []
+    real = train_module.batch_response_log_softmax
+
+    def watched(*args, **kwargs):
+        rows = real(*args, **kwargs)
+        dtypes.append({row.dtype for row in rows})
+        return rows
+
+    monkeypatch.setattr(train_module, "batch_response_log_softmax", watched)
+    (tmp_path / "exact").mkdir(), (tmp_path / "fast").mkdir()
+    exact = train(make_run(tmp_path / "exact", tiny_model_dir, steps=3))
+    fast = train(make_run(tmp_path / "fast", tiny_model_dir, steps=3, autocast_bf16=True))
+    assert dtypes == [{torch.float32}] * 6  # the log-softmax stays float32 either way
+    assert fast.losses != exact.losses  # the products did run in bf16
+    assert max(abs(a - b) for a, b in zip(fast.losses, exact.losses)) < 0.05 * max(abs(x) for x in exact.losses) + 1e-3
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), fast.adapter_dir)
+    assert {p.dtype for p in adapter.parameters()} == {torch.float32}
