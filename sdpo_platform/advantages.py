@@ -206,7 +206,8 @@ def run(input_path: str, out_path: str, html_path: str | None = None, model_spec
     rows = [row for _, row in located]
     import torch
 
-    dtype = None if cfg.targets.dtype == "auto" else getattr(torch, cfg.targets.dtype)  # as the targets are scored
+    pinned = cfg.targets.pinned_dtype()
+    dtype = getattr(torch, pinned) if pinned else None  # as the targets are scored
     model, tokenizer = load_model(cfg.model if model_spec is None else model_spec, dtype=dtype)
     scoring = cfg.targets.model_copy(update={"template": hindsight_template(cfg)})  # as the targets asset scores
     scored = score_rows(rows, model, tokenizer, scoring, seed, show_progress=True)

@@ -93,8 +93,12 @@ class TargetsConfig(Section):
         "auto",
         description="Precision targets are scored in (part of the set's key). auto = bfloat16 on a GPU (fast), float32 on CPU. Training "
         "and evaluation run in float32, so a bf16 set adds rounding noise to every advantage: 0.022 nats/token on the default model, "
-        "a tenth of its mean |A| (docs/BENCHMARKS.md); float32 removes it at about twice the GPU time.",
+        "a tenth of its mean |A| (docs/BENCHMARKS.md); float32 removes it (its GPU cost is not measured yet).",
     )
+
+    def pinned_dtype(self) -> str | None:
+        """`dtype` when it names one ('float32', 'bfloat16'); None for 'auto' (the device decides)."""
+        return None if self.dtype == "auto" else self.dtype
 
 
 class TrainingConfig(Section):

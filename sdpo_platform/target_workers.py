@@ -255,8 +255,7 @@ def materialize_targets(
     from sdpo_platform.models import load_model, model_revision, release_device_memory, resolve_model
 
     revision, model_path = model_revision(model_spec, root), resolve_model(model_spec, root)
-    configured = None if cfg.dtype == "auto" else cfg.dtype
-    dtype = dtype or configured or (_dtype_name(model) if model is not None else "bfloat16" if torch.cuda.is_available() else "float32")
+    dtype = dtype or cfg.pinned_dtype() or (_dtype_name(model) if model is not None else "bfloat16" if torch.cuda.is_available() else "float32")
     set_dir = plan_target_set(interactions, cfg, model_path, revision, root, dtype=dtype)
     manifest = read_manifest(set_dir)
     log = log or (lambda message: None)
