@@ -14,6 +14,7 @@ import duckdb
 import pandas as pd
 
 from sdpo_platform.config import PlatformConfig
+from sdpo_platform.gating import unblocked
 from sdpo_platform.informativeness import judge_rows, with_caps
 from sdpo_platform.safety import exclusion_summary, principled_template
 
@@ -46,15 +47,22 @@ def hindsight_template(cfg: PlatformConfig) -> str:
 JUDGE_SLICE_ROWS = 20_000  # triples whose text is in memory at once while a day is judged (~0.5 GB of real contexts)
 
 
-def partition_triples(con: duckdb.DuckDBPyConnection, partition: str, slice_rows: int) -> Iterator[pd.DataFrame]:
+_DAY_TRIPLES = "FROM interactions i JOIN conversations c USING (conversation_id) WHERE i.partition_date = $day::DATE"
+
+
+def partition_ids(con: duckdb.DuckDBPyConnection, partition: str) -> list[str]:
+    """The ids of a day's triples, sorted: `partition_triples` slices the day by them."""
+    return [row[0] for row in con.execute(f"SELECT i.interaction_id {_DAY_TRIPLES} ORDER BY 1", {"day": partition}).fetchall()]
+
+
+def partition_triples(con: duckdb.DuckDBPyConnection, partition: str, ids: list[str], slice_rows: int) -> Iterator[pd.DataFrame]:
     """A day's triples with the (hashed) user id of their conversation (for the per-user cap), `slice_rows` at
-    a time, by interaction id: only the ids are sorted (a sort of the text would hold the whole day's text in
-    DuckDB's memory), then each slice's text is read by its id range. The same day always gives the same
-    slices, and the model signal batches a slice's rows together, so re-judging a day gives the same bits;
-    a conversation's turns are neighbours in id order and mostly share a slice (and its scored prefixes)."""
-    day_rows = "FROM interactions i JOIN conversations c USING (conversation_id) WHERE i.partition_date = $day::DATE"
-    ids = [row[0] for row in con.execute(f"SELECT i.interaction_id {day_rows} ORDER BY 1", {"day": partition}).fetchall()]
-    query = (f"SELECT i.interaction_id, i.conversation_id, i.context, i.response, i.followup, c.user_hash AS user_id {day_rows} "
+    a time, by interaction id (`ids`: `partition_ids`): only the ids are sorted (a sort of the text would hold
+    the whole day's text in DuckDB's memory), then each slice's text is read by its id range. The same day
+    always gives the same slices, and the model signal batches a slice's rows together, so re-judging a day
+    gives the same bits; a conversation's turns are neighbours in id order and mostly share a slice (and its
+    scored prefixes)."""
+    query = (f"SELECT i.interaction_id, i.conversation_id, i.context, i.response, i.followup, c.user_hash AS user_id {_DAY_TRIPLES} "
              "AND i.interaction_id BETWEEN $first AND $last ORDER BY i.interaction_id")
     for start in range(0, max(len(ids), 1), slice_rows):
         part = ids[start : start + slice_rows] or [""]  # an empty day is one empty slice
@@ -70,11 +78,11 @@ def assess_partition(con: duckdb.DuckDBPyConnection, partition: str, cfg: Platfo
     only the verdicts (no text) of the whole day meet for the caps. A day has no size limit (a million records of
     a file without timestamps share its arrival day): judged whole, 300k triples of 5 KB contexts peaked at
     7.3 GB. `progress(done, total)` counts triples."""
-    n = int(con.execute("SELECT count(*) FROM interactions i JOIN conversations c USING (conversation_id) "
-                        "WHERE i.partition_date = ?::DATE", [partition]).fetchone()[0])
+    ids = partition_ids(con, partition)
+    n = len(ids)
     signal = cfg.informativeness.use_model and model is not None  # it reports its own progress within a slice
     judged, done = [], 0
-    for triples in partition_triples(con, partition, slice_rows):
+    for triples in partition_triples(con, partition, ids, slice_rows):
 
         def within(part: int, total: int, before=done, rows=len(triples)) -> None:  # the model signal's progress, in triples
             progress(before + rows * part // max(total, 1), n)
@@ -111,10 +119,10 @@ def kept_interactions(con: duckdb.DuckDBPyConnection, blocked: list[str], only: 
     nothing of it."""
     con.execute(SCHEMA).fetchall()
     return con.execute(
-        """
+        f"""
         SELECT i.* REPLACE (coalesce(a.keep, false) AS informative), a.informativeness, a.followup_kind
         FROM interactions i LEFT JOIN interaction_assessments a USING (interaction_id)
-        WHERE NOT coalesce(list_contains($blocked::DATE[], i.partition_date), false)
+        WHERE {unblocked("i.partition_date")}
           AND ($only IS NULL OR list_contains($only::VARCHAR[], i.interaction_id))
         ORDER BY i.interaction_id
         """,
@@ -159,5 +167,5 @@ def kept_count(con: duckdb.DuckDBPyConnection, blocked: list[str]) -> int:
     """How many triples of the unblocked days the verdicts keep (counted in the warehouse)."""
     con.execute(SCHEMA).fetchall()
     return int(con.execute("SELECT count(*) FROM interactions JOIN interaction_assessments USING (interaction_id) "
-                           "WHERE keep AND NOT coalesce(list_contains($blocked::DATE[], interactions.partition_date), false)",
+                           f"WHERE keep AND {unblocked('interactions.partition_date')}",
                            {"blocked": blocked}).fetchone()[0])

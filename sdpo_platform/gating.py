@@ -33,6 +33,12 @@ def record_check(con: duckdb.DuckDBPyConnection, stage: str, partition: str, pas
     ).fetchall()
 
 
+def unblocked(day_column: str) -> str:
+    """SQL: the row's day is not among `$blocked` (`blocked_partitions`). A row without a day is never blocked
+    (`list_contains` gives NULL for it, which a bare NOT would turn into "blocked" whenever any day is)."""
+    return f"NOT coalesce(list_contains($blocked::DATE[], {day_column}), false)"
+
+
 def blocked_partitions(con: duckdb.DuckDBPyConnection) -> list[str]:
     """ISO days with at least one stage whose latest check failed."""
     con.execute(SCHEMA).fetchall()

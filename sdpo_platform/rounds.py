@@ -24,7 +24,7 @@ import duckdb
 
 from sdpo_platform.assessments import SCHEMA as ASSESSMENTS_SCHEMA
 from sdpo_platform.config import PlatformConfig
-from sdpo_platform.gating import blocked_partitions
+from sdpo_platform.gating import blocked_partitions, unblocked
 
 NO_EFFECT = {  # per section: knobs that change how a round runs, not what it trains
     "targets": {"batch_token_budget", "shard_size"},
@@ -81,13 +81,13 @@ def round_inputs(con: duckdb.DuckDBPyConnection, cfg: PlatformConfig) -> RoundIn
     blocked = blocked_partitions(con)
     # a sum of per-row md5s, not an ordered string of them: no sort and no 1M-string aggregate (2.7 GB at 1M before)
     count, days, lower, upper = con.execute(
-        """
+        f"""
         WITH kept AS (
             SELECT md5(concat_ws(chr(0), i.interaction_id, i.conversation_id, i.turn_index::VARCHAR, i.split,
                        coalesce(i.partition_date::VARCHAR, ''), to_json(i.context)::VARCHAR, i.response, i.followup,
                        coalesce(round(a.informativeness, 6)::VARCHAR, ''))) AS row_md5, i.partition_date
             FROM interactions i JOIN interaction_assessments a USING (interaction_id)
-            WHERE a.keep AND NOT coalesce(list_contains($blocked::DATE[], i.partition_date), false)
+            WHERE a.keep AND {unblocked("i.partition_date")}
         )
         SELECT count(*), count(DISTINCT partition_date),
                coalesce(sum(md5_number_lower(row_md5)::HUGEINT), 0)::VARCHAR, coalesce(sum(md5_number_upper(row_md5)::HUGEINT), 0)::VARCHAR

@@ -20,6 +20,7 @@ import duckdb
 import pandas as pd
 
 from sdpo_platform.config import TargetsConfig
+from sdpo_platform.gating import unblocked
 
 CONTENT = ("context", "response", "followup")
 
@@ -78,10 +79,9 @@ def select_from_warehouse(con: duckdb.DuckDBPyConnection, cfg: TargetsConfig, bl
         SELECT i.interaction_id, i.split, coalesce(a.keep, false) AS informative, i.conversation_id, i.turn_index,
                i.partition_date AS day, {_content_key(list(CONTENT), "i.")} AS content_key
         FROM interactions i LEFT JOIN interaction_assessments a USING (interaction_id)
-        WHERE NOT coalesce(list_contains($blocked::DATE[], i.partition_date), false)  -- a triple without a day is never blocked
+        WHERE {unblocked("i.partition_date")}
     """
     chosen = _choose(con, keys, cfg, {"blocked": blocked})
-    total = con.execute("SELECT count(*) FROM interactions WHERE NOT coalesce(list_contains($blocked::DATE[], partition_date), false)",
-                        {"blocked": blocked}).fetchone()[0]
+    total = con.execute(f"SELECT count(*) FROM interactions WHERE {unblocked('partition_date')}", {"blocked": blocked}).fetchone()[0]
     rows = kept_interactions(con, blocked, only=list(chosen["interaction_id"]))
     return chosen.merge(rows, on="interaction_id", how="left"), int(total)

@@ -193,11 +193,11 @@ def test_a_day_judged_a_slice_at_a_time_gets_the_verdicts_of_a_day_judged_whole(
     pd.testing.assert_frame_equal(sliced, whole)
     assert seen == [(min(done, 80), 80) for done in range(7, 87, 7)]
 
-    from sdpo_platform.assessments import partition_triples
+    from sdpo_platform.assessments import partition_ids, partition_triples
     from sdpo_platform.models import load_model
 
     with connect() as con:  # slices are id ranges: the same day always gives the same slices
-        slices = [list(frame.interaction_id) for frame in partition_triples(con, "2026-01-05", 7)]
+        slices = [list(frame.interaction_id) for frame in partition_triples(con, "2026-01-05", partition_ids(con, "2026-01-05"), 7)]
         assert [len(ids) for ids in slices] == [7] * 11 + [3] and sum(slices, []) == sorted(whole.interaction_id)
         # the model signal batches a slice's rows together: judged twice, the same bits; against the whole day,
         # float rounding only
